@@ -1,0 +1,358 @@
+"""Throughput benchmarks, one section per question, all run on the same machine in one go.
+
+    python benchmarks/throughput.py --section aug [--device cpu|cuda] [--n-images N] [--batch-size B]
+
+Sections (``--section all`` runs every registered one):
+
+* ``aug``: augmented views per second of (a) the per-image torchvision pipeline
+  (``build_view_transform``) in DataLoader workers and (b) the batched pipeline
+  (``ivreg.data.batched_aug``) on ``--device``, over the same synthetic in-memory
+  CIFAR-sized uint8 dataset with the CIFAR asymmetric two-view config.
+* ``steps``: training steps per second of every method (the shipped CIFAR configs, full
+  Lightning step with the device-resident pipeline: augmentation, forward, loss,
+  backward, optimizer, EMA), and the peak device memory of each.
+
+    python benchmarks/throughput.py --section steps --device cuda                 # ResNet-18, batch 256
+    python benchmarks/throughput.py --section steps --device cpu --backbone resnet10 --step-batch 32
+
+To add a section, write ``run_<name>(args) -> dict`` and register it in ``SECTIONS``; add
+its options to ``build_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from ivreg.data.augment import ViewSpec, build_view_transform, parse_view_specs  # noqa: E402
+from ivreg.data.batched_aug import build_batched_views  # noqa: E402
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def cifar_asymmetric_config() -> list[dict[str, Any]]:
+    """The CIFAR asymmetric two-view augmentation config (solarization on view 2 only)."""
+    return [
+        {
+            "crop_size": 32,
+            "rrc": {"crop_min_scale": 0.08, "crop_max_scale": 1.0},
+            "color_jitter": {"prob": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
+            "grayscale": {"prob": 0.2},
+            "gaussian_blur": {"prob": 0.0},
+            "solarization": {"prob": solarization},
+            "equalization": {"prob": 0.0},
+            "horizontal_flip": {"prob": 0.5},
+        }
+        for solarization in (0.0, 0.2)
+    ]
+
+
+def synthetic_images(n_images: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """In-memory uint8 (N, 3, size, size) images; content does not affect the speed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n_images, 3, size, size), dtype=torch.uint8, generator=generator)
+
+
+class _PerImageViews(Dataset):
+    """Dataset returning the list of views of one image, as the training loader would."""
+
+    def __init__(self, images: torch.Tensor, specs: Sequence[ViewSpec]):
+        self.images = images
+        self.transforms = [build_view_transform(spec, CIFAR10_MEAN, CIFAR10_STD) for spec in specs]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> list[torch.Tensor]:
+        image = self.images[index]
+        return [t(image) for t in self.transforms]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_runs(run: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
+    seconds = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def _time_per_image(
+    images: torch.Tensor,
+    specs: Sequence[ViewSpec],
+    batch_size: int,
+    workers: int,
+    repeats: int,
+    dev: torch.device,
+) -> list[float]:
+    """Seconds per epoch of the per-image pipeline; the workers stop when this returns."""
+    loader = DataLoader(
+        _PerImageViews(images, specs),
+        batch_size=batch_size,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=dev.type == "cuda",
+    )
+
+    def epoch() -> None:
+        for views in loader:
+            for v in views:
+                v.to(dev, non_blocking=True)
+
+    epoch()  # warm-up: starts the workers
+    return _time_runs(epoch, repeats, dev)
+
+
+def bench_augmentation(
+    n_images: int = 4096,
+    batch_size: int = 512,
+    device: str = "cpu",
+    workers: int = 2,
+    threads: int | None = None,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Views per second of the per-image and the batched pipeline on the same data.
+
+    Both pipelines make the two CIFAR views of every image ``repeats`` times after one
+    warm-up pass (which starts the persistent workers). The per-image views are moved to
+    ``device`` as training would; the batched pipeline reads a dataset already on
+    ``device``. ``threads`` (default: ``workers``) bounds the intra-op threads of the
+    batched pipeline on CPU so that both sides use the same number of cores.
+    Returns views/s per run (median and best) for both, and the ratio of the medians.
+    """
+    dev = torch.device(device)
+    specs = parse_view_specs(cifar_asymmetric_config())
+    images = synthetic_images(n_images)
+    n_views = len(specs) * n_images
+
+    per_image = _time_per_image(images, specs, batch_size, workers, repeats, dev)
+
+    batched = build_batched_views(specs, CIFAR10_MEAN, CIFAR10_STD).to(dev)
+    on_device = images.to(dev)
+    generator = torch.Generator(device=dev).manual_seed(0)
+
+    def batched_epoch() -> None:
+        for start in range(0, n_images, batch_size):
+            batched(on_device[start : start + batch_size], generator=generator)
+
+    previous_threads = torch.get_num_threads()
+    threads = workers if threads is None else threads
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, threads))
+    try:
+        batched(on_device[:batch_size], generator=generator)  # warm-up
+        batched_runs = _time_runs(batched_epoch, repeats, dev)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    def rates(seconds: list[float]) -> dict[str, float]:
+        per_second = [n_views / s for s in seconds]
+        return {"median": statistics.median(per_second), "best": max(per_second), "runs": per_second}
+
+    result = {
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "n_images": n_images,
+        "batch_size": batch_size,
+        "views_per_image": len(specs),
+        "workers": workers,
+        "threads": threads if dev.type == "cpu" else None,
+        "per_image": rates(per_image),
+        "batched": rates(batched_runs),
+    }
+    result["speedup"] = result["batched"]["median"] / result["per_image"]["median"]
+    return result
+
+
+def run_aug(args: argparse.Namespace) -> dict[str, Any]:
+    device = args.device
+    n_images = args.n_images or (4096 if device == "cpu" else 65536)
+    batch_size = args.batch_size or 512
+    workers = args.workers if args.workers is not None else (2 if device == "cpu" else min(12, os.cpu_count() or 1))
+    result = bench_augmentation(n_images, batch_size, device, workers, args.threads, args.repeats)
+    cores = f"{result['threads']} threads" if result["threads"] else result["device_name"]
+    print(
+        f"[aug] {result['device_name']}: {n_images} synthetic 32x32 uint8 images, CIFAR asymmetric config "
+        f"({result['views_per_image']} views), batch {batch_size}, {args.repeats} timed epochs"
+    )
+    if device == "cpu" and hasattr(os, "getloadavg"):
+        # Intra-op threads stall on a shared, oversubscribed machine; this helps read the numbers.
+        print(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end of the run)")
+    for label, key in [
+        (f"per-image torchvision, DataLoader with {workers} workers", "per_image"),
+        (f"batched on {device} ({cores})", "batched"),
+    ]:
+        r = result[key]
+        print(f"  {label:<52} {r['median']:>11,.0f} views/s (median; best {r['best']:,.0f})")
+    print(f"  speed-up (batched / per-image, medians): {result['speedup']:.1f}x")
+    return result
+
+
+STEP_METHODS = ("byol", "byol-noema", "directpred", "directpred-noema", "isoloss", "isoloss-noema")
+
+
+class _SyntheticImages(Dataset):
+    """Random uint8 CIFAR-sized images with labels; the device-resident pipeline reads
+    ``images`` directly."""
+
+    def __init__(self, n: int, size: int = 32, classes: int = 10):
+        self.images = synthetic_images(n, size)
+        self.targets = torch.arange(n) % classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+class _StepTimer:
+    """Times the optimizer steps after ``warmup`` steps (one device sync at each end)."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        import lightning as L
+
+        timer = self
+
+        class Callback(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+                if batch_idx == warmup:
+                    _sync(device)
+                    timer.start = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+                _sync(device)
+                timer.end = time.perf_counter()
+                timer.steps = batch_idx + 1 - warmup
+
+        self.callback = Callback()
+        self.start = self.end = 0.0
+        self.steps = 0
+
+
+def bench_steps(
+    method: str, device: str, batch_size: int, steps: int, warmup: int, backbone: str, precision: str
+) -> dict[str, Any]:
+    """Steps/s and peak memory of one method's full training step (Lightning, resident data)."""
+    from ivreg.config import compose
+    from ivreg.train import build_run
+
+    dev = torch.device(device)
+    root = Path(__file__).resolve().parents[1]
+    overrides = [
+        "data.dataset=digits",  # replaced below by synthetic 32x32 images
+        "++data.pipeline=resident",
+        f"backbone.name={backbone}",
+        f"optimizer.batch_size={batch_size}",
+        f"accelerator={'gpu' if dev.type == 'cuda' else 'cpu'}",
+        "devices=1",
+        f"precision={precision}",
+        "max_epochs=1",
+        "scheduler.warmup_epochs=0",
+        "checkpoint.enabled=False",
+        "logger.csv=False",
+        "logger.tensorboard=False",
+        f"++limit_train_batches={warmup + steps}",
+        "++limit_val_batches=0",
+        "++num_sanity_val_steps=0",
+        "++enable_model_summary=False",
+        "name=throughput",
+    ]
+    run = build_run(compose(str(root / "scripts" / "pretrain" / "cifar"), f"{method}.yaml", overrides))
+    run.datamodule.raw_train = _SyntheticImages(batch_size * (warmup + steps))
+    run.datamodule.raw_val = None
+    timer = _StepTimer(warmup, dev)
+    run.trainer.callbacks.append(timer.callback)
+    for cb in run.trainer.callbacks:  # no per-epoch files or prints in a benchmark
+        if type(cb).__name__ == "EpochSummary":
+            run.trainer.callbacks.remove(cb)
+            break
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    seconds = timer.end - timer.start
+    return {
+        "method": method,
+        "precision": str(run.trainer.precision),
+        "steps_per_s": timer.steps / seconds if seconds > 0 else float("nan"),
+        "images_per_s": timer.steps * batch_size / seconds if seconds > 0 else float("nan"),
+        "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+    }
+
+
+def run_steps(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = args.device == "cpu"
+    batch = args.step_batch or (32 if cpu else 256)
+    steps = args.steps or (5 if cpu else 100)
+    warmup = 2 if cpu else 20
+    backbone = args.backbone or ("resnet10" if cpu else "resnet18")
+    precision = args.precision or ("32" if cpu else "auto")
+    print(
+        f"[steps] {args.device}: {backbone}, batch {batch}, {steps} timed steps after {warmup}, precision {precision}"
+    )
+    results = {}
+    for method in args.methods or STEP_METHODS:
+        r = bench_steps(method, args.device, batch, steps, warmup, backbone, precision)
+        mem = f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
+        epoch = 50000 // batch / r["steps_per_s"]
+        print(
+            f"  {method:<18} {r['steps_per_s']:8.2f} steps/s  {r['images_per_s']:9.0f} images/s  "
+            f"(a CIFAR-10 epoch: {epoch:6.1f} s){mem}  [{r['precision']}]",
+            flush=True,
+        )
+        results[method] = r
+    return results
+
+
+# Register new sections here (name -> runner); "all" runs them in this order.
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"aug": run_aug, "steps": run_steps}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=[*SECTIONS, "all"], default="all")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after a warm-up)")
+    aug = parser.add_argument_group("aug")
+    aug.add_argument("--n-images", type=int, default=None, help="default: 4096 on cpu, 65536 on cuda")
+    aug.add_argument("--batch-size", type=int, default=None, help="default: 512")
+    aug.add_argument("--workers", type=int, default=None, help="DataLoader workers; default: 2 on cpu, <= 12 on cuda")
+    aug.add_argument("--threads", type=int, default=None, help="intra-op threads of the batched run on cpu")
+    steps = parser.add_argument_group("steps")
+    steps.add_argument("--methods", nargs="*", choices=STEP_METHODS, default=None, help="default: all six")
+    steps.add_argument("--step-batch", type=int, default=None, help="default: 32 on cpu, 256 on cuda")
+    steps.add_argument("--steps", type=int, default=None, help="timed steps; default: 5 on cpu, 100 on cuda")
+    steps.add_argument("--backbone", default=None, help="default: resnet10 on cpu, resnet18 on cuda")
+    steps.add_argument("--precision", default=None, help="default: 32 on cpu, auto (bf16) on cuda")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    names = list(SECTIONS) if args.section == "all" else [args.section]
+    return {name: SECTIONS[name](args) for name in names}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The paper's results table from run folders.
+
+``python -m ivreg.analysis.results_table <runs_root> [--metric best|final] [--csv out.csv] [--md out.md]``
+
+Every folder under the root that holds ``config.yaml`` and ``epochs.csv`` is a run. Runs are
+grouped by (method label, dataset), e.g. ('IsoLoss (no EMA)', 'cifar10'); a cell is the
+mean +- sample standard deviation of ``val_acc1`` (best or final epoch) over the runs of the
+group (seeds), with the count when there are several. Rows follow the paper's order, then
+any other label alphabetically; columns CIFAR-10, CIFAR-100, STL-10, Tiny ImageNet,
+ImageNet-100, ImageNet, then other datasets alphabetically.
+
+Pretraining runs (online readout) and linear-evaluation runs (``main_linear.py``, labelled
+by the method of the checkpoint they evaluate) are different measurements: ``--kind`` picks
+one of them, never both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ivreg.cli import exit_on_user_error
+from ivreg.errors import DataError
+
+PAPER_ROWS = (
+    "BYOL",
+    "SimSiam",
+    "DirectPred",
+    "DirectPred (no EMA)",
+    "DirectCopy",
+    "DirectCopy (no EMA)",
+    "IsoLoss",
+    "IsoLoss (no EMA)",
+    "IsoLoss-DirectCopy",
+    "IsoLoss-DirectCopy (no EMA)",
+)
+PAPER_COLUMNS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet100", "imagenet")
+METRICS = ("best", "final")
+KINDS = ("pretrain", "linear")
+EMPTY_CELL = "-"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run's contribution to the table."""
+
+    run_dir: Path
+    label: str
+    dataset: str
+    value: float
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float
+    std: float  # sample standard deviation (n - 1); 0 for a single run
+    n: int
+
+    def format(self, digits: int = 2) -> str:
+        if self.n == 1:
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f} (n={self.n})"
+
+
+def is_linear_run(cfg: Mapping[str, Any]) -> bool:
+    return "pretrain_cfg" in cfg or "pretrained_feature_extractor" in cfg
+
+
+def _label_of_pretraining(cfg: Mapping[str, Any]) -> str:
+    """``method_label`` of a pretraining config, with the defaults filling in what it leaves out."""
+    from omegaconf import OmegaConf
+
+    from ivreg.config import DEFAULTS, method_label
+
+    merged = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(DEFAULTS), dict(cfg)), resolve=True)
+    return method_label(merged)  # type: ignore[arg-type]
+
+
+def run_key(cfg: Mapping[str, Any]) -> tuple[str, str]:
+    """(method label, dataset) of a run config; a linear run is labelled by what it evaluates."""
+    dataset = str((cfg.get("data") or {}).get("dataset") or "cifar10")
+    if is_linear_run(cfg):
+        pretrain = cfg.get("pretrain_cfg")
+        if not isinstance(pretrain, Mapping):
+            raise DataError("a linear-evaluation config without pretrain_cfg")
+        label = _label_of_pretraining(pretrain) + (" (fine-tuned)" if cfg.get("finetune") else "")
+        return label, dataset
+    return _label_of_pretraining(cfg), dataset
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Folders at or under ``root`` holding both config.yaml and epochs.csv, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder")
+    candidates = [root, *(p.parent for p in root.rglob("config.yaml"))]
+    return sorted({p for p in candidates if (p / "config.yaml").is_file() and (p / "epochs.csv").is_file()})
+
+
+def run_value(epochs_csv: Path, metric: str, column: str = "val_acc1") -> float:
+    """The best (maximum) or final (last finite) value of ``column``; NaN when there is none."""
+    with open(epochs_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    values = []
+    for r in rows:
+        try:
+            values.append(float(r.get(column) or "nan"))
+        except ValueError:
+            values.append(math.nan)
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan
+    return max(finite) if metric == "best" else finite[-1]
+
+
+def collect(
+    root: Path, metric: str = "best", kind: str = "pretrain", column: str = "val_acc1", warn: Any = None
+) -> list[RunResult]:
+    """The results of every run of ``kind`` under ``root``; unreadable runs are reported to ``warn``."""
+    from omegaconf import OmegaConf
+
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    results = []
+    for run_dir in find_runs(root):
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+            if not isinstance(cfg, Mapping):
+                raise DataError("config.yaml is not a mapping")
+            if is_linear_run(cfg) != (kind == "linear"):
+                continue
+            label, dataset = run_key(cfg)
+            value = run_value(run_dir / "epochs.csv", metric, column)
+        except Exception as exc:  # one broken folder must not hide the others
+            warn(f"skipping {run_dir}: {exc}")
+            continue
+        if not math.isfinite(value):
+            warn(f"skipping {run_dir}: no finite {column} in epochs.csv")
+            continue
+        results.append(RunResult(run_dir, label, dataset, value))
+    return results
+
+
+def summarize(results: Iterable[RunResult]) -> dict[tuple[str, str], Cell]:
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        groups.setdefault((r.label, r.dataset), []).append(r.value)
+    return {
+        key: Cell(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in groups.items()
+    }
+
+
+def ordered(names: Iterable[str], first: Sequence[str]) -> list[str]:
+    """``first`` (those present, in that order), then the rest alphabetically."""
+    present = set(names)
+    return [n for n in first if n in present] + sorted(present - set(first))
+
+
+def to_markdown(cells: Mapping[tuple[str, str], Cell], digits: int = 2) -> str:
+    rows = ordered((k[0] for k in cells), PAPER_ROWS)
+    cols = ordered((k[1] for k in cells), PAPER_COLUMNS)
+    lines = ["| Method | " + " | ".join(cols) + " |", "| --- | " + " | ".join("---" for _ in cols) + " |"]
+    for row in rows:
+        values = [cells[(row, c)].format(digits) if (row, c) in cells else EMPTY_CELL for c in cols]
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, cells: Mapping[tuple[str, str], Cell], metric: str, column: str) -> None:
+    """Long format: one line per cell, with the numbers unformatted."""
+    rows = ordered((k[0] for k in cells), PAPER_ROWS)
+    cols = ordered((k[1] for k in cells), PAPER_COLUMNS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "dataset", "metric", "column", "n", "mean", "std"])
+        for row in rows:
+            for col in cols:
+                if (row, col) in cells:
+                    c = cells[(row, col)]
+                    writer.writerow([row, col, metric, column, c.n, repr(c.mean), repr(c.std)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ivreg.analysis.results_table",
+        description="Accuracy table (method x dataset, mean ± std over seeds) from run folders.",
+    )
+    parser.add_argument("root", type=Path, help="folder searched (recursively) for config.yaml + epochs.csv")
+    parser.add_argument("--metric", choices=METRICS, default="best", help="best epoch or final epoch per run")
+    parser.add_argument("--kind", choices=KINDS, default="pretrain", help="pretraining runs or main_linear runs")
+    parser.add_argument("--column", default="val_acc1", help="epochs.csv column to tabulate (default val_acc1)")
+    parser.add_argument("--digits", type=int, default=2, help="decimals shown")
+    parser.add_argument("--csv", type=Path, help="also write the cells as CSV (one line per method and dataset)")
+    parser.add_argument("--md", type=Path, help="also write the Markdown table to this file")
+    return parser
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cells = summarize(collect(args.root, args.metric, args.kind, args.column))
+    if not cells:
+        raise DataError(f"no {args.kind} runs with a finite {args.column} under {args.root}")
+    table = to_markdown(cells, args.digits)
+    print(table)
+    if args.md:
+        args.md.parent.mkdir(parents=True, exist_ok=True)
+        args.md.write_text(table + "\n")
+    if args.csv:
+        write_csv(args.csv, cells, args.metric, args.column)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Callbacks and plugins that make runs trustworthy: atomic checkpoints, a NaN guard, and
+per-epoch summary files (``epochs.csv``, ``eigvals.csv``) that survive resumption."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+
+from ivreg.errors import TrainingError
+
+# epochs.csv column -> logged metric name
+EPOCH_COLUMNS = {
+    "train_neg_cos_sim": "train_neg_cos_sim",
+    "train_z_std": "train_z_std",
+    "train_class_loss": "train_class_loss",
+    "train_acc1": "train_acc1",
+    "val_loss": "val_loss",
+    "val_acc1": "val_acc1",
+    "val_acc5": "val_acc5",
+    "val_acc1_random": "val_acc1_random",
+    "val_knn_acc1": "val_knn_acc1",
+    "eigval_min": "eigval_metrics/eigval_min",
+    "eigval_max": "eigval_metrics/eigval_max",
+    "eigval_mean": "eigval_metrics/eigval_mean",
+    "eigval_std": "eigval_metrics/eigval_std",
+    "part_ratio": "eigval_metrics/part_ratio",
+}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves to ``<path>.tmp``, syncs, then renames: a killed run never leaves a torn checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class EpochCheckpoint(L.Callback):
+    """Writes ``last.ckpt`` every ``every_n_epochs`` epochs and after the last one, and keeps
+    ``epoch<NNNN>.ckpt`` every ``keep_every_n_epochs`` epochs (0: never).
+
+    Lightning's ModelCheckpoint only writes ``last.ckpt`` alongside a top-k checkpoint; a
+    run needs just the latest state, so this saves it directly. The checkpoint IO plugin
+    (``AtomicCheckpointIO``) makes each write atomic.
+    """
+
+    def __init__(self, run_dir: Path, every_n_epochs: int = 1, keep_every_n_epochs: int = 0):
+        self.run_dir = Path(run_dir)
+        self.every_n_epochs = max(every_n_epochs, 1)
+        self.keep_every_n_epochs = keep_every_n_epochs
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        done = trainer.current_epoch + 1
+        if done % self.every_n_epochs == 0 or done == trainer.max_epochs:
+            trainer.save_checkpoint(self.run_dir / "last.ckpt")
+        if self.keep_every_n_epochs > 0 and done % self.keep_every_n_epochs == 0:
+            trainer.save_checkpoint(self.run_dir / f"epoch{done:04d}.ckpt")
+
+
+class NonFiniteLossGuard(L.Callback):
+    """Stops training with a clear error when the SSL loss became NaN or infinite.
+
+    The module counts non-finite steps on the device; this reads the count every
+    ``every_n_steps`` steps and before validation, so a bad epoch is never checkpointed.
+    """
+
+    def __init__(self, every_n_steps: int = 50):
+        self.every_n_steps = max(every_n_steps, 1)
+
+    def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bad = int(pl_module.nonfinite_steps.item())
+        if bad:
+            raise TrainingError(
+                f"the SSL loss became NaN or infinite in {bad} step(s) of epoch {trainer.current_epoch} "
+                f"(global step {trainer.global_step}). The last checkpoint from a finite epoch is kept. "
+                "Try a lower optimizer.lr, precision=bf16 or precision=32."
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if (trainer.global_step + 1) % self.every_n_steps == 0:
+            self._check(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer, pl_module)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().cpu())
+    return float(value)
+
+
+class EpochSummary(L.Callback):
+    """One row per finished epoch in ``epochs.csv`` (and the spectrum in ``eigvals.csv``), and a
+    one-line report on stdout. Rows from epochs a resumed run repeats are dropped."""
+
+    def __init__(self, run_dir: Path, log_eigvals: bool, print_lines: bool = True):
+        self.run_dir = Path(run_dir)
+        self.log_eigvals = log_eigvals
+        self.print_lines = print_lines
+        self._t_start = 0.0
+        self._t_val = None
+
+    @property
+    def epochs_path(self) -> Path:
+        return self.run_dir / "epochs.csv"
+
+    @property
+    def eigvals_path(self) -> Path:
+        return self.run_dir / "eigvals.csv"
+
+    @staticmethod
+    def _read(path: Path) -> list[dict[str, str]]:
+        if not path.exists():
+            return []
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    @staticmethod
+    def _write(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buf.getvalue())
+
+    @rank_zero_only
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        first = trainer.current_epoch  # > 0 when resuming (the loops are restored by now)
+        for path in (self.epochs_path, self.eigvals_path):
+            rows = self._read(path)
+            if rows:
+                self._write(path, [r for r in rows if int(r["epoch"]) < first], list(rows[0].keys()))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._t_start = time.perf_counter()
+        self._t_val = None
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking and self._t_val is None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._t_val = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        t_val = self._t_val or now
+        metrics = dict(trainer.callback_metrics)
+        if hasattr(pl_module, "epoch_metrics"):  # logged by the module after this hook runs
+            metrics.update(pl_module.epoch_metrics())
+        row: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "train_time_s": round(t_val - self._t_start, 3),
+            "val_time_s": round(now - t_val, 3),
+        }
+        for column, key in EPOCH_COLUMNS.items():
+            row[column] = _as_float(metrics[key]) if key in metrics else math.nan
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        rows = self._read(self.epochs_path) + [row]
+        self._write(self.epochs_path, rows, list(row.keys()))
+        if self.log_eigvals:
+            spectrum = pl_module.predictor.spectrum().detach().float().cpu().tolist()
+            eig_row = {"epoch": trainer.current_epoch, **{f"eigval_{i}": v for i, v in enumerate(spectrum)}}
+            self._write(self.eigvals_path, self._read(self.eigvals_path) + [eig_row], list(eig_row.keys()))
+        if self.print_lines:
+            print(self.format_line(row), flush=True)
+
+    @staticmethod
+    def format_line(row: dict[str, Any]) -> str:
+        def fmt(key: str, spec: str) -> str:
+            value = row.get(key, math.nan)
+            return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+        return (
+            f"epoch {row['epoch']:>4} | train {row['train_time_s']:7.1f} s | val {row['val_time_s']:5.1f} s | "
+            f"loss {fmt('train_neg_cos_sim', '.4f')} | val_acc1 {fmt('val_acc1', '6.2f')} | "
+            f"val_acc5 {fmt('val_acc5', '6.2f')} | "
+            + (
+                f"random-init val_acc1 {fmt('val_acc1_random', '6.2f')} | "
+                if _finite(row.get("val_acc1_random"))
+                else ""
+            )
+            + f"part_ratio {fmt('part_ratio', '7.2f')} | z_std {fmt('train_z_std', '.4f')}"
+        )

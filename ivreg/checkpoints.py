@@ -1,0 +1,149 @@
+"""Reading pretraining checkpoints back: the config they were made with and the backbone.
+
+A checkpoint is a Lightning checkpoint written by ``main_pretrain.py`` (or ``main_linear.py``):
+``ckpt["state_dict"]`` holds ``backbone.*`` weights and ``ckpt["hyper_parameters"]["cfg"]`` the
+resolved config that names the architecture. Every way this can go wrong becomes a
+``CheckpointError`` that names the file and the problem, because a bare ``KeyError`` or a
+size-mismatch traceback from ``load_state_dict`` does not tell a user which of their runs is
+at fault.
+
+Torch is imported inside the functions so that ``import ivreg`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ivreg.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+BACKBONE_PREFIX = "backbone."
+
+
+def resolve_path(path: str | Path) -> Path:
+    """The checkpoint file; a run folder stands for its ``last.ckpt``."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "last.ckpt").is_file():
+            return p / "last.ckpt"
+        raise CheckpointError(f"{p} is a folder without last.ckpt; pass a checkpoint file")
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    return p
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True`` (no arbitrary code from the file)."""
+    import torch
+
+    p = resolve_path(path)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as exc:  # garbage bytes fail anywhere in the (weights-only, safe) unpickler
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (corrupt or truncated?): {first}") from exc
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
+        raise CheckpointError(f"{p} is not a Lightning checkpoint: it has no 'state_dict'")
+    return ckpt
+
+
+def _config_of(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{path} has no run config (hyper_parameters.cfg); it was not written by ivreg")
+    for key in ("backbone", "data"):
+        if not isinstance(cfg.get(key), Mapping):
+            raise CheckpointError(f"the config stored in {path} has no '{key}' section")
+    return copy.deepcopy(dict(cfg))
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """The resolved config a checkpoint was trained with (a plain dict)."""
+    return _config_of(read_checkpoint(path), path)
+
+
+def backbone_state(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``backbone.*`` entries with the prefix removed."""
+    state = {k[len(BACKBONE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(BACKBONE_PREFIX)}
+    if not state:
+        raise CheckpointError(f"{path} holds no backbone weights (no '{BACKBONE_PREFIX}*' entries in its state_dict)")
+    return state
+
+
+def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """What differs between a model's state dict and ``state``, briefly (empty when they fit)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]} (checkpoint vs model)")
+    if missing:
+        parts.append(f"{len(missing)} missing weight(s), e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected weight(s), e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
+def build_backbone_for(cfg: Mapping[str, Any], arch: str | None = None) -> nn.Module:
+    """A randomly initialised backbone of the architecture ``cfg`` names (``arch`` must agree)."""
+    from ivreg.errors import IvregError
+    from ivreg.method import backbone_from_config
+
+    name = cfg["backbone"].get("name")
+    if arch is not None and arch != name:
+        raise CheckpointError(f"arch='{arch}' was requested but the checkpoint's config names backbone '{name}'")
+    try:
+        return backbone_from_config(cfg)
+    except IvregError as exc:
+        raise CheckpointError(f"cannot build the backbone the checkpoint's config describes: {exc}") from exc
+
+
+def load_backbone_and_config(
+    path: str | Path, map_location: Any = "cpu", arch: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``load_backbone`` and ``load_config`` from one read of the file."""
+    import torch
+
+    # Read onto the CPU and move only the backbone: the file also holds the projector, the
+    # target network and optimiser states, which need not visit the GPU.
+    movable = isinstance(map_location, (str, torch.device))
+    ckpt = read_checkpoint(path, "cpu" if movable else map_location)
+    cfg = _config_of(ckpt, path)
+    state = backbone_state(ckpt["state_dict"], path)
+    net = build_backbone_for(cfg, arch)
+    problem = _mismatch_report(net, state)
+    if problem:
+        raise CheckpointError(
+            f"the backbone weights in {path} do not fit a {cfg['backbone'].get('name')} "
+            f"(the architecture its config names): {problem}"
+        )
+    net.load_state_dict(state, strict=True)
+    if movable:
+        net = net.to(map_location)
+    return net.eval(), cfg
+
+
+def load_backbone(path: str | Path, map_location: Any = "cpu", arch: str | None = None) -> nn.Module:
+    """The pretrained backbone of a checkpoint, in eval mode.
+
+    Returns the torchvision ResNet with ``fc = Identity`` (its forward gives pooled features)
+    and ``num_features`` set. ``path`` may be a run folder (its ``last.ckpt`` is used). ``arch``,
+    when given, must match the architecture the checkpoint's config names.
+
+        >>> import ivreg
+        >>> net = ivreg.load_backbone("trained_models/isoloss-cifar10/last.ckpt")
+        >>> feats = net(images)  # (batch, net.num_features)
+    """
+    return load_backbone_and_config(path, map_location, arch)[0]

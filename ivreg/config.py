@@ -1,0 +1,222 @@
+"""Configuration: defaults for every key the seed's configs use, and validation.
+
+Configs are the seed's YAML files composed by Hydra. ``prepare_config`` fills in what a
+file leaves out and rejects what cannot work, with a message that names the key, before
+anything expensive happens.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from ivreg.backbones import BACKBONES
+from ivreg.data.datasets import DATASETS
+from ivreg.errors import ConfigError, DataError
+
+METHODS = ("byol", "directpred")
+
+DEFAULTS: dict[str, Any] = {
+    "name": "ivreg-run",
+    "seed": 5,
+    "method": "byol",
+    "backbone": {"name": "resnet18", "kwargs": {"cifar_stem": None, "stem_padding": 2, "zero_init_residual": False}},
+    "method_kwargs": {
+        "proj_hidden_dim": 4096,
+        "proj_output_dim": 256,
+        "pred_hidden_dim": 4096,
+        "dp_alpha": 0.5,
+        "dp_normalize": True,
+        "iso": False,
+        "dp_tau": 0.998,
+        "eps_iso": 0.0,
+        "spectrum_tau": 0.99,
+        "log_eigvals": True,
+        "use_l2": False,
+    },
+    "momentum": {"base_tau": 0.99, "final_tau": 1.0},
+    "data": {
+        "dataset": "cifar10",
+        "train_path": "./datasets",
+        "val_path": "./datasets",
+        "format": "image_folder",
+        "num_workers": 4,
+        "download": True,
+        "fraction": 1.0,
+        "mean": None,
+        "std": None,
+        "pipeline": "auto",
+    },
+    "performance": {"channels_last": "auto", "compile": False},
+    "optimizer": {
+        "name": "lars",
+        "batch_size": 256,
+        "lr": 1.0,
+        "classifier_lr": 0.1,
+        "weight_decay": 1e-5,
+        "kwargs": {},
+    },
+    "scheduler": {"name": "warmup_cosine", "warmup_epochs": 10, "warmup_start_lr": 3e-5, "min_lr": 0.0},
+    "checkpoint": {"enabled": True, "dir": "trained_models", "frequency": 1, "keep_every_n_epochs": 0},
+    "auto_resume": {"enabled": True},
+    "logger": {
+        "csv": True,
+        "tensorboard": True,
+        "wandb": {"enabled": False, "project": "ivreg", "entity": None, "offline": False},
+    },
+    "readout": {"batchnorm": True},
+    "report": {"compare_random_init": False},
+    "max_epochs": 1000,
+    "devices": 1,
+    "accelerator": "auto",
+    "strategy": "auto",
+    "precision": 32,
+    "sync_batchnorm": False,
+    "accumulate_grad_batches": 1,
+    "log_every_n_steps": 50,
+    "benchmark": True,  # cuDNN picks the fastest convolution algorithms (inputs have fixed sizes)
+}
+
+PRECISIONS = {
+    "auto": "auto",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "32": "32-true",
+    "32-true": "32-true",
+    "64": "64-true",
+    "64-true": "64-true",
+}
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _number(cfg: DictConfig, key: str) -> float:
+    value = OmegaConf.select(cfg, key)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number, got {value!r}") from None
+
+
+def uses_ema(cfg: Mapping) -> bool:
+    """False for the ``*-noema`` configs (base_tau = final_tau = 0): the target is the online
+    network under stop-gradient."""
+    m = cfg["momentum"]
+    return not (float(m["base_tau"]) == 0.0 and float(m["final_tau"]) == 0.0)
+
+
+def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
+    """Defaults merged under ``cfg``, validated. Returns a new config; ``cfg`` is unchanged."""
+    user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    user = copy.deepcopy(user)
+    OmegaConf.set_struct(user, False)
+    if "hydra" in user:
+        del user["hydra"]
+    if "wandb" in user and isinstance(user.wandb, DictConfig):  # the seed's wandb group wins
+        seed_wandb = user.pop("wandb")
+        user = OmegaConf.merge(user, {"logger": {"wandb": seed_wandb}})
+    merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), user)
+    OmegaConf.set_struct(merged, False)
+    validate(merged)
+    return merged
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key that cannot work."""
+    _require(cfg.method in METHODS, f"unknown method '{cfg.method}'; choose one of {list(METHODS)}")
+    _require(
+        cfg.backbone.name in BACKBONES,
+        f"unknown backbone.name '{cfg.backbone.name}'; choose one of {sorted(BACKBONES)}",
+    )
+    if cfg.data.dataset not in DATASETS:
+        raise DataError(f"unknown data.dataset '{cfg.data.dataset}'; choose one of {sorted(DATASETS)}")
+    mk = cfg.method_kwargs
+    for key in ("base_tau", "final_tau"):
+        tau = _number(cfg, f"momentum.{key}")
+        _require(0.0 <= tau <= 1.0, f"momentum.{key} must be in [0, 1], got {tau}")
+    for key in ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim"):
+        _require(int(mk[key]) >= 1, f"method_kwargs.{key} must be a positive integer, got {mk[key]}")
+    alpha = _number(cfg, "method_kwargs.dp_alpha")
+    _require(alpha >= 0, f"method_kwargs.dp_alpha must be >= 0, got {alpha}")
+    eps = _number(cfg, "method_kwargs.eps_iso")
+    _require(eps >= 0, f"method_kwargs.eps_iso must be >= 0, got {eps}")
+    for key in ("dp_tau", "spectrum_tau"):
+        tau = _number(cfg, f"method_kwargs.{key}")
+        _require(0.0 <= tau < 1.0, f"method_kwargs.{key} must be in [0, 1), got {tau}")
+    _require(
+        not (bool(mk.iso) and cfg.method == "byol"),
+        "method_kwargs.iso=True needs the closed-form predictor: use method=directpred",
+    )
+    opt = cfg.optimizer
+    _require(int(opt.batch_size) >= 2, f"optimizer.batch_size must be >= 2, got {opt.batch_size}")
+    for key in ("lr", "classifier_lr", "weight_decay"):
+        value = _number(cfg, f"optimizer.{key}")
+        _require(value >= 0, f"optimizer.{key} must be >= 0, got {value}")
+    _require(isinstance(opt.kwargs, DictConfig), "optimizer.kwargs must be a mapping")
+    _require(int(cfg.max_epochs) >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
+    _require(
+        str(cfg.precision) in PRECISIONS,
+        f"precision '{cfg.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
+    )
+    _require(int(cfg.accumulate_grad_batches) >= 1, "accumulate_grad_batches must be >= 1")
+    _require(
+        cfg.data.format in ("image_folder",),
+        f"data.format '{cfg.data.format}' is not supported; use image_folder (torchvision datasets are "
+        "recognised by data.dataset)",
+    )
+    _require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
+    fraction = _number(cfg, "data.fraction")
+    _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
+    _require(int(cfg.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
+
+
+def method_label(cfg: Mapping) -> str:
+    """The name a results table gives this configuration, e.g. 'SimSiam' or 'IsoLoss (no EMA)'."""
+    mk = cfg["method_kwargs"]
+    ema = uses_ema(cfg)
+    if cfg["method"] == "byol":
+        label = "BYOL" if ema else "SimSiam"
+        suffix = ""
+    else:
+        alpha, eps = float(mk["dp_alpha"]), float(mk["eps_iso"])
+        if alpha == 1.0 and eps > 0:
+            core = "DirectCopy"
+        elif alpha == 0.5 and eps == 0:
+            core = "DirectPred"
+        else:
+            core = f"DirectPred(alpha={alpha:g}, eps={eps:g})"
+        if mk["iso"]:
+            label = "IsoLoss" if core == "DirectPred" else f"IsoLoss-{core}"
+        else:
+            label = core
+        suffix = "" if ema else " (no EMA)"
+    if mk["use_l2"]:
+        label += " L2"
+    return label + suffix
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """A plain, resolved dict (what checkpoints store)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def compose(config_path: str, config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a config file with Hydra overrides, as ``main_pretrain.py`` would (for scripts,
+    notebooks and tests that do not go through the command line)."""
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_path).resolve()), version_base="1.2"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

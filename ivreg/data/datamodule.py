@@ -1,0 +1,252 @@
+"""The Lightning data module of pretraining: multi-view training batches, labelled validation.
+
+Training batches reach the model as ``(views, labels)``, ``views`` a list of normalised float
+tensors, one per augmentation view, whichever pipeline (``data.pipeline``) made them:
+
+``workers``   per-image torchvision transforms in DataLoader workers (the reference path);
+``hybrid``    workers decode, crop and flip per image; the colour ops run batched on the device;
+``resident``  the whole split sits on the device as uint8; a batch is a slice of a per-epoch
+              permutation, gathered and augmented there, with no workers at all;
+``auto``      ``resident`` on a GPU when the images share one size and fit in a third of the
+              free memory, else ``hybrid`` on a GPU, and ``workers`` on the CPU.
+
+The device-side work happens in ``on_after_batch_transfer``, so the model never sees which
+pipeline ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+
+from ivreg.data.augment import (
+    MultiViewTransform,
+    ViewSpec,
+    build_eval_transform,
+    build_geometric_transform,
+    build_view_transform,
+    parse_view_specs,
+)
+from ivreg.data.batched_aug import BatchedMultiView
+from ivreg.data.datasets import Transformed, build_dataset, dataset_info, num_classes_of, subset_fraction
+from ivreg.data.resident import DeviceBatches, fits_on_device, load_uint8
+from ivreg.errors import ConfigError, DataError
+
+PIPELINES = ("auto", "workers", "hybrid", "resident")
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning before every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        gen = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+
+
+class PretrainDataModule(L.LightningDataModule):
+    """Builds datasets and loaders from the ``data`` and ``augmentations`` config sections."""
+
+    def __init__(self, data_cfg: Mapping, aug_cfg: list, batch_size: int, seed: int = 0):
+        super().__init__()
+        self.data_cfg = dict(data_cfg)
+        self.name: str = self.data_cfg["dataset"]
+        self.info = dataset_info(self.name)
+        self.view_specs: list[ViewSpec] = parse_view_specs(aug_cfg)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mean = tuple(self.data_cfg.get("mean") or self.info.mean)
+        self.std = tuple(self.data_cfg.get("std") or self.info.std)
+        self.num_workers = int(self.data_cfg.get("num_workers", 4))
+        self.requested_pipeline = str(self.data_cfg.get("pipeline", "auto"))
+        if self.requested_pipeline not in PIPELINES:
+            raise ConfigError(f"unknown data.pipeline '{self.requested_pipeline}'; choose one of {list(PIPELINES)}")
+        self.pipeline: str | None = None  # resolved in setup(), once the device is known
+        self.channels_last = False  # set by the trainer builder for GPU runs
+        self.raw_train: Dataset | None = None
+        self.raw_val: Dataset | None = None
+        self._resident: dict[str, torch.Tensor] = {}
+        self._batched: BatchedMultiView | None = None
+        self._generator: torch.Generator | None = None
+        self._generator_epoch = -1
+
+    @property
+    def crop_size(self) -> int:
+        return self.view_specs[0].crop_size
+
+    # ------------------------------------------------------------------------- datasets
+    def prepare_raw(self) -> None:
+        """Open (and check) the raw datasets; cheap for every supported source."""
+        if self.raw_train is not None:
+            return
+        download = bool(self.data_cfg.get("download", False))
+        train = build_dataset(self.name, self.data_cfg.get("train_path"), train=True, download=download)
+        self.raw_train = subset_fraction(train, float(self.data_cfg.get("fraction", 1.0)), self.seed)
+        val_path = self.data_cfg.get("val_path")
+        if val_path is not None or self.info.source == "embedded":
+            self.raw_val = build_dataset(self.name, val_path, train=False, download=download)
+        self._num_classes = num_classes_of(train, self.name)
+        if len(self.raw_train) < self.batch_size:  # type: ignore[arg-type]
+            raise DataError(
+                f"the training set has {len(self.raw_train)} images, fewer than one batch "  # type: ignore[arg-type]
+                f"(optimizer.batch_size={self.batch_size}); lower the batch size"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        self.prepare_raw()
+        return self._num_classes
+
+    @property
+    def device(self) -> torch.device:
+        trainer = self._trainer_or_none()
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _trainer_or_none(self) -> L.Trainer | None:
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    def _choose_pipeline(self) -> str:
+        requested, device = self.requested_pipeline, self.device
+        if requested == "resident" or (requested == "auto" and device.type == "cuda"):
+            n = len(self.raw_train)  # type: ignore[arg-type]
+            size = self.info.image_size
+            estimate = None if size is None else n * 3 * size * size
+            if requested == "resident" or (estimate is not None and fits_on_device(estimate, device)):
+                try:
+                    images, labels = load_uint8(self.raw_train, self.num_workers)  # type: ignore[arg-type]
+                except ValueError as exc:
+                    if requested == "resident":
+                        raise DataError(f"data.pipeline=resident needs images of one size: {exc}") from exc
+                else:
+                    self._resident["train_images"] = images.to(device)
+                    self._resident["train_labels"] = labels.to(device)
+                    self._load_resident_val(device)
+                    return "resident"
+            return "hybrid" if device.type == "cuda" else "workers"
+        if requested == "auto":
+            return "workers"
+        return requested
+
+    def _load_resident_val(self, device: torch.device) -> None:
+        """The validation split too, when its images already have the crop size."""
+        if self.raw_val is None:
+            return
+        try:
+            images, labels = load_uint8(self.raw_val, self.num_workers)
+        except ValueError:
+            return
+        if tuple(images.shape[-2:]) == (self.crop_size, self.crop_size):
+            self._resident["val_images"] = images.to(device)
+            self._resident["val_labels"] = labels.to(device)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_raw()
+        if self.pipeline is None:
+            self.pipeline = self._choose_pipeline()
+            if self.pipeline in ("hybrid", "resident"):
+                self._batched = BatchedMultiView(self.view_specs, self.mean, self.std).to(self.device)
+            self._val_norm = (
+                torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1),
+                torch.tensor(self.std, device=self.device).view(1, 3, 1, 1),
+            )
+            trainer = self._trainer_or_none()
+            if trainer is not None and trainer.is_global_zero:
+                print(f"data: {self.name}, {len(self.raw_train)} training images, pipeline={self.pipeline}", flush=True)  # type: ignore[arg-type]
+
+    # -------------------------------------------------------------------------- loaders
+    def _train_sampler(self, n: int) -> Sampler[int]:
+        trainer = self._trainer_or_none()
+        if trainer is not None and trainer.world_size > 1:
+            return DistributedSampler(
+                range(n), trainer.world_size, trainer.global_rank, shuffle=True, seed=self.seed, drop_last=True
+            )
+        return EpochShuffleSampler(n, self.seed)
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self._train_sampler(len(dataset)) if train else None,  # type: ignore[arg-type]
+            # Its own generator: making an iterator then draws no numbers from the global RNG.
+            generator=torch.Generator().manual_seed(self.seed),
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        self.setup()
+        if self.pipeline == "resident":
+            n = len(self._resident["train_labels"])
+            return DeviceBatches(self._train_sampler(n), self.batch_size, True, self.device, "train_index")
+        if self.pipeline == "hybrid":
+            transforms = [build_geometric_transform(s) for s in self.view_specs]
+        else:
+            transforms = [build_view_transform(s, self.mean, self.std) for s in self.view_specs]
+        return self._loader(Transformed(self.raw_train, MultiViewTransform(transforms)), train=True)
+
+    def val_dataloader(self) -> DataLoader | DeviceBatches | list:
+        self.setup()
+        if "val_labels" in self._resident:
+            n = len(self._resident["val_labels"])
+            return DeviceBatches(SequentialSampler(range(n)), self.batch_size, False, self.device, "val_index")
+        if self.raw_val is None:
+            return []
+        transform = build_eval_transform(self.crop_size, self.mean, self.std)
+        return self._loader(Transformed(self.raw_val, transform), train=False)
+
+    # ------------------------------------------------------------------ device-side work
+    def _epoch_generator(self) -> torch.Generator:
+        """A device RNG reseeded from (seed, epoch, rank): resumed epochs draw the same views."""
+        trainer = self._trainer_or_none()
+        epoch = trainer.current_epoch if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device)
+        if epoch != self._generator_epoch:
+            self._generator.manual_seed(self.seed + 1_000_003 * epoch + 7919 * rank)
+            self._generator_epoch = epoch
+        return self._generator
+
+    def _memory_format(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self.channels_last:
+            return views
+        return [v.contiguous(memory_format=torch.channels_last) for v in views]
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "train_index" in batch:
+            index = batch["train_index"]
+            images = self._resident["train_images"][index]
+            views = self._batched(images, generator=self._epoch_generator())  # type: ignore[misc]
+            return self._memory_format(views), self._resident["train_labels"][index]
+        if isinstance(batch, dict) and "val_index" in batch:
+            index = batch["val_index"]
+            images = self._resident["val_images"][index].float().div_(255)
+            mean, std = self._val_norm
+            return self._memory_format([(images - mean) / std])[0], self._resident["val_labels"][index]
+        if self.pipeline == "hybrid" and isinstance(batch, (list, tuple)) and isinstance(batch[0], list):
+            crops, labels = batch
+            gen = self._epoch_generator()
+            views = [aug(v, generator=gen, geometric=False) for aug, v in zip(self._batched.views, crops)]  # type: ignore[union-attr]
+            return self._memory_format(views), labels
+        if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], list):
+            return self._memory_format(batch[0]), batch[1]
+        return batch

@@ -1,0 +1,202 @@
+"""Datasets: torchvision's CIFAR/STL-10, ImageFolder trees, and the embedded digits set.
+
+Every dataset yields ``(image, label)`` with a PIL image or a uint8 CHW tensor; the
+transforms (per-view augmentation or evaluation) are applied by the caller, so the same
+dataset can feed a per-image worker pipeline or a batched one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets as tvd
+
+from ivreg.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts of a known dataset. ``num_classes`` None: read from the ImageFolder."""
+
+    num_classes: int | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    image_size: int | None  # native side length where all images share it
+    source: str  # "torchvision", "image_folder" or "embedded"
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, "torchvision"),
+    "cifar100": DatasetInfo(100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, "torchvision"),
+    "stl10": DatasetInfo(10, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 96, "torchvision"),
+    "tinyimagenet": DatasetInfo(200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), 64, "image_folder"),
+    "imagenet100": DatasetInfo(100, IMAGENET_MEAN, IMAGENET_STD, None, "image_folder"),
+    "imagenet": DatasetInfo(1000, IMAGENET_MEAN, IMAGENET_STD, None, "image_folder"),
+    "custom": DatasetInfo(None, IMAGENET_MEAN, IMAGENET_STD, None, "image_folder"),
+    "digits": DatasetInfo(10, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), 32, "embedded"),
+}
+
+_TORCHVISION_FILES = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise DataError(f"unknown data.dataset '{name}'; choose one of {sorted(DATASETS)}")
+    return DATASETS[name]
+
+
+def is_image_folder(path: Path) -> bool:
+    """True when ``path`` has class sub-folders holding image files (checks one folder)."""
+    if not path.is_dir():
+        return False
+    for sub in sorted(path.iterdir()):
+        if sub.is_dir():
+            return any(f.suffix.lower() in _IMAGE_SUFFIXES for f in sub.iterdir())
+    return False
+
+
+def _checked_loader(path: str) -> Image.Image:
+    """ImageFolder's loader, but a corrupt file becomes an error naming the file."""
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def image_folder(path: Path, what: str) -> tvd.ImageFolder:
+    if not path.exists():
+        raise DataError(f"{what} folder {path} does not exist; set data.{what} to an ImageFolder root")
+    if not is_image_folder(path):
+        raise DataError(
+            f"{what} {path} is not an ImageFolder root (expected <class>/<image> sub-folders); "
+            f"set data.{what} to such a folder"
+        )
+    return tvd.ImageFolder(str(path), loader=_checked_loader)
+
+
+def _torchvision_dataset(name: str, root: Path, train: bool, download: bool) -> Dataset:
+    files = root / _TORCHVISION_FILES[name]
+    if not files.exists() and not download:
+        raise DataError(
+            f"{name} not found: expected {files}. Set data.train_path/data.val_path to the folder that "
+            f"holds {_TORCHVISION_FILES[name]}/, point them at ImageFolder trees, or allow data.download=True"
+        )
+    try:
+        if name == "cifar10":
+            return tvd.CIFAR10(str(root), train=train, download=download and not files.exists())
+        if name == "cifar100":
+            return tvd.CIFAR100(str(root), train=train, download=download and not files.exists())
+        split = "train+unlabeled" if train else "test"
+        return tvd.STL10(str(root), split=split, download=download and not files.exists())
+    except (OSError, RuntimeError) as exc:  # URLError is an OSError; a failed check a RuntimeError
+        raise DataError(
+            f"{name} is not under {root} and could not be downloaded ({exc}). Without network access, "
+            f"put {_TORCHVISION_FILES[name]}/ (or an ImageFolder tree) there by hand and set "
+            f"data.train_path/data.val_path to it"
+        ) from exc
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside the package),
+    upscaled to ``size`` px RGB: a real dataset for offline demos and tests.
+
+    A fixed stratified split keeps 360 images (20%) for validation.
+    """
+
+    def __init__(self, train: bool, size: int = 32):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        images = torch.as_tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        images = (images.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+        idx = np.arange(len(images))
+        tr, te = train_test_split(idx, test_size=0.2, random_state=0, stratify=digits.target)
+        keep = torch.as_tensor(tr if train else te)
+        self.images = images[keep]
+        self.targets = torch.as_tensor(digits.target)[keep]
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+def build_dataset(name: str, path: str | None, train: bool, download: bool = False) -> Dataset:
+    """The raw (untransformed) train or validation split of ``name``."""
+    info = dataset_info(name)
+    what = "train_path" if train else "val_path"
+    if info.source == "embedded":
+        return DigitsDataset(train=train)
+    if path is None:
+        raise DataError(f"data.{what} is not set for dataset '{name}'")
+    root = Path(path).expanduser().resolve()
+    if info.source == "torchvision":
+        if is_image_folder(root):  # e.g. CIFAR-10 exported as JPEG folders
+            return image_folder(root, what)
+        if is_image_folder(root / ("train" if train else "test")):
+            return image_folder(root / ("train" if train else "test"), what)
+        return _torchvision_dataset(name, root, train, download)
+    return image_folder(root, what)
+
+
+def num_classes_of(dataset: Dataset, name: str) -> int:
+    info = dataset_info(name)
+    if info.num_classes is not None:
+        return info.num_classes
+    classes = getattr(dataset, "classes", None)
+    if not classes:
+        raise DataError(f"cannot tell the number of classes of dataset '{name}'")
+    return len(classes)
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """All labels without loading images (torchvision and ImageFolder datasets keep them)."""
+    if isinstance(dataset, Subset):
+        return labels_of(dataset.dataset)[np.asarray(dataset.indices)]
+    for attr in ("targets", "labels"):
+        if hasattr(dataset, attr):
+            return np.asarray(getattr(dataset, attr))
+    raise DataError(f"{type(dataset).__name__} does not expose its labels")
+
+
+def subset_fraction(dataset: Dataset, fraction: float, seed: int) -> Dataset:
+    """A fixed random ``fraction`` of ``dataset`` (all of it when fraction is 1)."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"data.fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return dataset
+    n = len(dataset)  # type: ignore[arg-type]
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.permutation(n)[: max(1, int(round(n * fraction)))])
+    return Subset(dataset, keep.tolist())
+
+
+class Transformed(Dataset):
+    """Applies ``transform`` to the images of ``dataset`` and keeps the labels."""
+
+    def __init__(self, dataset: Dataset, transform: Callable):
+        self.dataset = dataset
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[object, int]:
+        image, label = self.dataset[i]
+        return self.transform(image), label

@@ -1,0 +1,136 @@
+"""What the evaluations (linear, kNN, UMAP) share: which data to evaluate on, and features.
+
+The evaluation data default to those of the pretraining run, read from the checkpoint's
+config, so that ``pretrained_feature_extractor=<ckpt>`` alone is enough; every non-null
+``data.*`` key given on the command line replaces the inherited one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ivreg.data.augment import build_eval_transform
+from ivreg.data.datasets import (
+    Transformed,
+    build_dataset,
+    dataset_info,
+    labels_of,
+    num_classes_of,
+    subset_fraction,
+)
+from ivreg.errors import ConfigError, DataError
+
+# Keys of the pretraining run's ``data`` section an evaluation inherits. ``fraction`` is not
+# among them: a pretraining subset says nothing about how many labels the probe may use.
+INHERITED_DATA_KEYS = ("dataset", "train_path", "val_path", "download", "num_workers", "mean", "std")
+
+
+def pretrain_crop_size(pretrain_cfg: Mapping[str, Any]) -> int:
+    """The crop size of the first pretraining view (what the backbone saw); 224 if unknown."""
+    augs = pretrain_cfg.get("augmentations") or []
+    if augs and isinstance(augs[0], Mapping) and augs[0].get("crop_size"):
+        return int(augs[0]["crop_size"])
+    size = dataset_info(str(pretrain_cfg["data"]["dataset"])).image_size
+    return int(size or 224)
+
+
+def eval_data_config(pretrain_cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``data`` settings of an evaluation: inherited from pretraining, then overridden.
+
+    Returns dataset, train_path, val_path, download, num_workers, crop_size, mean, std and
+    fraction, all resolved (mean/std from the dataset when neither config sets them).
+    """
+    base = pretrain_cfg.get("data") or {}
+    data: dict[str, Any] = {k: base.get(k) for k in INHERITED_DATA_KEYS}
+    data.update({"crop_size": pretrain_crop_size(pretrain_cfg), "fraction": 1.0})
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    if not data.get("dataset"):
+        raise ConfigError("no dataset to evaluate on: the checkpoint's config names none; set data.dataset")
+    info = dataset_info(str(data["dataset"]))
+    data["mean"] = [float(x) for x in (data.get("mean") or info.mean)]
+    data["std"] = [float(x) for x in (data.get("std") or info.std)]
+    data["crop_size"] = int(data["crop_size"])
+    data["num_workers"] = int(data.get("num_workers") or 0)
+    data["download"] = bool(data.get("download") or False)
+    data["fraction"] = float(data["fraction"])
+    if data["crop_size"] < 1:
+        raise ConfigError(f"data.crop_size must be positive, got {data['crop_size']}")
+    return data
+
+
+def labelled_only(dataset: Dataset) -> Dataset:
+    """``dataset`` without its unlabelled items (label < 0, e.g. STL-10's unlabelled split)."""
+    labels = labels_of(dataset)
+    keep = np.flatnonzero(labels >= 0)
+    if len(keep) == 0:
+        raise DataError(f"{type(dataset).__name__} has no labelled images to evaluate with")
+    return dataset if len(keep) == len(labels) else Subset(dataset, keep.tolist())
+
+
+def eval_datasets(data: Mapping[str, Any], seed: int = 0) -> tuple[Dataset, Dataset, int]:
+    """Raw labelled train split (a ``data.fraction`` of it), raw test split, number of classes."""
+    name = str(data["dataset"])
+    download = bool(data.get("download", False))
+    full_train = build_dataset(name, data.get("train_path"), train=True, download=download)
+    num_classes = num_classes_of(full_train, name)
+    train = subset_fraction(labelled_only(full_train), float(data.get("fraction", 1.0)), seed)
+    if data.get("val_path") is None and dataset_info(name).source != "embedded":
+        raise DataError(f"evaluation needs a test split: set data.val_path for dataset '{name}'")
+    val = labelled_only(build_dataset(name, data.get("val_path"), train=False, download=download))
+    return train, val, num_classes
+
+
+def eval_view(dataset: Dataset, data: Mapping[str, Any]) -> Dataset:
+    """``dataset`` through the deterministic evaluation transform (resize, centre crop, normalise)."""
+    return Transformed(dataset, build_eval_transform(int(data["crop_size"]), data["mean"], data["std"]))
+
+
+def default_device(accelerator: str = "auto") -> torch.device:
+    """cuda when asked for (and present) or when ``auto`` finds a GPU; the CPU otherwise."""
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"accelerator={accelerator} but no CUDA GPU is visible; use accelerator=cpu")
+        return torch.device("cuda")
+    if accelerator == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise ConfigError(f"accelerator must be auto, cpu or gpu, got '{accelerator}'")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 features and labels of every item of ``dataset`` (already transformed), in order,
+    on ``device`` (default: the backbone's). The backbone runs in eval mode; its mode is restored."""
+    device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    was_training = backbone.training
+    backbone.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    feats, labels = [], []
+    try:
+        for images, y in loader:
+            feats.append(backbone(images.to(device, non_blocking=True)).float())
+            labels.append(torch.as_tensor(y).to(device))
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        raise DataError("cannot extract features of an empty dataset")
+    return torch.cat(feats), torch.cat(labels)

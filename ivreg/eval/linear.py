@@ -1,0 +1,449 @@
+"""Linear evaluation (and fine-tuning) of a pretrained backbone: ``main_linear.py``.
+
+The standard protocol: the backbone of a pretraining checkpoint is frozen, BatchNorm
+included (it keeps the running statistics of pretraining; Lightning's ``.train()`` calls
+cannot switch it back), and a linear classifier on its pooled features is trained with
+SGD (momentum 0.9, lr 0.1 per 256 images, no weight decay, cosine schedule, 100 epochs) on
+RandomResizedCrop(crop, scale 0.08-1) + horizontal flip views, then tested on centre crops.
+``finetune=True`` trains the whole network instead, BatchNorm in training mode.
+
+The run folder mirrors pretraining: ``<checkpoint.dir>/<name>/`` with ``config.yaml``
+(including the pretraining config under ``pretrain_cfg``), ``last.ckpt``, ``epochs.csv``
+(epoch, step, times, train_loss, train_acc1, val_loss, val_acc1, val_acc5, lr) and ``logs/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import multiclass_accuracy
+from torchvision.transforms import v2
+
+from ivreg.callbacks import AtomicCheckpointIO, EpochCheckpoint, EpochSummary, atomic_write_text
+from ivreg.config import PRECISIONS, to_container
+from ivreg.data.datasets import Transformed, dataset_info
+from ivreg.errors import ConfigError
+from ivreg.eval.common import eval_data_config, eval_datasets, eval_view
+from ivreg.method import backbone_from_config
+from ivreg.optim import build_scheduler
+from ivreg.train import build_loggers, hardware_kwargs, passthrough_trainer_kwargs
+
+LR_REFERENCE_BATCH = 256  # optimizer.lr is the rate for this total batch size, scaled linearly
+
+LINEAR_DEFAULTS: dict[str, Any] = {
+    "name": None,  # None: "<pretraining name>-linear" (or "-finetune")
+    "pretrained_feature_extractor": None,
+    "finetune": False,
+    "seed": 5,
+    "data": {
+        # None: as in the pretraining run (crop_size: its first view's crop size)
+        "dataset": None,
+        "train_path": None,
+        "val_path": None,
+        "download": None,
+        "num_workers": None,
+        "crop_size": None,
+        "mean": None,
+        "std": None,
+        "fraction": None,  # None: all labelled training images
+    },
+    # The training views: RandomResizedCrop(crop_size, scale=(crop_min_scale, crop_max_scale)) + flip.
+    "augmentations": {"crop_min_scale": 0.08, "crop_max_scale": 1.0, "horizontal_flip_prob": 0.5},
+    "optimizer": {"name": "sgd", "batch_size": 256, "lr": 0.1, "weight_decay": 0.0, "kwargs": {"momentum": 0.9}},
+    "scheduler": {"name": "cosine", "warmup_epochs": 0, "warmup_start_lr": 0.0, "min_lr": 0.0},
+    "checkpoint": {"enabled": True, "dir": "trained_models", "frequency": 1, "keep_every_n_epochs": 0},
+    "auto_resume": {"enabled": True},
+    "logger": {
+        "csv": True,
+        "tensorboard": False,
+        "wandb": {"enabled": False, "project": "ivreg", "entity": None, "offline": False},
+    },
+    "max_epochs": 100,
+    "devices": 1,
+    "num_nodes": 1,
+    "accelerator": "auto",
+    "strategy": "auto",
+    "precision": 32,
+    "sync_batchnorm": False,
+    "log_every_n_steps": 50,
+}
+
+# Keys that must match for a linear run to continue from the checkpoint in its folder.
+LINEAR_RESUME_KEYS = ("pretrained_feature_extractor", "finetune", "data.dataset", "backbone.name")
+
+
+# ----------------------------------------------------------------------------------- config
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
+    """Defaults merged under ``cfg`` and checked (the pretraining checkpoint is not read yet)."""
+    user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    user = copy.deepcopy(user)
+    OmegaConf.set_struct(user, False)
+    if "hydra" in user:
+        del user["hydra"]
+    merged = OmegaConf.merge(OmegaConf.create(LINEAR_DEFAULTS), user)
+    OmegaConf.set_struct(merged, False)
+    _check(
+        bool(merged.pretrained_feature_extractor),
+        "set pretrained_feature_extractor=<path to a pretraining checkpoint or run folder>",
+    )
+    opt = merged.optimizer
+    _check(opt.name in ("sgd", "adamw"), f"unknown optimizer.name '{opt.name}'; choose sgd or adamw")
+    _check(int(opt.batch_size) >= 1, f"optimizer.batch_size must be >= 1, got {opt.batch_size}")
+    for key in ("lr", "weight_decay"):
+        _check(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
+    _check(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
+    _check(
+        str(merged.precision) in PRECISIONS,
+        f"precision '{merged.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
+    )
+    _check(int(merged.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
+    aug = merged.augmentations
+    lo, hi = float(aug.crop_min_scale), float(aug.crop_max_scale)
+    _check(0 < lo <= hi <= 1, "augmentations needs 0 < crop_min_scale <= crop_max_scale <= 1")
+    flip = float(aug.horizontal_flip_prob)
+    _check(0 <= flip <= 1, f"augmentations.horizontal_flip_prob must be in [0, 1], got {flip}")
+    return merged
+
+
+def resolved_backbone(pretrain_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The pretraining ``backbone`` section with the CIFAR-stem choice made explicit, so that
+    evaluating on another dataset builds the same architecture."""
+    backbone = copy.deepcopy(dict(pretrain_cfg["backbone"]))
+    kwargs = dict(backbone.get("kwargs") or {})
+    if kwargs.get("cifar_stem") is None:
+        size = dataset_info(str(pretrain_cfg["data"]["dataset"])).image_size
+        kwargs["cifar_stem"] = size is not None and size <= 32
+    backbone["kwargs"] = kwargs
+    return backbone
+
+
+# ------------------------------------------------------------------------------------ data
+def linear_train_transform(
+    crop_size: int,
+    mean: list[float],
+    std: list[float],
+    scale: tuple[float, float] = (0.08, 1.0),
+    flip_prob: float = 0.5,
+) -> v2.Compose:
+    """The standard linear-evaluation augmentation: random resized crop and horizontal flip."""
+    ops: list[v2.Transform] = [v2.ToImage(), v2.RandomResizedCrop(crop_size, scale=scale, antialias=True)]
+    if flip_prob > 0:
+        ops.append(v2.RandomHorizontalFlip(flip_prob))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(ops)
+
+
+class LinearDataModule(L.LightningDataModule):
+    """Labelled train split with light augmentation, test split with the evaluation transform."""
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = False,
+        augmentations: Mapping[str, float] | None = None,
+    ):
+        super().__init__()
+        self.data = dict(data)
+        self.augmentations = dict(augmentations or LINEAR_DEFAULTS["augmentations"])
+        self.batch_size = batch_size
+        self.seed = seed
+        self.drop_last = drop_last
+        self.train_set, self.val_set, self.num_classes = eval_datasets(self.data, seed)
+        self.num_workers = int(self.data["num_workers"])
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=torch.Generator().manual_seed(self.seed),
+            drop_last=train and self.drop_last and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        d, a = self.data, self.augmentations
+        scale = (float(a["crop_min_scale"]), float(a["crop_max_scale"]))
+        transform = linear_train_transform(int(d["crop_size"]), d["mean"], d["std"], scale, a["horizontal_flip_prob"])
+        return self._loader(Transformed(self.train_set, transform), train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(eval_view(self.val_set, self.data), train=False)
+
+
+# ----------------------------------------------------------------------------------- model
+class LinearEvalModule(L.LightningModule):
+    """A backbone (frozen unless ``finetune``) and a linear classifier on its features."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        self.finetune = bool(cfg["finetune"])
+        num_classes = int(cfg["data"]["num_classes"])
+        self.backbone = backbone_from_config(cfg)
+        self.classifier = nn.Linear(self.backbone.num_features, num_classes)
+        if not self.finetune:
+            self.backbone.requires_grad_(False)
+            self.backbone.eval()
+        self.top5 = min(5, num_classes)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=self.top5, average="micro")
+
+    def train(self, mode: bool = True) -> LinearEvalModule:
+        """As ``nn.Module.train``, but a frozen backbone stays in eval mode: its BatchNorm keeps
+        the pretraining statistics however often Lightning switches the module to training."""
+        super().train(mode)
+        if not self.finetune:
+            self.backbone.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.finetune and torch.is_grad_enabled()):
+            feats = self.backbone(images)
+        return self.classifier(feats)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images).float()
+        loss = F.cross_entropy(logits, labels)
+        acc1 = multiclass_accuracy(logits.detach(), labels, self.classifier.out_features, average="micro")
+        # Epoch values are batch-size-weighted means: the exact loss and accuracy of the epoch.
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("train_acc1", 100.0 * acc1, on_step=False, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images).float()
+        self.val_acc1.update(logits, labels)
+        self.val_acc5.update(logits, labels)
+        self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_acc1", 100.0 * self.val_acc1.compute())
+        self.log("val_acc5", 100.0 * self.val_acc5.compute())
+        self.val_acc1.reset()
+        self.val_acc5.reset()
+
+    def configure_optimizers(self) -> dict:
+        opt = self.cfg["optimizer"]
+        params = list(self.classifier.parameters())
+        if self.finetune:
+            params += list(self.backbone.parameters())
+        world = self.trainer.world_size * int(self.trainer.accumulate_grad_batches)
+        lr = float(opt["lr"]) * int(opt["batch_size"]) * world / LR_REFERENCE_BATCH
+        kwargs = dict(opt.get("kwargs") or {})
+        try:
+            if opt["name"] == "sgd":
+                optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                    params, lr=lr, weight_decay=float(opt["weight_decay"]), **kwargs
+                )
+            else:
+                optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=float(opt["weight_decay"]), **kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"optimizer.kwargs {sorted(kwargs)} do not fit {opt['name']}: {exc}") from exc
+        sch = self.cfg["scheduler"]
+        max_epochs = int(self.cfg["max_epochs"])
+        steps_per_epoch = max(int(self.trainer.estimated_stepping_batches) // max_epochs, 1)
+        scheduler = build_scheduler(
+            sch["name"],
+            optimizer,
+            steps_per_epoch=steps_per_epoch,
+            max_epochs=max_epochs,
+            warmup_epochs=float(sch.get("warmup_epochs", 0)),
+            warmup_start_lr=float(sch.get("warmup_start_lr", 0.0)),
+            min_lr=float(sch.get("min_lr", 0.0)),
+        )
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+# -------------------------------------------------------------------------------- callbacks
+LINEAR_COLUMNS = ("train_loss", "train_acc1", "val_loss", "val_acc1", "val_acc5")
+
+
+class LinearEpochSummary(EpochSummary):
+    """``epochs.csv`` with the columns of a supervised run, and a one-line report per epoch
+    (resumption handling and timing are EpochSummary's)."""
+
+    def __init__(self, run_dir: Path, print_lines: bool = True):
+        super().__init__(run_dir, log_eigvals=False, print_lines=print_lines)
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        t_val = self._t_val or now
+        metrics = trainer.callback_metrics
+        row: dict[str, Any] = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "train_time_s": round(t_val - self._t_start, 3),
+            "val_time_s": round(now - t_val, 3),
+        }
+        for key in LINEAR_COLUMNS:
+            row[key] = float(metrics[key]) if key in metrics else math.nan
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        self._write(self.epochs_path, self._read(self.epochs_path) + [row], list(row.keys()))
+        if self.print_lines:
+            print(self.format_line(row), flush=True)
+
+    @staticmethod
+    def format_line(row: dict[str, Any]) -> str:
+        return (
+            f"epoch {row['epoch']:>4} | train {row['train_time_s']:7.1f} s | val {row['val_time_s']:5.1f} s | "
+            f"loss {row['train_loss']:.4f} | train_acc1 {row['train_acc1']:6.2f} | "
+            f"val_acc1 {row['val_acc1']:6.2f} | val_acc5 {row['val_acc5']:6.2f}"
+        )
+
+
+# ------------------------------------------------------------------------------------- run
+@dataclass
+class LinearRun:
+    """A linear evaluation, built but not started."""
+
+    cfg: DictConfig
+    model: LinearEvalModule
+    datamodule: LinearDataModule
+    trainer: L.Trainer
+    run_dir: Path
+    resume_from: Path | None
+
+
+def _resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, or None; refuses to mix different evaluations."""
+    explicit = cfg.get("resume_from_checkpoint")
+    if explicit:
+        path = Path(str(explicit)).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"resume_from_checkpoint={path} does not exist")
+        return path
+    last = run_dir / "last.ckpt"
+    if not cfg.checkpoint.enabled or not last.exists():
+        return None
+    if not cfg.auto_resume.enabled:
+        raise ConfigError(
+            f"{run_dir} already holds a run (last.ckpt). Choose another name=..., enable auto_resume to "
+            "continue it, or delete the folder to start over"
+        )
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        saved = OmegaConf.load(saved_path)
+        diffs = [k for k in LINEAR_RESUME_KEYS if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+        if diffs:
+            raise ConfigError(f"cannot resume {run_dir}: its run differs in {diffs}. Choose another name=...")
+    return last
+
+
+def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
+    """Read the pretraining checkpoint, resolve the data, build model, data module and trainer."""
+    from ivreg.checkpoints import load_backbone_and_config, resolve_path
+
+    cfg = prepare_linear_config(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    hw = hardware_kwargs(cfg)
+    ckpt_path = resolve_path(str(cfg.pretrained_feature_extractor)).resolve()
+    pretrained, pretrain_cfg = load_backbone_and_config(ckpt_path)
+
+    cfg.pretrained_feature_extractor = str(ckpt_path)
+    cfg.pretrain_cfg = pretrain_cfg
+    cfg.backbone = resolved_backbone(pretrain_cfg)
+    data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]
+    if not cfg.name:
+        cfg.name = f"{pretrain_cfg.get('name', 'run')}-{'finetune' if cfg.finetune else 'linear'}"
+    datamodule = LinearDataModule(
+        data,
+        int(cfg.optimizer.batch_size),
+        int(cfg.seed),
+        drop_last=bool(cfg.finetune),
+        augmentations=OmegaConf.to_object(cfg.augmentations),  # type: ignore[arg-type]
+    )
+    cfg.data = {**data, "num_classes": datamodule.num_classes}
+
+    run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
+    resume_from = _resume_from(cfg, run_dir)
+    model = LinearEvalModule(to_container(cfg))
+    model.backbone.load_state_dict(pretrained.state_dict())
+    _write_config(cfg, run_dir)
+
+    callbacks: list[L.Callback] = [LinearEpochSummary(run_dir)]
+    loggers = build_loggers(cfg, run_dir)
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if cfg.checkpoint.enabled:
+        callbacks.append(
+            EpochCheckpoint(
+                run_dir,
+                every_n_epochs=int(cfg.checkpoint.frequency),
+                keep_every_n_epochs=int(cfg.checkpoint.get("keep_every_n_epochs", 0) or 0),
+            )
+        )
+    trainer = L.Trainer(
+        max_epochs=int(cfg.max_epochs),
+        logger=loggers or False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,
+        default_root_dir=str(run_dir),
+        **hw,
+        **passthrough_trainer_kwargs(cfg),
+    )
+    return LinearRun(cfg, model, datamodule, trainer, run_dir, resume_from)
+
+
+@rank_zero_only
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+
+def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
+    """Build and fit; prints the final and best top-1 accuracy."""
+    run = build_linear_run(cfg)
+    if run.resume_from is not None and run.trainer.is_global_zero:
+        print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
+    with warnings.catch_warnings():
+        # A frozen backbone is in eval mode on purpose; Lightning would warn about it.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        run.trainer.fit(
+            run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None
+        )
+    if run.trainer.is_global_zero:
+        _print_result(run.run_dir)
+    return run
+
+
+def _print_result(run_dir: Path) -> None:
+    rows = EpochSummary._read(run_dir / "epochs.csv")
+    accs = [(float(r["val_acc1"]), int(r["epoch"])) for r in rows if math.isfinite(float(r["val_acc1"]))]
+    if accs:
+        best, epoch = max(accs)
+        print(f"{run_dir.name}: final val_acc1 {accs[-1][0]:.2f}, best {best:.2f} (epoch {epoch})", flush=True)

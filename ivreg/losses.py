@@ -1,0 +1,84 @@
+"""Prediction losses between an online prediction ``p`` and a target projection ``z_t``.
+
+Every loss has the signature ``loss(z, p, p_sqrt, z_t) -> scalar`` so that a method can swap
+them without knowing which inputs each one reads: ``z`` is the online projection, ``p`` the
+prediction, ``p_sqrt`` the prediction through ``W_p^(1/2)`` (only the IsoLosses read it) and
+``z_t`` the target projection, which never receives a gradient. All are averaged over the
+batch and computed in float32, whatever the autocast dtype of their inputs: the IsoLoss
+coefficients contain ``||p||^3``, which overflows float16 for ordinary feature norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+
+
+def cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
+    """BYOL's loss, 2 - 2 cos(p, z_t), averaged over the batch."""
+    return 2 - 2 * F.cosine_similarity(p.float(), z_t.detach().float(), dim=-1).mean()
+
+
+def euclidean_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
+    """Squared distance ||p - z_t||^2, averaged over the batch."""
+    return (p.float() - z_t.detach().float()).pow(2).sum(dim=-1).mean()
+
+
+def iso_cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
+    """Cosine IsoLoss: its gradient in ``z`` equals the cosine loss's gradient in ``p``.
+
+    l = -2 [ (z . z_t) A - 0.5 (p . z_t) A3 ||p_sqrt||^2 ] with A = 1 / (||p|| ||z_t||) and
+    (p . z_t) A3 = (p . z_t) / (||p||^3 ||z_t||) held constant. Differentiating gives
+    -2 [ z_t A - (p . z_t) A3 p ] = -2 d cos(p, z_t) / dp, because d ||z W^(1/2)||^2 / dz
+    = 2 z W = 2 p. The eigenvalues of W_p therefore no longer scale the learning signal.
+    """
+    if p_sqrt is None:
+        raise ValueError("iso_cosine_loss needs p_sqrt (the prediction through W_p^(1/2))")
+    z, p, p_sqrt, z_t = z.float(), p.float(), p_sqrt.float(), z_t.detach().float()
+    with torch.no_grad():
+        p_norm = p.norm(dim=-1).clamp_min(1e-12)
+        t_norm = z_t.norm(dim=-1).clamp_min(1e-12)
+        a = 1.0 / (p_norm * t_norm)
+        b = (p * z_t).sum(dim=-1) / (p_norm.pow(3) * t_norm)
+    sim = (z * z_t).sum(dim=-1) * a - 0.5 * b * p_sqrt.pow(2).sum(dim=-1)
+    return -2 * sim.mean()
+
+
+def iso_euclidean_loss(
+    z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor
+) -> torch.Tensor:
+    """Euclidean IsoLoss ||z - stopgrad(z_t + z - p)||^2: gradient 2 (p - z_t) in ``z``."""
+    z, p = z.float(), p.float()
+    target = (z_t.float() + z - p).detach()
+    return (z - target).pow(2).sum(dim=-1).mean()
+
+
+def select_loss(iso: bool, use_l2: bool) -> LossFn:
+    """The loss for the flags of the seed's config (``iso``, ``use_l2``)."""
+    if iso:
+        return iso_euclidean_loss if use_l2 else iso_cosine_loss
+    return euclidean_loss if use_l2 else cosine_loss
+
+
+def symmetric_loss(
+    loss_fn: LossFn,
+    zs: list[torch.Tensor],
+    ps: list[torch.Tensor],
+    p_sqrts: list[torch.Tensor | None],
+    targets: list[torch.Tensor],
+) -> torch.Tensor:
+    """Sum of ``loss_fn`` over every ordered pair (a, b), a != b: view a's prediction
+    against view b's target."""
+    n = len(zs)
+    if n < 2 or not (len(ps) == len(p_sqrts) == len(targets) == n):
+        raise ValueError("the symmetric loss needs at least two views with one prediction and target each")
+    total = zs[0].new_zeros((), dtype=torch.float32)
+    for a in range(n):
+        for b in range(n):
+            if a != b:
+                total = total + loss_fn(zs[a], ps[a], p_sqrts[a], targets[b])
+    return total

@@ -1,0 +1,262 @@
+"""The pretraining LightningModule: a composition of the parts, and the step that joins them.
+
+    views -> backbone -> feats -> projector -> z
+    predictor.observe(z.detach() of all views)       # running C; eigh once per step
+    p, p_sqrt = predictor(z)
+    z_t = target(views)                              # EMA copy or stop-gradient online z
+    loss = sum over ordered view pairs (a, b) of loss_fn(z_a, p_a, p_sqrt_a, z_t_b)
+    + online readout cross-entropy on feats.detach()
+    optimizer step, then the EMA target update (once per optimizer step)
+
+``method`` chooses the predictor (``byol``: learned MLP, ``directpred``: closed form);
+``iso`` and ``use_l2`` choose the loss; ``momentum`` chooses the target.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.seed import seed_everything
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ivreg.backbones import build_backbone
+from ivreg.config import uses_ema
+from ivreg.data.datasets import dataset_info
+from ivreg.heads import mlp
+from ivreg.losses import select_loss, symmetric_loss
+from ivreg.optim import build_optimizer, build_scheduler, trainable_params
+from ivreg.predictors import MLPPredictor, SpectralPredictor, spectrum_metrics
+from ivreg.readout import OnlineReadout
+from ivreg.targets import EMATarget, StopGradTarget, cosine_tau
+
+
+def build_predictor(cfg: Mapping) -> MLPPredictor | SpectralPredictor:
+    mk = cfg["method_kwargs"]
+    dim = int(mk["proj_output_dim"])
+    if cfg["method"] == "byol":
+        return MLPPredictor(dim, int(mk["pred_hidden_dim"]), float(mk["spectrum_tau"]))
+    return SpectralPredictor(
+        dim,
+        alpha=float(mk["dp_alpha"]),
+        normalize=bool(mk["dp_normalize"]),
+        eps_iso=float(mk["eps_iso"]),
+        tau=float(mk["dp_tau"]),
+        with_sqrt=bool(mk["iso"]),
+    )
+
+
+def backbone_from_config(cfg: Mapping) -> nn.Module:
+    """The backbone a config describes; CIFAR-sized datasets get the 3x3 stem by default."""
+    kwargs = dict(cfg["backbone"].get("kwargs") or {})
+    cifar_stem = kwargs.pop("cifar_stem", None)
+    if cifar_stem is None:
+        size = dataset_info(cfg["data"]["dataset"]).image_size
+        cifar_stem = size is not None and size <= 32
+    return build_backbone(cfg["backbone"]["name"], cifar_stem=bool(cifar_stem), **kwargs)
+
+
+class SSLMethod(L.LightningModule):
+    """Backbone + projector + predictor + loss + target + online readout, from one config."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters({"cfg": cfg})
+        self.cfg = cfg
+        mk = cfg["method_kwargs"]
+        num_classes = int(cfg["data"]["num_classes"])
+        self.backbone = backbone_from_config(cfg)
+        feat_dim = self.backbone.num_features
+        self.projector = mlp(feat_dim, int(mk["proj_hidden_dim"]), int(mk["proj_output_dim"]))
+        self.predictor = build_predictor(cfg)
+        self.target: EMATarget | StopGradTarget = (
+            EMATarget(nn.Sequential(self.backbone, self.projector)) if uses_ema(cfg) else StopGradTarget()
+        )
+        self.loss_fn = select_loss(bool(mk["iso"]), bool(mk["use_l2"]))
+        readout_bn = bool((cfg.get("readout") or {}).get("batchnorm", True))
+        self.readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
+        # Optional baseline: the same readout, trained the same way, on a frozen randomly
+        # initialised backbone (its BatchNorm statistics still follow the data).
+        self.random_backbone: nn.Module | None = None
+        self.random_readout: OnlineReadout | None = None
+        if (cfg.get("report") or {}).get("compare_random_init", False):
+            self.random_backbone = backbone_from_config(cfg).requires_grad_(False)
+            self.random_readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
+            self.val_acc1_random = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.base_tau = float(cfg["momentum"]["base_tau"])
+        self.final_tau = float(cfg["momentum"]["final_tau"])
+        # Counted on the device; NonFiniteLossGuard reads it now and then (no per-step sync).
+        self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self._metric_names: list[str] = []
+        self._metric_sums: torch.Tensor | None = None
+        self._metric_steps = 0
+        self._epoch_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    # ----------------------------------------------------------------------------- steps
+    def online_parameters(self) -> list[nn.Parameter]:
+        """Parameters the EMA target follows, in the order of ``EMATarget.net``."""
+        return list(itertools.chain(self.backbone.parameters(), self.projector.parameters()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features (what downstream evaluation uses)."""
+        return self.backbone(x)
+
+    def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
+        views, labels = batch
+        feats = [self.backbone(v) for v in views]
+        zs = [self.projector(f) for f in feats]
+        self.predictor.observe([z.detach() for z in zs])
+        preds = [self.predictor(z) for z in zs]
+        ps = [p for p, _ in preds]
+        p_sqrts = [ps_ for _, ps_ in preds]
+        targets = self.target(views, zs)
+        ssl_loss = symmetric_loss(self.loss_fn, zs, ps, p_sqrts, targets)
+
+        all_labels = labels.repeat(len(views))
+        class_loss, hits, count = self.readout.loss_and_hits(torch.cat(feats), all_labels)
+        with torch.no_grad():
+            z_std = F.normalize(torch.stack(zs).float(), dim=-1).std(dim=1).mean()
+        metrics = {
+            "train_neg_cos_sim": ssl_loss.detach(),
+            "train_z_std": z_std,
+            "train_class_loss": class_loss.detach(),
+            "train_hits": hits.float(),
+            "train_count": count.float(),
+        }
+        if self.random_backbone is not None and self.random_readout is not None:
+            with torch.no_grad():
+                random_feats = torch.cat([self.random_backbone(v) for v in views])
+            random_loss, random_hits, _ = self.random_readout.loss_and_hits(random_feats, all_labels)
+            class_loss = class_loss + random_loss
+            metrics["train_hits_random"] = random_hits.float()
+        self.nonfinite_steps += (~torch.isfinite(ssl_loss)).long()
+        self._record(metrics)
+        return ssl_loss + class_loss
+
+    # ------------------------------------------------------------------ lazy metric sums
+    def _record(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Adds this step's metrics to on-device sums (one stack and one add per step; the
+        host reads them only when a step is logged and at the end of the epoch)."""
+        values = torch.stack([v.detach().float() for v in metrics.values()])
+        if self._metric_sums is None or self._metric_names != list(metrics):
+            self._metric_names, self._metric_sums, self._metric_steps = list(metrics), torch.zeros_like(values), 0
+        self._metric_sums += values
+        self._metric_steps += 1
+        if self._is_logging_step():
+            step = dict(zip(self._metric_names, values))
+            step_metrics = {
+                "train_neg_cos_sim_step": step["train_neg_cos_sim"],
+                "train_z_std_step": step["train_z_std"],
+                "train_class_loss_step": step["train_class_loss"],
+                "train_acc1_step": 100.0 * step["train_hits"] / step["train_count"].clamp_min(1),
+            }
+            step_metrics.update({f"{k}_step": v for k, v in spectrum_metrics(self.predictor.spectrum()).items()})
+            self.log_dict(step_metrics, on_step=True, on_epoch=False)
+
+    def _is_logging_step(self) -> bool:
+        every = max(int(self.trainer.log_every_n_steps), 1) if self._trainer is not None else 1
+        return self.global_step % every == 0
+
+    def epoch_metrics(self) -> dict[str, torch.Tensor]:
+        """Epoch means of the step metrics, the spectrum of C at the end of the epoch, and tau.
+
+        Computed once per epoch (callbacks that run before this module's epoch-end hook, such
+        as EpochSummary, read the same values that are then logged)."""
+        if self._epoch_cache is not None and self._epoch_cache[0] == self.current_epoch:
+            return self._epoch_cache[1]
+        if self._metric_sums is None or self._metric_steps == 0:
+            return {}
+        sums = dict(zip(self._metric_names, self._metric_sums))
+        n = self._metric_steps
+        count = sums["train_count"].clamp_min(1)
+        epoch = {
+            "train_neg_cos_sim": sums["train_neg_cos_sim"] / n,
+            "train_z_std": sums["train_z_std"] / n,
+            "train_class_loss": sums["train_class_loss"] / n,
+            "train_acc1": 100.0 * sums["train_hits"] / count,
+        }
+        if "train_hits_random" in sums:
+            epoch["train_acc1_random"] = 100.0 * sums["train_hits_random"] / count
+        epoch.update(spectrum_metrics(self.predictor.spectrum()))
+        if self.target.has_copy:
+            epoch["tau"] = torch.tensor(self._current_tau())
+        self._epoch_cache = (self.current_epoch, epoch)
+        return epoch
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.epoch_metrics()
+        if metrics:
+            self.log_dict(metrics, on_step=False, on_epoch=True)
+
+    def _current_tau(self) -> float:
+        return cosine_tau(self.global_step, int(self.trainer.estimated_stepping_batches), self.base_tau, self.final_tau)
+
+    def on_train_epoch_start(self) -> None:
+        """Reseed from (seed, epoch, rank): a resumed epoch draws the same augmentations as an
+        uninterrupted one (exactly so with data.num_workers=0)."""
+        seed = (int(self.cfg["seed"]) + 1_000_003 * self.current_epoch + 7919 * self.global_rank) % 2**31
+        seed_everything(seed, verbose=False)
+        self._metric_sums, self._metric_steps, self._epoch_cache = None, 0, None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.target.has_copy:
+            self.target.update(self.online_parameters(), self._current_tau())
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self.readout(self.backbone(images)).float()
+        labelled = labels >= 0
+        logits, labels = logits[labelled], labels[labelled]
+        self.val_acc1.update(logits, labels)
+        self.val_acc5.update(logits, labels)
+        self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
+        if self.random_backbone is not None and self.random_readout is not None:
+            random_logits = self.random_readout(self.random_backbone(images)).float()[labelled]
+            self.val_acc1_random.update(random_logits, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_acc1", 100.0 * self.val_acc1.compute(), sync_dist=False)
+        self.log("val_acc5", 100.0 * self.val_acc5.compute(), sync_dist=False)
+        self.val_acc1.reset()
+        self.val_acc5.reset()
+        if self.random_backbone is not None:
+            self.log("val_acc1_random", 100.0 * self.val_acc1_random.compute(), sync_dist=False)
+            self.val_acc1_random.reset()
+
+    # ------------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict:
+        opt_cfg = self.cfg["optimizer"]
+        ssl = trainable_params([self.backbone, self.projector, self.predictor])
+        optimizer = build_optimizer(
+            opt_cfg["name"],
+            ssl,
+            trainable_params([m for m in (self.readout, self.random_readout) if m is not None]),
+            lr=float(opt_cfg["lr"]),
+            classifier_lr=float(opt_cfg["classifier_lr"]),
+            weight_decay=float(opt_cfg["weight_decay"]),
+            kwargs=dict(opt_cfg.get("kwargs") or {}),
+        )
+        sch_cfg = self.cfg["scheduler"]
+        max_epochs = int(self.cfg["max_epochs"])
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(total // max_epochs, 1)
+        scheduler = build_scheduler(
+            sch_cfg["name"],
+            optimizer,
+            steps_per_epoch=steps_per_epoch,
+            max_epochs=max_epochs,
+            warmup_epochs=float(sch_cfg.get("warmup_epochs", 10)),
+            warmup_start_lr=float(sch_cfg.get("warmup_start_lr", 3e-5)),
+            min_lr=float(sch_cfg.get("min_lr", 0.0)),
+        )
+        if scheduler is None:
+            return {"optimizer": optimizer}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

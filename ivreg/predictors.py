@@ -1,0 +1,168 @@
+"""Predictors: the learned MLP of BYOL and the closed-form spectral predictor of DirectPred.
+
+Both keep a running correlation matrix C of the online projections: the spectral predictor
+builds W_p from it, the MLP predictor tracks it only to report the spectrum. Every
+predictor has the same interface: ``observe(zs)`` once per training step with the detached
+projections of all views, ``forward(z) -> (p, p_sqrt)`` and ``spectrum()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ivreg.errors import TrainingError
+from ivreg.heads import mlp
+
+
+def _no_autocast(t: torch.Tensor) -> torch.autocast:
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+class RunningCorrelation(nn.Module):
+    """C <- tau C + (1 - tau) Z^T Z / B, one update per view, in float32.
+
+    Under DDP the per-view Gram matrices and the sample count are summed over ranks in one
+    all-reduce before the update, so every rank holds the same C (the correlation of the
+    global batch). C starts at zero and is saved in checkpoints.
+    """
+
+    def __init__(self, dim: int, tau: float):
+        super().__init__()
+        if not 0.0 <= tau < 1.0:
+            raise ValueError(f"the correlation EMA factor dp_tau must be in [0, 1), got {tau}")
+        self.tau = tau
+        self.register_buffer("C", torch.zeros(dim, dim, dtype=torch.float32))
+
+    @torch.no_grad()
+    def update(self, zs: Sequence[torch.Tensor]) -> None:
+        with _no_autocast(self.C):
+            z = torch.stack([v.detach().float() for v in zs])  # (views, B, d)
+            grams = torch.bmm(z.transpose(1, 2), z)  # (views, d, d)
+            batch = z.new_full((1,), z.shape[1])
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                packed = torch.cat([grams.flatten(), batch])
+                dist.all_reduce(packed)
+                grams, batch = packed[:-1].view_as(grams), packed[-1:]
+            for gram in grams:
+                self.C.mul_(self.tau).add_((1.0 - self.tau) * gram / batch)
+
+
+def spectrum_metrics(eigvals: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Summary of C's eigenvalues, under the names the paper's tooling logs."""
+    s = eigvals.float()
+    pos = s.clamp_min(0)
+    part_ratio = pos.sum().pow(2) / pos.pow(2).sum().clamp_min(1e-30)
+    return {
+        "eigval_metrics/eigval_min": s.min(),
+        "eigval_metrics/eigval_max": s.max(),
+        "eigval_metrics/eigval_mean": s.mean(),
+        "eigval_metrics/eigval_std": s.std(),
+        "eigval_metrics/part_ratio": part_ratio,
+    }
+
+
+class MLPPredictor(nn.Module):
+    """BYOL's learned predictor q(z); C (EMA factor ``spectrum_tau``) is only for metrics."""
+
+    def __init__(self, dim: int, hidden_dim: int, spectrum_tau: float = 0.99):
+        super().__init__()
+        self.net = mlp(dim, hidden_dim, dim)
+        self.corr = RunningCorrelation(dim, spectrum_tau)
+
+    def observe(self, zs: Sequence[torch.Tensor]) -> None:
+        self.corr.update(zs)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.net(z), None
+
+    @torch.no_grad()
+    def spectrum(self) -> torch.Tensor:
+        """Eigenvalues of C in descending order (computed on demand: BYOL does not need them
+        in its step)."""
+        with _no_autocast(self.corr.C):
+            return torch.linalg.eigvalsh(self.corr.C).flip(0)
+
+
+class SpectralPredictor(nn.Module):
+    """DirectPred's closed-form predictor W_p = U diag(f(s) ** alpha) U^T of C = U diag(s) U^T.
+
+    f(s) = clamp(s, 0) / max(s) + eps_iso with ``normalize``, else s with NaN -> 0 and clipped
+    to [0, 1e6]. C is decomposed with ``eigh`` once per training step, after all views have
+    been observed, and that decomposition serves every view of the step (the reference
+    decomposes again after each view). No gradient flows into W_p.
+    """
+
+    def __init__(self, dim: int, alpha: float, normalize: bool, eps_iso: float, tau: float, with_sqrt: bool):
+        super().__init__()
+        if alpha < 0:
+            raise ValueError(f"dp_alpha must be >= 0, got {alpha}")
+        if eps_iso < 0:
+            raise ValueError(f"eps_iso must be >= 0, got {eps_iso}")
+        self.alpha = alpha
+        self.normalize = normalize
+        self.eps_iso = eps_iso
+        self.with_sqrt = with_sqrt
+        self.corr = RunningCorrelation(dim, tau)
+        # The decomposition of the current step; recomputed, so not saved in checkpoints.
+        self.register_buffer("eigvals", torch.zeros(dim), persistent=False)
+        self.register_buffer("eigvecs", torch.eye(dim), persistent=False)
+        self._decomposed = False
+
+    def observe(self, zs: Sequence[torch.Tensor]) -> None:
+        self.corr.update(zs)
+        self.decompose()
+
+    @torch.no_grad()
+    def decompose(self) -> None:
+        with _no_autocast(self.corr.C):
+            try:
+                s, u = torch.linalg.eigh(self.corr.C)
+            except RuntimeError as exc:  # LAPACK refuses matrices holding NaN or inf
+                raise TrainingError(
+                    "the eigendecomposition of the projection correlation matrix C failed "
+                    f"({str(exc).splitlines()[0]}); the projections have become NaN or infinite. "
+                    "The last checkpoint from a finite epoch is kept; try a lower optimizer.lr or precision=32."
+                ) from exc
+        self.eigvals.copy_(s)
+        self.eigvecs.copy_(u)
+        self._decomposed = True
+
+    def scaled_eigvals(self) -> torch.Tensor:
+        """f(s), the eigenvalues W_p raises to the power alpha."""
+        s = self.eigvals
+        if self.normalize:
+            pos = s.clamp_min(0)
+            return pos / pos.max().clamp_min(1e-30) + self.eps_iso
+        return torch.nan_to_num(s, nan=0.0).clamp(0.0, 1e6)
+
+    def matrix(self, power: float = 1.0) -> torch.Tensor:
+        """W_p ** power as an explicit matrix (for analysis and tests)."""
+        if not self._decomposed:
+            self.decompose()
+        u = self.eigvecs
+        return (u * self.scaled_eigvals().pow(self.alpha * power)) @ u.T
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self._decomposed:  # e.g. validation before the first training step
+            self.decompose()
+        with _no_autocast(z):
+            u = self.eigvecs
+            s = self.scaled_eigvals()
+            zu = z.float() @ u
+            p = (zu * s.pow(self.alpha)) @ u.T
+            p_sqrt = (zu * s.pow(self.alpha / 2)) @ u.T if self.with_sqrt else None
+        return p, p_sqrt
+
+    def spectrum(self) -> torch.Tensor:
+        """Eigenvalues of C (not normalised) in descending order, from the last decomposition."""
+        if not self._decomposed:
+            self.decompose()
+        return self.eigvals.flip(0)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._decomposed = False  # C changed: decompose again before the next prediction

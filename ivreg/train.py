@@ -1,0 +1,258 @@
+"""From a config to a finished run: run folder, auto-resume, loggers, callbacks, Trainer.
+
+A run lives in ``<checkpoint.dir>/<name>/``::
+
+    config.yaml     the resolved config of the run
+    last.ckpt       written atomically after every ``checkpoint.frequency`` epochs
+    epochs.csv      one row per epoch: times, losses, val_acc1/5, spectrum summary
+    eigvals.csv     the full spectrum of C per epoch (``method_kwargs.log_eigvals``)
+    logs/           CSV metrics per step (``logs/version_<k>/metrics.csv``), TensorBoard
+
+With ``auto_resume.enabled`` a second launch with the same name continues from
+``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from ivreg.callbacks import (
+    AtomicCheckpointIO,
+    EpochCheckpoint,
+    EpochSummary,
+    NonFiniteLossGuard,
+    atomic_write_text,
+)
+from ivreg.config import PRECISIONS, prepare_config, to_container
+from ivreg.data.datamodule import PretrainDataModule
+from ivreg.errors import ConfigError
+from ivreg.method import SSLMethod
+
+# Config keys that must match for a run to resume from another run's checkpoint.
+RESUME_KEYS = (
+    "method",
+    "backbone",
+    "method_kwargs.proj_hidden_dim",
+    "method_kwargs.proj_output_dim",
+    "method_kwargs.pred_hidden_dim",
+    "method_kwargs.iso",
+    "method_kwargs.use_l2",
+    "data.dataset",
+)
+# Trainer arguments this module sets itself; other top-level keys matching Trainer's
+# signature (limit_train_batches, num_nodes, gradient_clip_val, ...) are passed through.
+MANAGED_TRAINER_KEYS = {
+    "logger",
+    "callbacks",
+    "plugins",
+    "default_root_dir",
+    "enable_checkpointing",
+    "precision",
+    "strategy",
+    "sync_batchnorm",
+    "devices",
+    "accelerator",
+    "max_epochs",
+}
+
+
+@dataclass
+class Run:
+    """Everything a pretraining run is made of, built but not started."""
+
+    cfg: DictConfig
+    model: SSLMethod
+    datamodule: PretrainDataModule
+    trainer: L.Trainer
+    run_dir: Path
+    resume_from: Path | None
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(cfg.checkpoint.dir).expanduser() / str(cfg.name)
+
+
+def _world_size(devices: Any, num_nodes: int) -> int:
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        n = len(devices)
+    elif str(devices) in ("auto", "-1"):
+        n = max(torch.cuda.device_count(), 1)
+    else:
+        n = int(devices)
+    return n * num_nodes
+
+
+def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """accelerator, devices, strategy, precision and sync_batchnorm, checked against the machine."""
+    accelerator = str(cfg.accelerator)
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"accelerator={accelerator} but no CUDA GPU is visible; run with accelerator=cpu devices=1 precision=32"
+        )
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    precision = PRECISIONS[str(cfg.precision)]
+    if precision == "auto":  # bf16 needs no loss scaling (and so no host sync per step)
+        precision = "32-true" if not on_gpu else ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed")
+    if precision == "16-mixed" and not on_gpu:
+        raise ConfigError("precision=16 (float16 autocast) needs a GPU; use precision=bf16 or 32 on the CPU")
+    devices = OmegaConf.to_object(cfg.devices) if OmegaConf.is_list(cfg.devices) else cfg.devices
+    world = _world_size(cfg.devices, int(cfg.get("num_nodes", 1)))
+    strategy = str(cfg.strategy)
+    if world == 1 and strategy.startswith("ddp"):
+        strategy = "auto"  # one process: DDP would only add its wrapper and all-reduces
+    return {
+        "accelerator": accelerator,
+        "devices": devices,
+        "strategy": strategy,
+        "precision": precision,
+        # SyncBatchNorm only runs on GPUs and only matters with several processes.
+        "sync_batchnorm": bool(cfg.sync_batchnorm) and world > 1 and on_gpu,
+    }
+
+
+def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - MANAGED_TRAINER_KEYS - {"self"}
+    out = {k: cfg[k] for k in cfg if k in accepted}
+    out.setdefault("enable_progress_bar", False)  # epochs.csv and one line per epoch instead
+    return {k: (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v) for k, v in out.items()}
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from, or None for a fresh start. Refuses to overwrite a
+    finished run's checkpoint when auto_resume is off, or to resume a different run."""
+    explicit = cfg.get("resume_from_checkpoint")
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"resume_from_checkpoint={path} does not exist")
+        return path
+    last = run_dir / "last.ckpt"
+    if not last.exists():
+        return None
+    if not cfg.auto_resume.enabled:
+        raise ConfigError(
+            f"{run_dir} already holds a run (last.ckpt). Choose another name=..., enable auto_resume to "
+            "continue it, or delete the folder to start over"
+        )
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        saved = OmegaConf.load(saved_path)
+        diffs = [k for k in RESUME_KEYS if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+        if diffs:
+            raise ConfigError(
+                f"cannot resume {run_dir}: its run differs in {diffs}. Choose another name=... for this config"
+            )
+    return last
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers: list = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs"))
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", default_hp_metric=False))
+    wandb_cfg = cfg.logger.wandb
+    if wandb_cfg.enabled:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logger.wandb.enabled=True needs the wandb package: pip install 'ivreg[wandb]'")
+        from lightning.pytorch.loggers import WandbLogger
+
+        loggers.append(
+            WandbLogger(
+                name=str(cfg.name),
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity,
+                offline=bool(wandb_cfg.offline),
+                save_dir=str(run_dir),
+            )
+        )
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
+    callbacks: list[L.Callback] = [
+        NonFiniteLossGuard(int(cfg.log_every_n_steps)),
+        EpochSummary(run_dir, log_eigvals=bool(cfg.method_kwargs.log_eigvals)),
+    ]
+    if cfg.logger.csv or cfg.logger.tensorboard or cfg.logger.wandb.enabled:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if cfg.checkpoint.enabled:
+        callbacks.append(
+            EpochCheckpoint(
+                run_dir,
+                every_n_epochs=int(cfg.checkpoint.frequency),
+                keep_every_n_epochs=int(cfg.checkpoint.get("keep_every_n_epochs", 0) or 0),
+            )
+        )
+    return callbacks
+
+
+def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: PretrainDataModule, on_gpu: bool) -> None:
+    """channels_last memory format (default on GPUs, where cuDNN's convolutions prefer it) and
+    optional ``torch.compile`` of the backbones, in place so checkpoint keys do not change."""
+    perf = cfg.performance
+    channels_last = on_gpu if str(perf.channels_last) == "auto" else bool(perf.channels_last)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        datamodule.channels_last = True
+    if perf.compile:
+        model.backbone.compile()
+        if model.target.has_copy:
+            model.target.net.compile()
+
+
+@rank_zero_only
+def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+
+def build_run(cfg: DictConfig | dict) -> Run:
+    """Validate the config and build data, model and trainer; touches only the run folder."""
+    cfg = prepare_config(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    hw = hardware_kwargs(cfg)
+    run_dir = run_dir_of(cfg)
+    resume_from = check_resume(cfg, run_dir) if cfg.checkpoint.enabled or cfg.get("resume_from_checkpoint") else None
+    datamodule = PretrainDataModule(
+        cfg.data, OmegaConf.to_object(cfg.augmentations), int(cfg.optimizer.batch_size), int(cfg.seed)
+    )
+    cfg.data.num_classes = datamodule.num_classes
+    model = SSLMethod(to_container(cfg))
+    apply_performance_options(cfg, model, datamodule, on_gpu=hw["accelerator"] != "cpu" and torch.cuda.is_available())
+    _write_config(cfg, run_dir)
+    trainer = L.Trainer(
+        max_epochs=int(cfg.max_epochs),
+        logger=build_loggers(cfg, run_dir) or False,
+        callbacks=build_callbacks(cfg, run_dir),
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # EpochCheckpoint writes last.ckpt itself
+        default_root_dir=str(run_dir),
+        **hw,
+        **passthrough_trainer_kwargs(cfg),
+    )
+    return Run(cfg, model, datamodule, trainer, run_dir, resume_from)
+
+
+def pretrain(cfg: DictConfig | dict) -> Run:
+    """Build and fit; returns the run (its ``trainer.callback_metrics`` hold the last metrics)."""
+    run = build_run(cfg)
+    if run.resume_from is not None and run.trainer.is_global_zero:
+        print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    return run

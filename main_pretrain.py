@@ -1,0 +1,23 @@
+"""Pretrain a backbone with BYOL, SimSiam, DirectPred, DirectCopy or IsoLoss.
+
+    python3 main_pretrain.py --config-path scripts/pretrain/cifar/ --config-name isoloss.yaml \
+        data.dataset=cifar10 name=isoloss_cifar10 optimizer.weight_decay=1e-4
+
+Without arguments it runs the offline demo on the digits set that ships with scikit-learn.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from ivreg.cli import exit_on_user_error
+from ivreg.train import pretrain
+
+
+@hydra.main(version_base="1.2", config_path="scripts/pretrain/digits", config_name="demo.yaml")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    pretrain(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""The results table from hand-written run folders, checked against hand-written Markdown."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ivreg.analysis.results_table import collect, find_runs, main
+
+EMA = {"base_tau": 0.99, "final_tau": 1.0}
+NO_EMA = {"base_tau": 0.0, "final_tau": 0.0}
+
+
+def _run(root: Path, name: str, cfg: dict, val_acc1: list[float | str]) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with open(run / "epochs.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "val_loss", "val_acc1", "val_acc5"])
+        for epoch, acc in enumerate(val_acc1):
+            writer.writerow([epoch, 10 * (epoch + 1), 1.0, acc, 99.0])
+    return run
+
+
+def _pretrain(method: str, momentum: dict, dataset: str, **method_kwargs) -> dict:
+    return {"method": method, "momentum": momentum, "data": {"dataset": dataset}, "method_kwargs": method_kwargs}
+
+
+@pytest.fixture
+def runs_root(tmp_path: Path) -> Path:
+    root = tmp_path / "runs"
+    _run(root, "byol-c10-s1", _pretrain("byol", EMA, "cifar10"), [80, 85, 84])
+    _run(root, "byol-c10-s2", _pretrain("byol", EMA, "cifar10"), [82, 87, 86])
+    _run(root, "simsiam-c10", _pretrain("byol", NO_EMA, "cifar10"), [70, 75])
+    _run(root, "iso-noema-c100", _pretrain("directpred", NO_EMA, "cifar100", iso=True), [50, 60, 58, "nan"])
+    _run(root / "deeper" / "nested", "iso-stl", _pretrain("directpred", EMA, "stl10", iso=True), [90])
+    _run(root, "dp-alpha-digits", _pretrain("directpred", EMA, "digits", dp_alpha=0.7), [30, 40, 35])
+    _run(root, "dcopy-noema-c10", _pretrain("directpred", NO_EMA, "cifar10", dp_alpha=1.0, eps_iso=0.25), [66.666])
+    _run(root, "diverged", _pretrain("directpred", EMA, "cifar10"), ["nan", "nan"])  # skipped with a warning
+    (root / "no-epochs-yet").mkdir()
+    (root / "no-epochs-yet" / "config.yaml").write_text(yaml.safe_dump(_pretrain("byol", EMA, "cifar10")))
+    linear_cfg = {
+        "pretrained_feature_extractor": "/x/last.ckpt",
+        "finetune": False,
+        "data": {"dataset": "cifar10"},
+        "pretrain_cfg": _pretrain("directpred", EMA, "cifar10", iso=True),
+    }
+    _run(root, "iso-c10-linear", linear_cfg, [91.5, 92.25])
+    return root
+
+
+BEST = """\
+| Method | cifar10 | cifar100 | stl10 | digits |
+| --- | --- | --- | --- | --- |
+| BYOL | 86.00 ± 1.41 (n=2) | - | - | - |
+| SimSiam | 75.00 | - | - | - |
+| DirectCopy (no EMA) | 66.67 | - | - | - |
+| IsoLoss | - | - | 90.00 | - |
+| IsoLoss (no EMA) | - | 60.00 | - | - |
+| DirectPred(alpha=0.7, eps=0) | - | - | - | 40.00 |"""
+
+FINAL = """\
+| Method | cifar10 | cifar100 | stl10 | digits |
+| --- | --- | --- | --- | --- |
+| BYOL | 85.00 ± 1.41 (n=2) | - | - | - |
+| SimSiam | 75.00 | - | - | - |
+| DirectCopy (no EMA) | 66.67 | - | - | - |
+| IsoLoss | - | - | 90.00 | - |
+| IsoLoss (no EMA) | - | 58.00 | - | - |
+| DirectPred(alpha=0.7, eps=0) | - | - | - | 35.00 |"""
+
+
+def test_best_and_final_tables_match_by_hand(runs_root: Path, tmp_path: Path, capsys):
+    md, table_csv = tmp_path / "out" / "table.md", tmp_path / "out" / "table.csv"
+    assert main([str(runs_root), "--md", str(md), "--csv", str(table_csv)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == BEST + "\n"
+    assert md.read_text() == BEST + "\n"
+    assert "skipping" in captured.err and "diverged" in captured.err
+    with open(table_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["method"] == "BYOL" and rows[0]["dataset"] == "cifar10" and rows[0]["n"] == "2"
+    assert float(rows[0]["mean"]) == 86.0 and float(rows[0]["std"]) == pytest.approx(2**0.5)
+    assert [r["method"] for r in rows][-1] == "DirectPred(alpha=0.7, eps=0)"
+
+    assert main([str(runs_root), "--metric", "final"]) == 0
+    assert capsys.readouterr().out == FINAL + "\n"
+
+
+def test_linear_runs_are_a_separate_table(runs_root: Path, capsys):
+    assert main([str(runs_root), "--kind", "linear"]) == 0
+    assert capsys.readouterr().out == "| Method | cifar10 |\n| --- | --- |\n| IsoLoss | 92.25 |\n"
+
+
+def test_run_discovery_and_errors(runs_root: Path, tmp_path: Path, capsys):
+    names = [p.name for p in find_runs(runs_root)]
+    assert "no-epochs-yet" not in names and "iso-stl" in names and len(names) == 9
+    warnings: list[str] = []
+    results = collect(runs_root, warn=warnings.append)
+    assert len(results) == 7 and len(warnings) == 1
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: no pretrain runs with a finite val_acc1 under")

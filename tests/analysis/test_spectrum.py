@@ -1,0 +1,88 @@
+"""The spectrum figure from hand-written eigvals.csv / epochs.csv."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ivreg.analysis.spectrum import load_spectrum, main, participation_ratio, spectrum_figure
+from ivreg.errors import DataError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path: Path, header: list[str], rows: list[list]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def _fake_run(root: Path, name: str, spectra: list[list[float]], part_ratio: list[float] | None) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    d = len(spectra[0])
+    _write(run / "eigvals.csv", ["epoch"] + [f"eigval_{i}" for i in range(d)], [[e, *s] for e, s in enumerate(spectra)])
+    if part_ratio is not None:
+        _write(
+            run / "epochs.csv", ["epoch", "val_acc1", "part_ratio"], [[e, 50.0, p] for e, p in enumerate(part_ratio)]
+        )
+    cfg = {"method": "directpred", "momentum": {"base_tau": 0.0, "final_tau": 0.0}, "data": {"dataset": "cifar10"}}
+    cfg["method_kwargs"] = {"iso": True}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return run
+
+
+# Eigenvalues in ascending order in the file (the reader sorts them), with a round-off zero.
+SPECTRA = [[0.0, 0.5, 1.0, 2.0, 4.0], [0.1, 0.2, 0.5, 1.0, 8.0], [0.01, 0.02, 0.1, 1.0, 16.0]]
+
+
+def test_participation_ratio_bounds():
+    assert participation_ratio(np.ones((1, 4)))[0] == pytest.approx(4.0)
+    assert participation_ratio(np.array([[3.0, 0.0, 0.0]]))[0] == pytest.approx(1.0)
+
+
+def test_figure_has_one_curve_per_epoch_and_the_participation_ratio(tmp_path: Path):
+    iso = _fake_run(tmp_path, "iso", SPECTRA, [3.0, 2.0, 1.5])
+    bare = _fake_run(tmp_path, "no-epochs-csv", SPECTRA[:2], None)
+    epochs, eig = load_spectrum(iso)
+    assert epochs.tolist() == [0, 1, 2] and eig[0].tolist() == [4.0, 2.0, 1.0, 0.5, 0.0]
+
+    fig = spectrum_figure([iso, bare])
+    top, bottom = fig.axes[0], fig.axes[2]  # subplots first (row-major), colour bars after
+    assert top.get_yscale() == "log"
+    assert len(top.get_lines()) == 3
+    assert np.isnan(top.get_lines()[0].get_ydata()[-1])  # the zero eigenvalue is not drawn on a log axis
+    assert top.get_title() == "iso: IsoLoss (no EMA), cifar10"
+    assert bottom.get_lines()[0].get_ydata().tolist() == [3.0, 2.0, 1.5]
+    assert "epochs.csv" in bottom.get_title()
+    fallback = fig.axes[3]  # no epochs.csv: the ratio comes from the spectrum itself
+    assert "from eigvals.csv" in fallback.get_title()
+    np.testing.assert_allclose(fallback.get_lines()[0].get_ydata(), participation_ratio(eig[:2]))
+    assert len(fig.axes) == 6  # 2 x 2 panels and two colour bars
+
+    capped = spectrum_figure([iso], normalize="max", max_curves=2)
+    assert len(capped.axes[0].get_lines()) == 2  # first and last epoch
+    assert capped.axes[0].get_lines()[-1].get_ydata()[0] == pytest.approx(1.0)
+
+
+def test_cli_writes_png(tmp_path: Path, capsys):
+    a = _fake_run(tmp_path, "a", SPECTRA, [3.0, 2.0, 1.5])
+    b = _fake_run(tmp_path, "b", SPECTRA, [3.0, 2.5, 2.0])
+    assert main([str(a)]) == 0
+    assert (a / "spectrum.png").read_bytes()[:8] == PNG_MAGIC
+    out = tmp_path / "figs" / "both.png"
+    assert main([str(a), str(b), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC and capsys.readouterr().out.strip().endswith("both.png")
+
+
+def test_missing_eigvals_is_a_clear_error(tmp_path: Path, capsys):
+    with pytest.raises(DataError, match="has no eigvals.csv"):
+        load_spectrum(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err

@@ -1,0 +1,92 @@
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from ivreg.data.datasets import (
+    DigitsDataset,
+    build_dataset,
+    dataset_info,
+    is_image_folder,
+    subset_fraction,
+)
+from ivreg.errors import DataError
+
+from ..conftest import ROOT, make_image_folder
+
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.xz"
+
+
+def test_unknown_dataset_is_named() -> None:
+    with pytest.raises(DataError, match="unknown data.dataset 'mnist'"):
+        dataset_info("mnist")
+
+
+def test_missing_image_folder_names_the_path_and_the_key(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"train_path folder .*nowhere does not exist"):
+        build_dataset("custom", str(tmp_path / "nowhere"), train=True)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.txt").write_text("x")
+    with pytest.raises(DataError, match="not an ImageFolder root"):
+        build_dataset("tinyimagenet", str(tmp_path / "flat"), train=False)
+
+
+def test_missing_cifar_without_download_says_what_to_set(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"cifar-10-batches-py.*data.train_path"):
+        build_dataset("cifar10", str(tmp_path), train=True, download=False)
+
+
+def test_cifar_as_image_folders_is_accepted(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "train", classes=10, per_class=2)
+    make_image_folder(tmp_path / "test", classes=10, per_class=1)
+    assert len(build_dataset("cifar10", str(tmp_path / "train"), train=True)) == 20
+    # the root holding train/ and test/ also works, as torchvision's root does
+    assert len(build_dataset("cifar10", str(tmp_path), train=False)) == 10
+
+
+def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    bad = tmp_path / "data" / "class_0" / "broken.png"
+    bad.write_bytes(b"this is not a png")
+    dataset = build_dataset("custom", str(tmp_path / "data"), train=True)
+    index = [Path(p).name for p, _ in dataset.samples].index("broken.png")
+    with pytest.raises(DataError, match="broken.png"):
+        dataset[index]
+
+
+def test_digits_is_embedded_and_split() -> None:
+    train, val = DigitsDataset(train=True), DigitsDataset(train=False)
+    assert len(train) == 1437 and len(val) == 360
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and 0 <= label < 10
+    assert torch.bincount(val.targets).min() >= 35  # stratified
+    assert len(build_dataset("digits", None, train=True)) == 1437
+
+
+def test_subset_fraction_is_fixed_by_seed() -> None:
+    data = DigitsDataset(train=False)
+    a, b = subset_fraction(data, 0.25, seed=1), subset_fraction(data, 0.25, seed=1)
+    assert len(a) == 90 and a.indices == b.indices
+    assert subset_fraction(data, 1.0, seed=1) is data
+    with pytest.raises(DataError, match="fraction"):
+        subset_fraction(data, 0.0, seed=1)
+
+
+@pytest.mark.skipif(not SHARED_CIFAR.exists(), reason=f"{SHARED_CIFAR} is absent (a clone without ../shared)")
+def test_real_cifar10_jpegs(tmp_path: Path) -> None:
+    """A slice of the real CIFAR-10 JPEG folders goes through the ImageFolder path."""
+    with tarfile.open(SHARED_CIFAR, "r:xz") as tar:
+        picked = []
+        for member in tar:
+            parts = Path(member.name).parts
+            if member.isfile() and "test" in parts and parts[-1].startswith("000"):
+                picked.append(member)
+            if len(picked) >= 50:
+                break
+        tar.extractall(tmp_path, members=picked, filter="data")
+    test_root = next(p for p in tmp_path.rglob("test") if p.is_dir())
+    assert is_image_folder(test_root)
+    dataset = build_dataset("cifar10", str(test_root), train=False)
+    image, label = dataset[0]
+    assert image.size == (32, 32) and image.mode == "RGB"

@@ -1,0 +1,48 @@
+"""Run by tests/test_ddp.py in a subprocess: Lightning's DDP launcher starts this file again
+for rank 1, so it cannot live inside pytest. Each rank saves its correlation matrix C."""
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ivreg.config import compose  # noqa: E402
+from ivreg.train import build_run  # noqa: E402
+from tests.conftest import CIFAR_CONFIGS, tiny_overrides  # noqa: E402
+
+
+class SaveRankState(L.Callback):
+    def __init__(self, out: Path):
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.save(
+            {
+                "C": pl_module.predictor.corr.C.detach().cpu(),
+                "steps": trainer.global_step,
+                "world": trainer.world_size,
+                "weight": pl_module.backbone.conv1.weight.detach().cpu(),
+            },
+            self.out / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def main() -> None:
+    train, val, out, config = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+    overrides = tiny_overrides(train, val, out, "ddp") + [
+        "devices=2",
+        "strategy=ddp",
+        "max_epochs=1",
+        "scheduler.name=none",
+        "++limit_train_batches=3",
+    ]
+    run = build_run(compose(str(CIFAR_CONFIGS), config, overrides))
+    run.trainer.callbacks.append(SaveRankState(out))
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Weighted kNN: hand-computed votes (cosine and Euclidean), several k and temperatures from one
+search, chunking that changes nothing, errors, and main_knn's function on a checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ivreg.errors import ConfigError
+from ivreg.eval.knn import OnlineKNN, knn_accuracy, knn_scores, nearest, run_knn
+
+from ..eval_helpers import colour_checkpoint
+
+# Bank: four 2-D features with labels; queries q0 (label 0) and q1 (label 1).
+BANK = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+BANK_Y = torch.tensor([0, 1, 1, 2])
+QUERIES = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+QUERY_Y = torch.tensor([0, 1])
+
+
+def test_cosine_scores_are_exp_of_similarity_over_temperature():
+    # q0's cosine similarities to the bank: 1, 0.8, 0, -1 (already unit vectors).
+    scores = knn_scores(BANK, BANK_Y, QUERIES[:1], k=3, temperature=1.0, num_classes=3)
+    expected = torch.tensor([[math.exp(1.0), math.exp(0.8) + math.exp(0.0), 0.0]])
+    torch.testing.assert_close(scores, expected)
+    # Scaling the features changes nothing: cosine normalises them.
+    torch.testing.assert_close(knn_scores(3 * BANK, BANK_Y, QUERIES[:1] / 7, k=3, temperature=1.0), expected)
+    # k=4 adds the opposite vector's exp(-1/T) to class 2.
+    scores4 = knn_scores(BANK, BANK_Y, QUERIES[:1], k=4, temperature=0.5)
+    torch.testing.assert_close(scores4[0, 2], torch.tensor(math.exp(-2.0)))
+
+
+def test_several_k_and_temperatures_from_one_search():
+    """q0: at k=3 two class-1 neighbours (sim 0.8 and 0) face one class-0 neighbour (sim 1).
+    T=1: e^1 = 2.72 < e^0.8 + e^0 = 3.23, class 1 wins (wrong); T=0.1: e^10 > e^8 + 1, class 0 wins.
+    q1 (sims 0.6, 0.96, 0.8, -0.6) is right in every setting."""
+    results = knn_accuracy(BANK, BANK_Y, QUERIES, QUERY_Y, ks=[1, 3], temperatures=[0.1, 1.0])
+    acc1 = {(r.k, r.temperature): r.acc1 for r in results}
+    assert acc1 == {(1, 0.1): 100.0, (1, 1.0): 100.0, (3, 0.1): 100.0, (3, 1.0): 50.0}
+    assert all(r.acc5 == 100.0 for r in results)  # three classes: the top 5 hold them all
+    assert all(r.distance == "cosine" for r in results)
+
+
+def test_euclidean_weights_are_inverse_distances():
+    bank = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.4, 0.0]])  # distances 1.4, 1.6, sqrt(1.96 + 16)
+    scores = knn_scores(bank, labels, query, k=3, distance="euclidean", num_classes=2)
+    expected = torch.tensor([[1 / 1.4, 1 / 1.6 + 1 / math.sqrt(17.96)]])
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-6)
+    # The nearest neighbour is class 0; the two class-1 neighbours outvote it at k=3.
+    results = knn_accuracy(bank, labels, query, torch.tensor([0]), ks=[1, 3], distance="euclidean")
+    assert [(r.k, r.acc1) for r in results] == [(1, 100.0), (3, 0.0)]
+    assert all(math.isnan(r.temperature) for r in results)  # no temperature for inverse distance
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_chunked_search_equals_one_block(distance: str):
+    gen = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(53, 8, generator=gen), torch.randn(37, 8, generator=gen)
+    bank_y, query_y = torch.randint(0, 4, (53,), generator=gen), torch.randint(0, 4, (37,), generator=gen)
+    whole = knn_accuracy(bank, bank_y, queries, query_y, [1, 5, 20], [0.07, 0.5], distance)
+    chunked = knn_accuracy(bank, bank_y, queries, query_y, [1, 5, 20], [0.07, 0.5], distance, 4, 7, 5)
+    assert whole == chunked
+    if distance == "cosine":
+        normed_b, normed_q = torch.nn.functional.normalize(bank), torch.nn.functional.normalize(queries)
+        expected = (normed_q @ normed_b.T).topk(20, dim=1)
+    else:
+        normed_b, normed_q = bank, queries
+        expected = (-torch.cdist(queries, bank)).topk(20, dim=1)
+    closeness, idx = nearest(normed_b, normed_q, 20, distance, bank_chunk_size=6)
+    torch.testing.assert_close(closeness, expected.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(idx, expected.indices)
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ConfigError, match=r"k=5 is larger than the feature bank \(4 labelled training images\)"):
+        knn_accuracy(BANK, BANK_Y, QUERIES, QUERY_Y, ks=[2, 5])
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        knn_accuracy(BANK, BANK_Y, QUERIES, QUERY_Y, ks=[2], temperatures=[0.0])
+    with pytest.raises(ConfigError, match="unknown kNN distance 'manhattan'"):
+        knn_accuracy(BANK, BANK_Y, QUERIES, QUERY_Y, ks=[2], distance="manhattan")
+    with pytest.raises(ConfigError, match="k must be >= 1"):
+        OnlineKNN(k=0)
+
+
+def test_run_knn_on_a_checkpoint_finds_the_colour_classes(tmp_path):
+    _, _, ckpt = colour_checkpoint(tmp_path, per_class_train=12, per_class_val=4)
+    out = tmp_path / "knn.csv"
+    results = run_knn({"pretrained_feature_extractor": str(ckpt), "k": [1, 10], "accelerator": "cpu", "out": str(out)})
+    assert [r.k for r in results] == [1, 10]
+    assert all(r.acc1 == 100.0 for r in results)  # one colour per class: trivially close neighbours
+    assert out.read_text().splitlines()[0] == "checkpoint,dataset,k,temperature,distance,acc1,acc5"
+    with pytest.raises(ConfigError, match="k=37 is larger than the feature bank"):
+        run_knn({"pretrained_feature_extractor": str(ckpt), "k": [37], "accelerator": "cpu"})

@@ -1,0 +1,220 @@
+"""Linear evaluation: frozen backbone (BatchNorm included), accuracy on separable data,
+fine-tuning, and the whole chain pretraining -> main_linear -> main_knn on the command line."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ivreg.checkpoints import load_backbone
+from ivreg.config import compose
+from ivreg.errors import ConfigError
+from ivreg.eval.common import eval_data_config, eval_datasets, eval_view, extract_features
+from ivreg.eval.knn import OnlineKNN
+from ivreg.eval.linear import build_linear_run, linear_eval
+from ivreg.eval.probe import linear_probe_accuracy
+from ivreg.train import build_run
+
+from ..conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
+from ..eval_helpers import colour_checkpoint
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def colour_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return colour_checkpoint(tmp_path_factory.mktemp("colour"))[2]
+
+
+def _linear_cfg(ckpt: Path, run_root: Path, *, finetune: bool = False, epochs: int = 6, name: str = "lin") -> dict:
+    return {
+        "pretrained_feature_extractor": str(ckpt),
+        "name": name,
+        "finetune": finetune,
+        "max_epochs": epochs,
+        "accelerator": "cpu",
+        "precision": 32,
+        "optimizer": {"batch_size": 16, "lr": 0.1 * 256 / 16},  # an effective lr of 0.1
+        "checkpoint": {"dir": str(run_root)},
+        "logger": {"csv": False, "tensorboard": False},
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+    }
+
+
+class _BackboneModeProbe(L.Callback):
+    """Switches the module to training mode at every epoch start, as Lightning versions before
+    2.2 did after validation (and as user code may), then records the backbone's mode (and its
+    BatchNorm layers') at every training step."""
+
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        pl_module.train()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.modes.append(pl_module.backbone.training)
+        self.modes.extend(m.training for m in pl_module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_linear_probe_on_separable_features_is_accurate_and_leaves_the_backbone_alone(colour_ckpt, tmp_path):
+    before = {k: v.clone() for k, v in load_backbone(colour_ckpt).state_dict().items()}
+    assert any("running_mean" in k and v.abs().sum() > 0 for k, v in before.items())  # calibrated, not 0/1
+
+    # Precondition: the classes are linearly separable in these features (closed-form probe).
+    net = load_backbone(colour_ckpt)
+    from ivreg.checkpoints import load_config
+
+    data = eval_data_config(load_config(colour_ckpt))
+    train, val, num_classes = eval_datasets(data)
+    assert num_classes == 3 and len(train) == 120 and len(val) == 30
+    tx, ty = extract_features(net, eval_view(train, data))
+    vx, vy = extract_features(net, eval_view(val, data))
+    assert linear_probe_accuracy(tx, ty, vx, vy) >= 95.0
+
+    run = build_linear_run(_linear_cfg(colour_ckpt, tmp_path, epochs=4))
+    probe = _BackboneModeProbe()
+    run.trainer.callbacks.append(probe)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+
+    assert probe.modes and not any(probe.modes), "the frozen backbone (or a BatchNorm) was in training mode"
+    rows = _rows(tmp_path / "lin" / "epochs.csv")
+    assert [int(r["epoch"]) for r in rows] == list(range(4))
+    final = float(rows[-1]["val_acc1"])
+    print(f"linear probe on colour classes: val_acc1 per epoch {[round(float(r['val_acc1']), 2) for r in rows]}")
+    assert final > 90.0
+    assert float(rows[-1]["val_acc5"]) == 100.0  # 3 classes: top-5 holds them all
+    after = run.model.backbone.state_dict()
+    saved = load_backbone(tmp_path / "lin" / "last.ckpt").state_dict()  # the linear checkpoint loads too
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=key)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-12)  # cosine schedule ends at 0
+
+
+def test_finetune_trains_backbone_weights_and_batchnorm_statistics(colour_ckpt, tmp_path):
+    before = load_backbone(colour_ckpt).state_dict()
+    run = linear_eval(_linear_cfg(colour_ckpt, tmp_path, finetune=True, epochs=1, name="ft"))
+    after = run.model.backbone.state_dict()
+    assert run.cfg.name == "ft" and (tmp_path / "ft" / "last.ckpt").is_file()
+    assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
+    assert not torch.equal(after["layer4.0.bn2.running_var"], before["layer4.0.bn2.running_var"])
+    assert int(after["bn1.num_batches_tracked"]) > int(before["bn1.num_batches_tracked"])
+
+
+def test_linear_run_refuses_a_missing_checkpoint_and_bad_settings(tmp_path):
+    with pytest.raises(ConfigError, match="pretrained_feature_extractor"):
+        build_linear_run({"checkpoint": {"dir": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="crop_min_scale"):
+        build_linear_run({"pretrained_feature_extractor": "x.ckpt", "augmentations": {"crop_min_scale": 0}})
+
+
+def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_data, tmp_path):
+    """Tiny pretraining (with the online kNN callback), then main_linear and main_knn on its checkpoint."""
+    train, val = image_data
+    cfg = compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", tiny_overrides(train, val, tmp_path, "tiny"))
+    run = build_run(cfg)
+    run.trainer.callbacks.append(OnlineKNN(k=5, temperature=0.1, every_n_epochs=1))
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    online = float(run.trainer.callback_metrics["val_knn_acc1"])
+    assert 0.0 <= online <= 100.0
+    logged = [r for r in _rows(next((tmp_path / "tiny" / "logs").glob("version_*/metrics.csv"))) if r["val_knn_acc1"]]
+    assert len(logged) == 2  # once per epoch
+    ckpt = tmp_path / "tiny" / "last.ckpt"
+
+    common = ["accelerator=cpu", "data.num_workers=0"]
+    linear = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main_linear.py"),
+            f"pretrained_feature_extractor={ckpt}",
+            "max_epochs=2",
+            "optimizer.batch_size=16",
+            f"checkpoint.dir={tmp_path}",
+            "precision=32",
+            "++enable_model_summary=False",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert linear.returncode == 0, linear.stderr[-3000:]
+    run_dir = tmp_path / "tiny-linear"
+    rows = _rows(run_dir / "epochs.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert all(0.0 <= float(r["val_acc1"]) <= 100.0 for r in rows)
+    assert "tiny-linear: final val_acc1" in linear.stdout
+    assert (run_dir / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    saved = OmegaConf.load(run_dir / "config.yaml")
+    assert saved.pretrain_cfg.name == "tiny" and saved.data.dataset == "custom" and saved.data.num_classes == 3
+
+    out = tmp_path / "knn.csv"
+    knn = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main_knn.py"),
+            f"pretrained_feature_extractor={tmp_path / 'tiny'}",
+            "k=[5,10]",
+            "temperature=0.1",
+            f"out={out}",
+            *common,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert knn.returncode == 0, knn.stderr[-3000:]
+    results = {int(r["k"]): r for r in _rows(out)}
+    assert set(results) == {5, 10}
+    # Same weights (last.ckpt is written after the last validation), same data, same k and T.
+    assert float(results[5]["acc1"]) == pytest.approx(online, abs=1e-4)
+
+    too_many = subprocess.run(
+        [sys.executable, str(ROOT / "main_knn.py"), f"pretrained_feature_extractor={ckpt}", "k=[10,49]", *common],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert too_many.returncode == 2
+    assert too_many.stderr.strip().splitlines() == [
+        "error: k=49 is larger than the feature bank (48 labelled training images); choose k <= 48"
+    ]
+
+
+def test_eval_data_inherits_from_pretraining_and_overrides_win():
+    pretrain = {
+        "data": {"dataset": "cifar10", "train_path": "/data", "val_path": "/data", "fraction": 0.1, "num_workers": 3},
+        "augmentations": [{"crop_size": 28}],
+    }
+    data = eval_data_config(pretrain, {"val_path": "/other", "train_path": None})
+    assert (data["train_path"], data["val_path"], data["num_workers"]) == ("/data", "/other", 3)
+    assert data["crop_size"] == 28 and data["fraction"] == 1.0  # the pretraining subset is not inherited
+    assert data["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])  # the dataset's statistics
+    stl = eval_data_config(pretrain, {"dataset": "stl10", "crop_size": 96})
+    assert stl["crop_size"] == 96 and stl["mean"] == pytest.approx([0.4467, 0.4398, 0.4066])
+
+
+def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ckpt, tmp_path, capsys):
+    linear_eval(_linear_cfg(colour_ckpt, tmp_path, epochs=1, name="again"))
+    resumed = linear_eval(_linear_cfg(colour_ckpt, tmp_path, epochs=2, name="again"))
+    assert resumed.resume_from == tmp_path / "again" / "last.ckpt"
+    assert "resuming" in capsys.readouterr().out
+    rows = _rows(tmp_path / "again" / "epochs.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1] and int(rows[1]["step"]) == 2 * int(rows[0]["step"])
+    with pytest.raises(ConfigError, match=r"differs in \['finetune'\]"):
+        build_linear_run(_linear_cfg(colour_ckpt, tmp_path, finetune=True, name="again"))

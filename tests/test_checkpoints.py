@@ -1,0 +1,107 @@
+"""Loading backbones from checkpoints, and one clear error for each way a checkpoint can be wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ivreg
+from ivreg.backbones import build_backbone
+from ivreg.checkpoints import load_backbone, load_config
+from ivreg.errors import CheckpointError
+
+from .conftest import ROOT
+from .eval_helpers import pretrain_config, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def resnet18_ckpt(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    net = build_backbone("resnet18")
+    with torch.no_grad():  # non-default statistics, so that loading them is checked too
+        net.bn1.running_mean.uniform_()
+    path = write_checkpoint(
+        tmp_path_factory.mktemp("r18") / "run" / "last.ckpt", pretrain_config(None, None, "resnet18"), net
+    )
+    return path, net
+
+
+def test_load_backbone_returns_the_pretrained_resnet_in_eval_mode(resnet18_ckpt):
+    path, net = resnet18_ckpt
+    loaded = ivreg.load_backbone(path)
+    assert ivreg.load_backbone is load_backbone and ivreg.__version__ == "0.1.0"
+    assert not loaded.training and loaded.num_features == 512
+    assert isinstance(loaded.fc, torch.nn.Identity)
+    for key, value in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded(torch.randn(2, 3, 64, 64)).shape == (2, 512)
+    same = load_backbone(path.parent, arch="resnet18")  # a run folder stands for its last.ckpt
+    assert torch.equal(same.bn1.running_mean, net.bn1.running_mean)
+    assert load_config(path)["backbone"]["name"] == "resnet18"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*nowhere\.ckpt does not exist"):
+        load_backbone(tmp_path / "nowhere.ckpt")
+    with pytest.raises(CheckpointError, match="is a folder without last.ckpt"):
+        load_backbone(tmp_path)
+
+
+def test_corrupt_and_foreign_files(tmp_path, resnet18_ckpt):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="garbage.ckpt is not a readable PyTorch checkpoint"):
+        load_backbone(garbage)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(resnet18_ckpt[0].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_backbone(truncated)
+    plain = tmp_path / "weights.pt"
+    torch.save(build_backbone("resnet10").state_dict(), plain)  # a bare state dict, not Lightning's
+    with pytest.raises(CheckpointError, match="is not a Lightning checkpoint: it has no 'state_dict'"):
+        load_backbone(plain)
+
+
+def test_checkpoint_without_backbone_weights(tmp_path):
+    path = write_checkpoint(
+        tmp_path / "heads.ckpt", pretrain_config(None, None), None, extra={"projector.0.weight": torch.zeros(4, 4)}
+    )
+    with pytest.raises(CheckpointError, match=r"holds no backbone weights \(no 'backbone\.\*' entries"):
+        load_backbone(path)
+
+
+def test_checkpoint_without_config(tmp_path):
+    path = write_checkpoint(tmp_path / "nocfg.ckpt", None, build_backbone("resnet10"))
+    with pytest.raises(CheckpointError, match=r"has no run config \(hyper_parameters.cfg\)"):
+        load_backbone(path)
+
+
+def test_weights_of_another_architecture(tmp_path):
+    path = write_checkpoint(tmp_path / "r50.ckpt", pretrain_config(None, None, "resnet18"), build_backbone("resnet50"))
+    with pytest.raises(CheckpointError, match=r"do not fit a resnet18 .*shape mismatch.*unexpected weight") as err:
+        load_backbone(path)
+    assert "conv3" in str(err.value) or "layer1.0.conv1.weight" in str(err.value)  # names an offending weight
+
+
+def test_explicit_arch_that_disagrees(resnet18_ckpt):
+    with pytest.raises(CheckpointError, match="arch='resnet50' was requested but the checkpoint's config names"):
+        load_backbone(resnet18_ckpt[0], arch="resnet50")
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line_and_exits_2(tmp_path):
+    path = write_checkpoint(tmp_path / "r50.ckpt", pretrain_config(None, None, "resnet18"), build_backbone("resnet50"))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "main_linear.py"), f"pretrained_feature_extractor={path}", "accelerator=cpu"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: the backbone weights in {path} do not fit a resnet18")
+    assert not (tmp_path / "trained_models").exists()  # nothing written before the check

@@ -1,0 +1,70 @@
+"""The command line turns bad input into one clear line on stderr, never a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import CIFAR_CONFIGS, ROOT
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=simclr"], "unknown method 'simclr'"),
+        (["backbone.name=vgg11"], "unknown backbone.name 'vgg11'"),
+        (["data.dataset=mnist"], "unknown data.dataset 'mnist'"),
+        (["data.dataset=custom", "data.train_path=/nonexistent/train"], "/nonexistent/train does not exist"),
+        (["momentum.base_tau=1.2"], r"momentum.base_tau must be in [0, 1]"),
+        (["method_kwargs.dp_alpha=-1"], "method_kwargs.dp_alpha must be >= 0"),
+    ],
+)
+def test_bad_input_gives_one_error_line(overrides: list[str], message: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main_pretrain.py"),
+            "--config-path",
+            str(CIFAR_CONFIGS),
+            "--config-name",
+            "isoloss.yaml",
+            "accelerator=cpu",
+            "precision=32",
+            f"checkpoint.dir={tmp_path}",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+
+
+def test_gpu_config_on_a_machine_without_gpu_says_how_to_run_on_cpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main_pretrain.py"),
+            "--config-path",
+            str(CIFAR_CONFIGS),
+            "--config-name",
+            "byol.yaml",
+            "data.dataset=digits",
+            f"checkpoint.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "error: accelerator=gpu but no CUDA GPU is visible; run with accelerator=cpu" in proc.stderr

@@ -1,0 +1,124 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ivreg.config import compose, method_label, prepare_config, uses_ema
+from ivreg.data.datasets import dataset_info
+from ivreg.errors import ConfigError
+from ivreg.method import SSLMethod
+from ivreg.predictors import MLPPredictor, SpectralPredictor
+from ivreg.targets import EMATarget, StopGradTarget
+
+from .conftest import ROOT
+
+CONFIG_FILES = sorted((ROOT / "scripts" / "pretrain").glob("*/*.yaml"))
+
+
+def test_config_tree_is_complete() -> None:
+    names = {"byol", "byol-noema", "directpred", "directpred-noema", "isoloss", "isoloss-noema"}
+    for folder in ("cifar", "stl-10", "tinyimagenet"):
+        assert {p.stem for p in (ROOT / "scripts/pretrain" / folder).glob("*.yaml")} == names
+        for group, files in (
+            ("augmentations", {"asymmetric", "symmetric", "symmetric_weak"}),
+            ("logger", {"default", "wandb", "wandb_offline", "csv"}),
+        ):
+            assert {p.stem for p in (ROOT / "scripts/pretrain" / folder / group).glob("*.yaml")} == files
+    assert {p.stem for p in (ROOT / "scripts/pretrain/imagenet").glob("*.yaml")} == {"byol", "directpred", "isoloss"}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_composes_and_builds(path: Path) -> None:
+    cfg = prepare_config(compose(str(path.parent), path.name))
+    cfg.data.num_classes = dataset_info(cfg.data.dataset).num_classes or 10
+    model = SSLMethod(OmegaConf.to_container(cfg, resolve=True))
+    noema = not uses_ema(cfg)
+    assert isinstance(model.target, StopGradTarget if noema else EMATarget)
+    assert isinstance(model.predictor, MLPPredictor if cfg.method == "byol" else SpectralPredictor)
+    if path.parent.name == "digits":
+        return
+    assert noema == path.stem.endswith("noema")
+    assert cfg.method == ("byol" if path.stem.startswith("byol") else "directpred")
+    if path.stem.startswith("isoloss"):
+        assert cfg.method_kwargs.iso and model.predictor.with_sqrt
+    if isinstance(model.predictor, SpectralPredictor):
+        assert cfg.method_kwargs.dp_tau == (0.5 if noema else 0.998)
+    assert cfg.optimizer.name == ("sgd" if noema else "lars")
+    if path.parent.name in ("cifar", "stl-10", "tinyimagenet"):
+        expected_wd = 1e-5 if path.stem.startswith("byol") else 1e-4
+        assert cfg.optimizer.weight_decay == pytest.approx(expected_wd)
+        assert len(cfg.augmentations) == 2 and cfg.max_epochs == 1000
+
+
+def test_seed_command_line_overrides() -> None:
+    cfg = compose(
+        str(ROOT / "scripts/pretrain/cifar"),
+        "isoloss.yaml",
+        [
+            "data.dataset=cifar100",
+            "name=isoloss_cifar100",
+            "optimizer.weight_decay=1e-4",
+            "++method_kwargs.new_key=3",
+            "method_kwargs.dp_alpha=1",
+            "method_kwargs.eps_iso=0.25",
+        ],
+    )
+    cfg = prepare_config(cfg)
+    assert cfg.data.dataset == "cifar100" and cfg.name == "isoloss_cifar100"
+    assert cfg.method_kwargs.new_key == 3
+    assert method_label(cfg) == "IsoLoss-DirectCopy"
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "label"),
+    [
+        ("byol.yaml", [], "BYOL"),
+        ("byol-noema.yaml", [], "SimSiam"),
+        ("directpred.yaml", [], "DirectPred"),
+        ("directpred-noema.yaml", [], "DirectPred (no EMA)"),
+        ("directpred.yaml", ["method_kwargs.dp_alpha=1", "method_kwargs.eps_iso=0.25"], "DirectCopy"),
+        ("isoloss.yaml", [], "IsoLoss"),
+        ("isoloss-noema.yaml", ["method_kwargs.use_l2=True"], "IsoLoss L2 (no EMA)"),
+    ],
+)
+def test_method_labels(config: str, overrides: list[str], label: str) -> None:
+    cfg = prepare_config(compose(str(ROOT / "scripts/pretrain/cifar"), config, overrides))
+    assert method_label(cfg) == label
+    assert uses_ema(cfg) == ("noema" not in config)
+
+
+def _cifar(overrides: list[str]):
+    return compose(str(ROOT / "scripts/pretrain/cifar"), "isoloss.yaml", overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["method=simclr"], "unknown method 'simclr'"),
+        (["momentum.base_tau=1.5"], r"momentum.base_tau must be in \[0, 1\]"),
+        (["momentum.final_tau=-0.1"], r"momentum.final_tau must be in \[0, 1\]"),
+        (["method_kwargs.dp_alpha=-0.5"], "dp_alpha must be >= 0"),
+        (["method_kwargs.eps_iso=-1"], "eps_iso must be >= 0"),
+        (["method_kwargs.dp_tau=1.0"], r"dp_tau must be in \[0, 1\)"),
+        (["precision=8"], "precision '8' is not supported"),
+        (["optimizer.lr=-1"], "optimizer.lr must be >= 0"),
+        (["optimizer.batch_size=1"], "batch_size must be >= 2"),
+        (["data.format=dali"], "data.format 'dali' is not supported"),
+    ],
+)
+def test_bad_config_values_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        prepare_config(_cifar(overrides))
+
+
+def test_iso_needs_the_closed_form_predictor() -> None:
+    cfg = compose(str(ROOT / "scripts/pretrain/cifar"), "byol.yaml", ["++method_kwargs.iso=True"])
+    with pytest.raises(ConfigError, match="use method=directpred"):
+        prepare_config(cfg)
+
+
+def test_seed_wandb_group_maps_to_logger() -> None:
+    base = _cifar([])
+    OmegaConf.set_struct(base, False)
+    cfg = prepare_config(OmegaConf.merge(base, {"wandb": {"enabled": True, "project": "p"}}))
+    assert cfg.logger.wandb.enabled and cfg.logger.wandb.project == "p" and "wandb" not in cfg

@@ -1,0 +1,66 @@
+"""DDP on the CPU (gloo): two processes train a few steps and hold the same C."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ROOT
+
+
+@pytest.mark.parametrize("config", ["isoloss.yaml"])
+def test_ddp_ranks_share_the_correlation_matrix(config: str, image_data, tmp_path: Path) -> None:
+    train, val = image_data
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), config],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["steps"] == r1["steps"] == 3
+    assert torch.count_nonzero(r0["C"]) > 0
+    torch.testing.assert_close(r0["C"], r1["C"], rtol=0, atol=0)  # identical, not just close
+    torch.testing.assert_close(r0["weight"], r1["weight"])  # DDP keeps the replicas in sync
+
+
+def _correlation_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from ivreg.predictors import RunningCorrelation
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(100 + rank)  # every rank sees different samples
+    corr = RunningCorrelation(6, tau=0.5)
+    for _ in range(2):
+        corr.update([torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)])
+    torch.save(corr.C, f"{out}/C{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_correlation_matrix_is_the_global_batch_statistic(tmp_path: Path) -> None:
+    """The all-reduce makes C the correlation of the global batch, not of one rank's shard."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from ivreg.predictors import RunningCorrelation
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_correlation_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    c0, c1 = torch.load(tmp_path / "C0.pt"), torch.load(tmp_path / "C1.pt")
+    torch.testing.assert_close(c0, c1, rtol=0, atol=0)
+
+    gens = [torch.Generator().manual_seed(100 + r) for r in range(2)]
+    single = RunningCorrelation(6, tau=0.5)
+    for _ in range(2):
+        views = [[torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)] for g in gens]
+        single.update([torch.cat([views[0][v], views[1][v]]) for v in range(2)])
+    torch.testing.assert_close(c0, single.C)

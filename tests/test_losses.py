@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ivreg.losses import (
+    cosine_loss,
+    euclidean_loss,
+    iso_cosine_loss,
+    iso_euclidean_loss,
+    select_loss,
+    symmetric_loss,
+)
+
+
+def _spd(d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random symmetric positive definite W_p and its square root."""
+    a = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    s, u = torch.linalg.eigh(a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64))
+    return (u * s) @ u.T, (u * s.sqrt()) @ u.T
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_iso_cosine_gradient_is_minus_two_cosine_gradient_in_p(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    b, d = 7, 12
+    w, w_sqrt = _spd(d, gen)
+    z = torch.randn(b, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    z_t = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    p, p_sqrt = z @ w, z @ w_sqrt
+    (grad_z,) = torch.autograd.grad(iso_cosine_loss(z, p, p_sqrt, z_t), z)
+
+    p_leaf = p.detach().clone().requires_grad_(True)
+    cos = F.cosine_similarity(p_leaf, z_t, dim=-1).sum()
+    (grad_cos,) = torch.autograd.grad(cos, p_leaf)
+    # The loss is a batch mean: per sample, grad_z l_i = -2 d cos_i / dp_i.
+    torch.testing.assert_close(grad_z * b, -2 * grad_cos, atol=1e-5, rtol=1e-5)
+
+    # ... which is exactly the gradient of the BYOL cosine loss with respect to p.
+    (grad_byol,) = torch.autograd.grad(cosine_loss(None, p_leaf, None, z_t), p_leaf)
+    torch.testing.assert_close(grad_z, grad_byol, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_iso_euclidean_gradient_is_two_p_minus_target(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    b, d = 5, 9
+    w, _ = _spd(d, gen)
+    z = torch.randn(b, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    z_t = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    p = z @ w
+    (grad_z,) = torch.autograd.grad(iso_euclidean_loss(z, p, None, z_t), z)
+    torch.testing.assert_close(grad_z * b, 2 * (p.detach() - z_t), atol=1e-5, rtol=1e-5)
+    p_leaf = p.detach().clone().requires_grad_(True)
+    (grad_l2,) = torch.autograd.grad(euclidean_loss(None, p_leaf, None, z_t), p_leaf)
+    torch.testing.assert_close(grad_z, grad_l2, atol=1e-5, rtol=1e-5)
+
+
+def test_standard_losses_values() -> None:
+    p = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    z_t = torch.tensor([[1.0, 0.0], [2.0, 0.0]])
+    # cos = 1 and 0 -> mean 0.5 -> 2 - 1 = 1
+    assert cosine_loss(None, p, None, z_t).item() == pytest.approx(1.0)
+    # squared distances 0 and 8 -> mean 4
+    assert euclidean_loss(None, p, None, z_t).item() == pytest.approx(4.0)
+
+
+def test_iso_cosine_is_float32_and_finite_for_half_inputs() -> None:
+    """The reference computes ||p||^3 in float16 and overflows; this must not."""
+    z = (torch.randn(4, 256) * 60).half()
+    loss = iso_cosine_loss(z, z, z, z)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_iso_cosine_requires_p_sqrt() -> None:
+    with pytest.raises(ValueError, match="p_sqrt"):
+        iso_cosine_loss(torch.ones(2, 3), torch.ones(2, 3), None, torch.ones(2, 3))
+
+
+def test_select_loss() -> None:
+    assert select_loss(False, False) is cosine_loss
+    assert select_loss(False, True) is euclidean_loss
+    assert select_loss(True, False) is iso_cosine_loss
+    assert select_loss(True, True) is iso_euclidean_loss
+
+
+def test_symmetric_loss_sums_ordered_pairs_and_no_gradient_reaches_target() -> None:
+    gen = torch.Generator().manual_seed(0)
+    zs = [torch.randn(4, 6, generator=gen, requires_grad=True) for _ in range(3)]
+    ps = [z * 2 for z in zs]
+    targets = [torch.randn(4, 6, generator=gen, requires_grad=True) for _ in range(3)]
+    total = symmetric_loss(cosine_loss, zs, ps, [None] * 3, targets)
+    expected = sum(cosine_loss(None, ps[a], None, targets[b]) for a in range(3) for b in range(3) if a != b)
+    torch.testing.assert_close(total, expected)
+    total.backward()
+    assert all(t.grad is None for t in targets)
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in zs)
+
+
+def test_symmetric_loss_needs_two_views() -> None:
+    z = torch.randn(2, 3)
+    with pytest.raises(ValueError):
+        symmetric_loss(cosine_loss, [z], [z], [None], [z])

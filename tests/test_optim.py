@@ -1,0 +1,102 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ivreg.errors import ConfigError
+from ivreg.optim import LARS, build_optimizer, build_scheduler, warmup_cosine_factor
+
+
+def _reference_lars_step(params, grads, bufs, lr, wd, eta, clip, exclude, momentum=0.9, eps=1e-8):
+    """solo-learn's LARS update, one tensor at a time (the update the paper used)."""
+    out = []
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = g.clone()
+        if p.ndim != 1 or not exclude:
+            pn, gn = p.norm(), g.norm()
+            if pn != 0 and gn != 0:
+                ratio = eta * pn / (gn + pn * wd + eps)
+                if clip:
+                    ratio = min(ratio / lr, 1.0)
+                d = (d + wd * p) * ratio
+        bufs[i] = d.clone() if bufs[i] is None else momentum * bufs[i] + d
+        out.append(p - lr * bufs[i])
+    return out
+
+
+@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("exclude", [True, False])
+def test_lars_matches_reference(clip: bool, exclude: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 3))
+    params = list(model.parameters())
+    opt = LARS(params, lr=0.5, weight_decay=1e-3, eta=0.02, clip_lr=clip, exclude_bias_n_norm=exclude)
+    ref = [p.detach().clone() for p in params]
+    bufs = [None] * len(params)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref = _reference_lars_step(ref, grads, bufs, 0.5, 1e-3, 0.02, clip, exclude)
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=1e-5)
+
+
+def test_lars_zero_norm_parameter_is_plain_sgd() -> None:
+    w = nn.Parameter(torch.zeros(3, 3))
+    opt = LARS([w], lr=0.1, weight_decay=0.1, eta=0.02, momentum=0.0)
+    w.grad = torch.ones(3, 3)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3, 3), -0.1))
+
+
+def test_classifier_group_has_its_lr_and_no_weight_decay() -> None:
+    ssl, clf = nn.Linear(4, 4), nn.Linear(4, 2)
+    opt = build_optimizer(
+        "lars",
+        list(ssl.parameters()),
+        list(clf.parameters()),
+        1.0,
+        0.1,
+        1e-5,
+        {"eta": 0.02, "clip_lr": True, "exclude_bias_n_norm": True},
+    )
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["ssl"]["lr"] == 1.0 and groups["ssl"]["weight_decay"] == 1e-5
+    assert groups["classifier"]["lr"] == 0.1 and groups["classifier"]["weight_decay"] == 0.0
+    sgd = build_optimizer("sgd", list(ssl.parameters()), list(clf.parameters()), 0.1, 0.1, 1e-4, {"momentum": 0.9})
+    assert isinstance(sgd, torch.optim.SGD)
+    with pytest.raises(ConfigError, match="unknown optimizer.name 'adam'"):
+        build_optimizer("adam", [], [], 0.1, 0.1, 0.0, {})
+    with pytest.raises(ConfigError, match="not options of sgd"):
+        build_optimizer("sgd", list(ssl.parameters()), [], 0.1, 0.1, 0.0, {"eta": 0.1})
+
+
+def test_warmup_cosine_values() -> None:
+    f = lambda k: 1.0 * warmup_cosine_factor(k, 10, 110, 1.0, 3e-5, 0.0)  # noqa: E731
+    assert f(0) == pytest.approx(3e-5)
+    assert f(5) == pytest.approx(3e-5 + (1 - 3e-5) * 0.5)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5)
+    assert f(110) == pytest.approx(0.0, abs=1e-12)
+    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_scheduler_steps_every_group_from_its_own_base_lr() -> None:
+    ssl, clf = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = build_optimizer("sgd", list(ssl.parameters()), list(clf.parameters()), 1.0, 0.1, 0.0, {})
+    sched = build_scheduler("warmup_cosine", opt, steps_per_epoch=10, max_epochs=11, warmup_epochs=1)
+    lrs = []
+    for _ in range(110):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx([3e-5, 3e-5])
+    assert lrs[10] == pytest.approx([1.0, 0.1])
+    assert lrs[60] == pytest.approx([0.5, 0.05])
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        build_scheduler("warmup_cosine", opt, steps_per_epoch=10, max_epochs=1, warmup_epochs=10)
+    with pytest.raises(ConfigError, match="unknown scheduler"):
+        build_scheduler("step", opt, steps_per_epoch=10, max_epochs=1)

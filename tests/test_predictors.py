@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from ivreg.predictors import MLPPredictor, RunningCorrelation, SpectralPredictor, spectrum_metrics
+
+
+def _views(seed: int, n: int = 2, b: int = 32, d: int = 8) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.linspace(0.2, 3.0, d)
+    return [torch.randn(b, d, generator=gen) * scale for _ in range(n)]
+
+
+def test_running_correlation_is_one_ema_update_per_view() -> None:
+    corr = RunningCorrelation(8, tau=0.7)
+    expected = torch.zeros(8, 8)
+    for step in range(3):
+        views = _views(step)
+        corr.update(views)
+        for z in views:
+            expected = 0.7 * expected + 0.3 * (z.T @ z) / z.shape[0]
+    torch.testing.assert_close(corr.C, expected)
+    assert corr.C.dtype == torch.float32
+    assert "C" in corr.state_dict()
+
+
+def test_running_correlation_is_float32_under_half_inputs() -> None:
+    corr = RunningCorrelation(8, tau=0.5)
+    corr.update([v.to(torch.bfloat16) for v in _views(0)])
+    assert corr.C.dtype == torch.float32 and torch.isfinite(corr.C).all()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_spectral_predictor_matrix_is_u_diag_s_alpha_ut(alpha: float, normalize: bool) -> None:
+    pred = SpectralPredictor(8, alpha=alpha, normalize=normalize, eps_iso=0.0, tau=0.5, with_sqrt=True)
+    pred.observe(_views(1))
+    c = pred.corr.C.double()
+    s, u = torch.linalg.eigh(c)
+    if normalize:
+        s = s.clamp_min(0) / s.max()
+    else:
+        s = s.clamp(0, 1e6)
+    expected = (u * s.pow(alpha)) @ u.T
+    w = pred.matrix().double()
+    torch.testing.assert_close(w, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w, w.T, atol=1e-5 * w.abs().max().item(), rtol=0)
+    z = torch.randn(5, 8)
+    p, p_sqrt = pred(z)
+    torch.testing.assert_close(p, z @ pred.matrix(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(p_sqrt @ pred.matrix(0.5), p, atol=1e-4, rtol=1e-4)
+
+
+def test_normalisation_puts_top_eigenvalue_at_one_plus_eps() -> None:
+    pred = SpectralPredictor(8, alpha=1.0, normalize=True, eps_iso=0.1, tau=0.5, with_sqrt=False)
+    pred.observe(_views(2))
+    s = pred.scaled_eigvals()
+    assert s.max().item() == pytest.approx(1.1, abs=1e-6)
+    assert s.min().item() >= 0.1 - 1e-6
+
+
+def test_directcopy_is_normalised_correlation_plus_eps_identity() -> None:
+    pred = SpectralPredictor(8, alpha=1.0, normalize=True, eps_iso=0.25, tau=0.5, with_sqrt=False)
+    pred.observe(_views(3))
+    c = pred.corr.C
+    expected = c / torch.linalg.eigvalsh(c).max() + 0.25 * torch.eye(8)
+    torch.testing.assert_close(pred.matrix(), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_unnormalised_eigenvalues_are_clipped_and_nan_free() -> None:
+    pred = SpectralPredictor(4, alpha=1.0, normalize=False, eps_iso=0.0, tau=0.5, with_sqrt=False)
+    pred.corr.C.copy_(torch.diag(torch.tensor([-1.0, 0.5, 2.0, 3e6])))
+    pred.decompose()
+    torch.testing.assert_close(pred.scaled_eigvals(), torch.tensor([0.0, 0.5, 2.0, 1e6]))
+
+
+def test_no_gradient_flows_into_the_predictor_matrix() -> None:
+    pred = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
+    pred.observe(_views(4))
+    z = torch.randn(3, 8, requires_grad=True)
+    p, _ = pred(z)
+    p.sum().backward()
+    torch.testing.assert_close(z.grad, pred.matrix().sum(1).expand(3, 8))
+    assert not any(t.requires_grad for t in (pred.eigvals, pred.eigvecs, pred.corr.C))
+
+
+def test_one_decomposition_serves_all_views_of_a_step() -> None:
+    pred = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=False)
+    views = _views(5)
+    pred.observe(views)
+    w = pred.matrix()
+    for z in views:
+        torch.testing.assert_close(pred(z)[0], z @ w, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="dp_alpha"):
+        SpectralPredictor(4, alpha=-0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=False)
+    with pytest.raises(ValueError, match="eps_iso"):
+        SpectralPredictor(4, alpha=0.5, normalize=True, eps_iso=-1.0, tau=0.5, with_sqrt=False)
+    with pytest.raises(ValueError, match="dp_tau"):
+        RunningCorrelation(4, tau=1.0)
+
+
+def test_mlp_predictor_tracks_spectrum_for_metrics() -> None:
+    pred = MLPPredictor(8, 16, spectrum_tau=0.99)
+    views = _views(6)
+    pred.observe(views)
+    p, p_sqrt = pred(views[0])
+    assert p.shape == (32, 8) and p_sqrt is None
+    s = pred.spectrum()
+    torch.testing.assert_close(s, torch.linalg.eigvalsh(pred.corr.C).flip(0))
+    assert torch.all(s[:-1] >= s[1:])
+
+
+def test_spectrum_metrics() -> None:
+    m = spectrum_metrics(torch.tensor([4.0, 2.0, 2.0, 0.0]))
+    assert m["eigval_metrics/part_ratio"].item() == pytest.approx(64 / 24)
+    assert m["eigval_metrics/eigval_max"].item() == 4.0
+    assert m["eigval_metrics/eigval_min"].item() == 0.0
+    assert m["eigval_metrics/eigval_mean"].item() == 2.0
+    flat = spectrum_metrics(torch.ones(10))
+    assert flat["eigval_metrics/part_ratio"].item() == pytest.approx(10.0)

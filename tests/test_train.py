@@ -1,0 +1,159 @@
+"""End-to-end pretraining on generated ImageFolder data (CPU, seconds per run)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from ivreg.config import compose
+from ivreg.errors import ConfigError, DataError, TrainingError
+from ivreg.train import build_run, pretrain
+
+from .conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _cfg(config: str, image_data: tuple[Path, Path], run_root: Path, *extra: str, name: str = "tiny"):
+    train, val = image_data
+    return compose(str(CIFAR_CONFIGS), config, tiny_overrides(train, val, run_root, name) + list(extra))
+
+
+@pytest.mark.parametrize("config", ["isoloss-noema.yaml", "byol.yaml"])
+def test_two_epochs_write_checkpoint_metrics_and_spectrum(config: str, image_data, tmp_path: Path) -> None:
+    run = pretrain(_cfg(config, image_data, tmp_path))
+    run_dir = tmp_path / "tiny"
+    assert (run_dir / "last.ckpt").is_file() and (run_dir / "config.yaml").is_file()
+    assert not list(run_dir.glob("*.tmp"))
+    rows = _rows(run_dir / "epochs.csv")
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    for r in rows:
+        for key in ("val_acc1", "val_acc5", "part_ratio", "eigval_max", "train_neg_cos_sim", "train_z_std"):
+            assert float(r[key]) == float(r[key]), f"{key} is NaN"  # not NaN
+        assert 0.0 <= float(r["val_acc1"]) <= 100.0
+        assert float(r["part_ratio"]) >= 1.0
+    spectrum = _rows(run_dir / "eigvals.csv")
+    assert len(spectrum) == 2 and len(spectrum[0]) == 1 + 16
+    metrics = list((run_dir / "logs").glob("version_*/metrics.csv"))
+    assert metrics, "the CSV logger wrote no metrics"
+    header = _rows(metrics[0])[0].keys()
+    assert {"val_acc1", "eigval_metrics/part_ratio_step", "train_neg_cos_sim_step"} <= set(header)
+    ckpt = torch.load(run_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 * (48 // 8)
+    assert "predictor.corr.C" in ckpt["state_dict"]
+    assert torch.count_nonzero(ckpt["state_dict"]["predictor.corr.C"]) > 0
+    assert ckpt["hyper_parameters"]["cfg"]["method_kwargs"]["proj_output_dim"] == 16
+    assert run.trainer.global_step == 2 * (48 // 8)
+
+
+def test_auto_resume_continues_from_last_epoch(image_data, tmp_path: Path) -> None:
+    """The command line, twice: the second launch resumes at epoch 2 instead of starting over."""
+    train, val = image_data
+    args = [
+        sys.executable,
+        str(ROOT / "main_pretrain.py"),
+        "--config-path",
+        str(CIFAR_CONFIGS),
+        "--config-name",
+        "directpred.yaml",
+        *tiny_overrides(train, val, tmp_path, "resumed"),
+    ]
+    first = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _rows(tmp_path / "resumed" / "epochs.csv")
+    second = subprocess.run([*args, "max_epochs=3"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stdout
+    assert "epoch    0" not in second.stdout and "epoch    2" in second.stdout
+    after = _rows(tmp_path / "resumed" / "epochs.csv")
+    assert [int(r["epoch"]) for r in after] == [0, 1, 2]
+    assert after[:2] == before  # the finished epochs are kept as they were
+    assert int(after[2]["step"]) == 3 * 6
+
+
+class _KillAtEpoch(L.Callback):
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt  # as if the job had been killed here
+
+
+def test_killed_run_resumes_to_the_same_weights(image_data, tmp_path: Path) -> None:
+    """3 epochs straight == 2 epochs, a kill, and a resumed third epoch (EMA, LARS, C, BN)."""
+    extra = ("max_epochs=3", "++data.fraction=0.5")
+    straight = pretrain(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="straight"))
+
+    interrupted = build_run(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="killed"))
+    interrupted.trainer.callbacks.insert(0, _KillAtEpoch(2))
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
+    resumed = pretrain(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="killed"))
+    assert resumed.resume_from is not None
+    assert resumed.trainer.global_step == straight.trainer.global_step
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_ema_updates_once_per_optimizer_step_under_accumulation(image_data, tmp_path: Path) -> None:
+    run = build_run(
+        _cfg(
+            "byol.yaml",
+            image_data,
+            tmp_path,
+            "max_epochs=1",
+            "++accumulate_grad_batches=2",
+            "scheduler.name=none",
+            "++data.fraction=0.34",
+        )
+    )
+    calls: list[float] = []
+    update = run.model.target.update
+    run.model.target.update = lambda params, tau: (calls.append(tau), update(params, tau))
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    batches = 16 // 8
+    assert len(calls) == run.trainer.global_step == batches // 2
+
+
+def test_refuses_to_overwrite_a_finished_run_without_auto_resume(image_data, tmp_path: Path) -> None:
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "auto_resume.enabled=False"))
+    with pytest.raises(ConfigError, match="differs in"):
+        build_run(_cfg("byol.yaml", image_data, tmp_path))
+
+
+def test_nonfinite_loss_stops_with_a_clear_error(image_data, tmp_path: Path) -> None:
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
+    with torch.no_grad():
+        run.model.projector[0].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="NaN or infinite"):  # from the guard or from eigh
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert not (tmp_path / "tiny" / "last.ckpt").exists()
+
+
+def test_missing_data_folder_is_named(tmp_path: Path, image_data) -> None:
+    cfg = _cfg("isoloss.yaml", image_data, tmp_path, f"data.train_path={tmp_path / 'nowhere'}")
+    with pytest.raises(DataError, match="nowhere"):
+        build_run(cfg)
+
+
+def test_bf16_autocast_run_is_finite(image_data, tmp_path: Path) -> None:
+    run = pretrain(
+        _cfg("isoloss-noema.yaml", image_data, tmp_path, "precision=bf16", "max_epochs=1", "scheduler.name=none")
+    )
+    rows = _rows(tmp_path / "tiny" / "epochs.csv")
+    assert torch.isfinite(torch.tensor(float(rows[0]["train_neg_cos_sim"])))
+    assert run.model.predictor.corr.C.dtype == torch.float32
