@@ -185,17 +185,13 @@ class EpochSummary(L.Callback):
             torch.cuda.synchronize()
         now = time.perf_counter()
         t_val = self._t_val or now
-        metrics = dict(trainer.callback_metrics)
-        if hasattr(pl_module, "epoch_metrics"):  # logged by the module after this hook runs
-            metrics.update(pl_module.epoch_metrics())
         row: dict[str, Any] = {
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "train_time_s": round(t_val - self._t_start, 3),
             "val_time_s": round(now - t_val, 3),
+            **self.metric_columns(trainer, pl_module),
         }
-        for column, key in EPOCH_COLUMNS.items():
-            row[column] = _as_float(metrics[key]) if key in metrics else math.nan
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         rows = self._read(self.epochs_path) + [row]
         self._write(self.epochs_path, rows, list(row.keys()))
@@ -205,6 +201,13 @@ class EpochSummary(L.Callback):
             self._write(self.eigvals_path, self._read(self.eigvals_path) + [eig_row], list(eig_row.keys()))
         if self.print_lines:
             print(self.format_line(row), flush=True)
+
+    def metric_columns(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """The metric columns of this epoch's row (NaN for what was not logged)."""
+        metrics = dict(trainer.callback_metrics)
+        if hasattr(pl_module, "epoch_metrics"):  # logged by the module after this hook runs
+            metrics.update(pl_module.epoch_metrics())
+        return {col: _as_float(metrics[key]) if key in metrics else math.nan for col, key in EPOCH_COLUMNS.items()}
 
     @staticmethod
     def format_line(row: dict[str, Any]) -> str:

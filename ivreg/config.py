@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
         "wandb": {"enabled": False, "project": "ivreg", "entity": None, "offline": False},
     },
     "readout": {"batchnorm": True},
+    "knn": {"enabled": False, "k": 20, "temperature": 0.07, "every_n_epochs": 1},
     "report": {"compare_random_init": False},
     "max_epochs": 1000,
     "devices": 1,

@@ -127,7 +127,7 @@ def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v) for k, v in out.items()}
 
 
-def check_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_KEYS) -> Path | None:
     """The checkpoint to continue from, or None for a fresh start. Refuses to overwrite a
     finished run's checkpoint when auto_resume is off, or to resume a different run."""
     explicit = cfg.get("resume_from_checkpoint")
@@ -147,7 +147,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     saved_path = run_dir / "config.yaml"
     if saved_path.exists():
         saved = OmegaConf.load(saved_path)
-        diffs = [k for k in RESUME_KEYS if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+        diffs = [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
         if diffs:
             raise ConfigError(
                 f"cannot resume {run_dir}: its run differs in {diffs}. Choose another name=... for this config"
@@ -190,6 +190,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     ]
     if cfg.logger.csv or cfg.logger.tensorboard or cfg.logger.wandb.enabled:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    if cfg.knn.enabled:
+        from ivreg.eval.knn import OnlineKNN
+
+        callbacks.append(OnlineKNN(int(cfg.knn.k), float(cfg.knn.temperature), int(cfg.knn.every_n_epochs)))
     if cfg.checkpoint.enabled:
         callbacks.append(
             EpochCheckpoint(
@@ -255,4 +259,10 @@ def pretrain(cfg: DictConfig | dict) -> Run:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    metrics = run.trainer.callback_metrics
+    if run.trainer.is_global_zero and "val_acc1" in metrics:
+        line = f"{run.cfg.name}: online readout val_acc1 {float(metrics['val_acc1']):.2f}"
+        if "val_acc1_random" in metrics:
+            line += f" (pretrained backbone) vs {float(metrics['val_acc1_random']):.2f} (randomly initialised backbone)"
+        print(line, flush=True)
     return run

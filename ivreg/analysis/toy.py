@@ -45,9 +45,7 @@ class Setting:
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"setting {self.name!r}: loss must be one of {LOSS_KINDS}, got {self.loss!r}")
         if self.iso and not (self.predictor and self.stop_grad):
-            raise ValueError(
-                f"setting {self.name!r}: IsoLoss is defined with a predictor and a stop-gradient target"
-            )
+            raise ValueError(f"setting {self.name!r}: IsoLoss is defined with a predictor and a stop-gradient target")
 
     @property
     def variant(self) -> str:
@@ -176,9 +174,7 @@ def euclidean_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def cosine_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``2 - 2 cos(p, z')`` averaged over the sample axis (-2)."""
-    cos = (p * target).sum(-1) / (
-        p.norm(dim=-1).clamp_min(_NORM_EPS) * target.norm(dim=-1).clamp_min(_NORM_EPS)
-    )
+    cos = (p * target).sum(-1) / (p.norm(dim=-1).clamp_min(_NORM_EPS) * target.norm(dim=-1).clamp_min(_NORM_EPS))
     return (2.0 - 2.0 * cos).mean(-1)
 
 
@@ -187,9 +183,7 @@ def euclidean_iso_loss(z: torch.Tensor, p: torch.Tensor, target: torch.Tensor) -
     return ((z - (target + z - p).detach()) ** 2).sum(-1).mean(-1)
 
 
-def cosine_iso_loss(
-    z: torch.Tensor, p: torch.Tensor, target: torch.Tensor, p_sqrt: torch.Tensor
-) -> torch.Tensor:
+def cosine_iso_loss(z: torch.Tensor, p: torch.Tensor, target: torch.Tensor, p_sqrt: torch.Tensor) -> torch.Tensor:
     """Cosine IsoLoss: its gradient in ``z`` is ``-2 d cos(p, z')/dp``.
 
     Per sample ``-2 [(z . z') A - 0.5 (p . z') A3 ||p_sqrt||^2]`` with ``A = 1/(||p|| ||z'||)``,
@@ -255,9 +249,7 @@ class ToyRun:
     final_weights: np.ndarray  # (R, M, N)
 
 
-def init_weights(
-    n_runs: int, config: ToyConfig, generator: torch.Generator, scale: float = 0.25
-) -> torch.Tensor:
+def init_weights(n_runs: int, config: ToyConfig, generator: torch.Generator, scale: float = 0.25) -> torch.Tensor:
     """Gaussian initial weights ``randn / 4`` as in the reference notebook, shape ``(R, M, N)``."""
     return scale * torch.randn(n_runs, config.out_dim, config.in_dim, generator=generator, dtype=config.dtype)
 
@@ -283,9 +275,7 @@ def weights_with_spectrum(
     return (u * eigenvalues.sqrt().unsqueeze(-2)) @ v.transpose(-1, -2), u
 
 
-def sample_views(
-    batch_size: int, config: ToyConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_views(batch_size: int, config: ToyConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean online view ``x1 ~ N(0, I)`` and noisy target view ``x2 = x1 + sigma * xi``."""
     x1 = torch.randn(batch_size, config.in_dim, generator=generator, dtype=config.dtype)
     x2 = x1 + config.sigma * torch.randn(batch_size, config.in_dim, generator=generator, dtype=config.dtype)
@@ -324,8 +314,7 @@ def simulate_settings(
     w0 = initial_weights.detach().to(config.dtype)
     if w0.ndim != 3 or w0.shape[1:] != (config.out_dim, config.in_dim):
         raise ValueError(
-            f"initial weights must have shape (runs, {config.out_dim}, {config.in_dim}), "
-            f"got {tuple(w0.shape)}"
+            f"initial weights must have shape (runs, {config.out_dim}, {config.in_dim}), got {tuple(w0.shape)}"
         )
     probes = None if probe_inputs is None else probe_inputs.to(config.dtype)
     record_steps = list(range(0, config.steps + 1, config.record_every))
@@ -354,10 +343,7 @@ def simulate_settings(
     for step in range(1, config.steps + 1):
         x1, x2 = sample_views(config.batch_size, config, generator)
         leaves = [w.detach().requires_grad_(True) for w in weights]
-        total = sum(
-            setting_loss(w, x1, x2, s, config.alpha, config.activation).sum()
-            for w, s in zip(leaves, resolved)
-        )
+        total = sum(setting_loss(w, x1, x2, s, config.alpha, config.activation).sum() for w, s in zip(leaves, resolved))
         grads = torch.autograd.grad(total, leaves)
         weights = [
             (w.detach() - lr * torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0))
@@ -399,9 +385,7 @@ def simulate_network(
 # ----------------------------------------------------------------------------------------------
 
 
-def eigen_ode_rhs(
-    eigenvalues: torch.Tensor, setting: str | Setting, sigma: float, alpha: float
-) -> torch.Tensor:
+def eigen_ode_rhs(eigenvalues: torch.Tensor, setting: str | Setting, sigma: float, alpha: float) -> torch.Tensor:
     """``d lambda / dt`` (per unit learning rate) of the eigenvalues of ``W W^T``, vectorised over modes.
 
     For the linear network every rule has the form ``dW/dt = h(W W^T) W`` with ``h`` a function of

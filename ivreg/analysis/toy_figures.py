@@ -144,9 +144,7 @@ def _stream_field(ax: plt.Axes, name: str, sigma: float, alpha: float) -> None:
     if not np.any(np.abs(field) > 1e-12):
         ax.text(0.5, 0.93, "mean field = 0", transform=ax.transAxes, ha="center", fontsize=7, color="grey")
         return
-    ax.streamplot(
-        l1, l2, field[..., 0], field[..., 1], color="#BBBBBB", density=0.7, linewidth=0.5, arrowsize=0.6
-    )
+    ax.streamplot(l1, l2, field[..., 0], field[..., 1], color="#BBBBBB", density=0.7, linewidth=0.5, arrowsize=0.6)
 
 
 def plot_trajectories(runs: dict[str, ToyRun], odes: dict[str, np.ndarray], path: Path) -> None:
@@ -282,9 +280,7 @@ def fixed_points_data(opts: FigureOptions) -> tuple[dict[str, ToyRun], torch.Ten
     base = init_weights(1, config, generator)[0]
     wide = init_weights(1, config, generator, scale=0.5)[0]
     weights = torch.stack([base, 2 * base, wide])
-    runs = simulate_settings(
-        ["euc_standard", "cos_standard"], config, weights, generator, probe_inputs=probes
-    )
+    runs = simulate_settings(["euc_standard", "cos_standard"], config, weights, generator, probe_inputs=probes)
     return runs, probes
 
 
@@ -328,9 +324,7 @@ def plot_fixed_points(runs: dict[str, ToyRun], path: Path) -> None:
         ax.set_xlabel("$z_1$")
         ax.set_ylabel("$z_2$")
         lam = runs[name].eigenvalues[-1, 0]
-        ax.set_title(
-            f"{title}: 20 probe inputs, start 1\nfinal $\\lambda$ = {lam[0]:.2f}, {lam[1]:.2f}", fontsize=10
-        )
+        ax.set_title(f"{title}: 20 probe inputs, start 1\nfinal $\\lambda$ = {lam[0]:.2f}, {lam[1]:.2f}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle("Euclidean and cosine losses reach different fixed points from the same starts", fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 0.95))

@@ -58,9 +58,7 @@ def load_uint8(dataset: Dataset, num_workers: int = 0) -> tuple[torch.Tensor, to
         return torch.from_numpy(dataset.data).contiguous(), labels
     if isinstance(dataset, DigitsDataset) or isinstance(getattr(dataset, "images", None), torch.Tensor):
         return dataset.images, labels  # datasets that already hold a uint8 (N, 3, H, W) tensor
-    loader = DataLoader(
-        _DecodeUint8(dataset), batch_size=512, num_workers=num_workers, collate_fn=_collate_same_size
-    )
+    loader = DataLoader(_DecodeUint8(dataset), batch_size=512, num_workers=num_workers, collate_fn=_collate_same_size)
     images = torch.cat(list(loader))
     return images, labels
 
@@ -72,9 +70,7 @@ class DeviceBatches:
     order depends only on (seed, epoch) and a resumed run draws the same batches.
     """
 
-    def __init__(
-        self, sampler: Sampler[int], batch_size: int, drop_last: bool, device: torch.device, key: str
-    ) -> None:
+    def __init__(self, sampler: Sampler[int], batch_size: int, drop_last: bool, device: torch.device, key: str) -> None:
         self.sampler = sampler
         self.batch_sampler = None  # Lightning inspects loaders as if they were DataLoaders
         self.batch_size = batch_size

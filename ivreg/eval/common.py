@@ -30,6 +30,13 @@ from ivreg.errors import ConfigError, DataError
 # among them: a pretraining subset says nothing about how many labels the probe may use.
 INHERITED_DATA_KEYS = ("dataset", "train_path", "val_path", "download", "num_workers", "mean", "std")
 
+# The ``data`` section of an evaluation config: None means "as in the pretraining run"
+# (crop_size: the first pretraining view's; fraction: all labelled training images).
+EVAL_DATA_DEFAULTS: dict[str, Any] = {
+    key: None
+    for key in ("dataset", "train_path", "val_path", "download", "num_workers", "crop_size", "mean", "std", "fraction")
+}
+
 
 def pretrain_crop_size(pretrain_cfg: Mapping[str, Any]) -> int:
     """The crop size of the first pretraining view (what the backbone saw); 224 if unknown."""

@@ -34,6 +34,7 @@ from ivreg.data.augment import build_eval_transform
 from ivreg.data.datasets import Transformed
 from ivreg.errors import ConfigError, DataError
 from ivreg.eval.common import (
+    EVAL_DATA_DEFAULTS,
     default_device,
     eval_data_config,
     eval_datasets,
@@ -194,17 +195,7 @@ KNN_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "seed": 5,
     "out": None,
-    "data": {
-        "dataset": None,
-        "train_path": None,
-        "val_path": None,
-        "download": None,
-        "num_workers": None,
-        "crop_size": None,
-        "mean": None,
-        "std": None,
-        "fraction": None,
-    },
+    "data": EVAL_DATA_DEFAULTS,
 }
 
 

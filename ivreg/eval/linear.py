@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,10 +38,10 @@ from ivreg.callbacks import AtomicCheckpointIO, EpochCheckpoint, EpochSummary, a
 from ivreg.config import PRECISIONS, to_container
 from ivreg.data.datasets import Transformed, dataset_info
 from ivreg.errors import ConfigError
-from ivreg.eval.common import eval_data_config, eval_datasets, eval_view
+from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, eval_view
 from ivreg.method import backbone_from_config
 from ivreg.optim import build_scheduler
-from ivreg.train import build_loggers, hardware_kwargs, passthrough_trainer_kwargs
+from ivreg.train import build_loggers, check_resume, hardware_kwargs, passthrough_trainer_kwargs
 
 LR_REFERENCE_BATCH = 256  # optimizer.lr is the rate for this total batch size, scaled linearly
 
@@ -51,18 +50,7 @@ LINEAR_DEFAULTS: dict[str, Any] = {
     "pretrained_feature_extractor": None,
     "finetune": False,
     "seed": 5,
-    "data": {
-        # None: as in the pretraining run (crop_size: its first view's crop size)
-        "dataset": None,
-        "train_path": None,
-        "val_path": None,
-        "download": None,
-        "num_workers": None,
-        "crop_size": None,
-        "mean": None,
-        "std": None,
-        "fraction": None,  # None: all labelled training images
-    },
+    "data": EVAL_DATA_DEFAULTS,
     # The training views: RandomResizedCrop(crop_size, scale=(crop_min_scale, crop_max_scale)) + flip.
     "augmentations": {"crop_min_scale": 0.08, "crop_max_scale": 1.0, "horizontal_flip_prob": 0.5},
     "optimizer": {"name": "sgd", "batch_size": 256, "lr": 0.1, "weight_decay": 0.0, "kwargs": {"momentum": 0.9}},
@@ -296,25 +284,9 @@ class LinearEpochSummary(EpochSummary):
     def __init__(self, run_dir: Path, print_lines: bool = True):
         super().__init__(run_dir, log_eigvals=False, print_lines=print_lines)
 
-    @rank_zero_only
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        now = time.perf_counter()
-        t_val = self._t_val or now
+    def metric_columns(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         metrics = trainer.callback_metrics
-        row: dict[str, Any] = {
-            "epoch": trainer.current_epoch,
-            "step": trainer.global_step,
-            "train_time_s": round(t_val - self._t_start, 3),
-            "val_time_s": round(now - t_val, 3),
-        }
-        for key in LINEAR_COLUMNS:
-            row[key] = float(metrics[key]) if key in metrics else math.nan
-        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
-        self._write(self.epochs_path, self._read(self.epochs_path) + [row], list(row.keys()))
-        if self.print_lines:
-            print(self.format_line(row), flush=True)
+        return {key: float(metrics[key]) if key in metrics else math.nan for key in LINEAR_COLUMNS}
 
     @staticmethod
     def format_line(row: dict[str, Any]) -> str:
@@ -340,27 +312,9 @@ class LinearRun:
 
 def _resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue from, or None; refuses to mix different evaluations."""
-    explicit = cfg.get("resume_from_checkpoint")
-    if explicit:
-        path = Path(str(explicit)).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"resume_from_checkpoint={path} does not exist")
-        return path
-    last = run_dir / "last.ckpt"
-    if not cfg.checkpoint.enabled or not last.exists():
+    if not cfg.checkpoint.enabled and not cfg.get("resume_from_checkpoint"):
         return None
-    if not cfg.auto_resume.enabled:
-        raise ConfigError(
-            f"{run_dir} already holds a run (last.ckpt). Choose another name=..., enable auto_resume to "
-            "continue it, or delete the folder to start over"
-        )
-    saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
-        saved = OmegaConf.load(saved_path)
-        diffs = [k for k in LINEAR_RESUME_KEYS if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
-        if diffs:
-            raise ConfigError(f"cannot resume {run_dir}: its run differs in {diffs}. Choose another name=...")
-    return last
+    return check_resume(cfg, run_dir, LINEAR_RESUME_KEYS)
 
 
 def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:

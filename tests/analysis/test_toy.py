@@ -207,9 +207,7 @@ def test_eigen_ode_matches_network_for_euclidean_rules():
     runs = toy.simulate_settings(names, config, weights, torch.Generator().manual_seed(11), basis=basis)
     for name in names:
         ode = toy.simulate_eigen_ode(torch.tensor(spectrum, dtype=torch.float64), name, config)
-        np.testing.assert_allclose(
-            runs[name].eigen_coords[-1, 0], ode[-1], rtol=0.05, atol=1e-3, err_msg=name
-        )
+        np.testing.assert_allclose(runs[name].eigen_coords[-1, 0], ode[-1], rtol=0.05, atol=1e-3, err_msg=name)
 
 
 def test_convergence_and_growth_measurements():

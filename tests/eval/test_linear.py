@@ -123,14 +123,17 @@ def test_linear_run_refuses_a_missing_checkpoint_and_bad_settings(tmp_path):
 def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_data, tmp_path):
     """Tiny pretraining (with the online kNN callback), then main_linear and main_knn on its checkpoint."""
     train, val = image_data
-    cfg = compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", tiny_overrides(train, val, tmp_path, "tiny"))
+    knn = ["++knn.enabled=True", "++knn.k=5", "++knn.temperature=0.1"]
+    cfg = compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", tiny_overrides(train, val, tmp_path, "tiny") + knn)
     run = build_run(cfg)
-    run.trainer.callbacks.append(OnlineKNN(k=5, temperature=0.1, every_n_epochs=1))
+    assert any(isinstance(cb, OnlineKNN) for cb in run.trainer.callbacks)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     online = float(run.trainer.callback_metrics["val_knn_acc1"])
     assert 0.0 <= online <= 100.0
     logged = [r for r in _rows(next((tmp_path / "tiny" / "logs").glob("version_*/metrics.csv"))) if r["val_knn_acc1"]]
     assert len(logged) == 2  # once per epoch
+    knn_column = [float(r["val_knn_acc1"]) for r in _rows(tmp_path / "tiny" / "epochs.csv")]
+    assert len(knn_column) == 2 and all(0.0 <= v <= 100.0 for v in knn_column)
     ckpt = tmp_path / "tiny" / "last.ckpt"
 
     common = ["accelerator=cpu", "data.num_workers=0"]
