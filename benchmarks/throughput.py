@@ -35,28 +35,14 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ivreg.data.augment import ViewSpec, build_view_transform, parse_view_specs  # noqa: E402
+from ivreg.data.augment import ViewSpec, build_view_transform, load_view_specs  # noqa: E402
 from ivreg.data.batched_aug import build_batched_views  # noqa: E402
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-def cifar_asymmetric_config() -> list[dict[str, Any]]:
-    """The CIFAR asymmetric two-view augmentation config (solarization on view 2 only)."""
-    return [
-        {
-            "crop_size": 32,
-            "rrc": {"crop_min_scale": 0.08, "crop_max_scale": 1.0},
-            "color_jitter": {"prob": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
-            "grayscale": {"prob": 0.2},
-            "gaussian_blur": {"prob": 0.0},
-            "solarization": {"prob": solarization},
-            "equalization": {"prob": 0.0},
-            "horizontal_flip": {"prob": 0.5},
-        }
-        for solarization in (0.0, 0.2)
-    ]
+CIFAR_AUGMENTATIONS = Path(__file__).resolve().parents[1] / "scripts/pretrain/cifar/augmentations/asymmetric.yaml"
 
 
 def synthetic_images(n_images: int, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -140,7 +126,7 @@ def bench_augmentation(
     Returns views/s per run (median and best) for both, and the ratio of the medians.
     """
     dev = torch.device(device)
-    specs = parse_view_specs(cifar_asymmetric_config())
+    specs = load_view_specs(CIFAR_AUGMENTATIONS)
     images = synthetic_images(n_images)
     n_views = len(specs) * n_images
 

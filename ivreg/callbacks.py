@@ -75,6 +75,12 @@ class EpochCheckpoint(L.Callback):
         self.every_n_epochs = max(every_n_epochs, 1)
         self.keep_every_n_epochs = keep_every_n_epochs
 
+    @classmethod
+    def from_config(cls, checkpoint_cfg: Any, run_dir: Path) -> EpochCheckpoint:
+        """From a config's ``checkpoint`` section (``frequency``, ``keep_every_n_epochs``)."""
+        keep = int(checkpoint_cfg.get("keep_every_n_epochs", 0) or 0)
+        return cls(run_dir, every_n_epochs=int(checkpoint_cfg.frequency), keep_every_n_epochs=keep)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
         if done % self.every_n_epochs == 0 or done == trainer.max_epochs:

@@ -195,13 +195,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 
         callbacks.append(OnlineKNN(int(cfg.knn.k), float(cfg.knn.temperature), int(cfg.knn.every_n_epochs)))
     if cfg.checkpoint.enabled:
-        callbacks.append(
-            EpochCheckpoint(
-                run_dir,
-                every_n_epochs=int(cfg.checkpoint.frequency),
-                keep_every_n_epochs=int(cfg.checkpoint.get("keep_every_n_epochs", 0) or 0),
-            )
-        )
+        callbacks.append(EpochCheckpoint.from_config(cfg.checkpoint, run_dir))
     return callbacks
 
 

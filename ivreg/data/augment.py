@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torchvision.transforms import v2
@@ -44,6 +45,14 @@ class ViewSpec:
     solarization_prob: float = 0.0
     equalization_prob: float = 0.0
     horizontal_flip_prob: float = 0.5
+
+
+def load_view_specs(path: str | Path) -> list[ViewSpec]:
+    """The views of an augmentations YAML file (e.g. ``scripts/pretrain/cifar/augmentations/
+    asymmetric.yaml``), for code that does not compose a whole config."""
+    from omegaconf import OmegaConf
+
+    return parse_view_specs(OmegaConf.to_object(OmegaConf.load(path)))  # type: ignore[arg-type]
 
 
 def _prob(value: object, where: str) -> float:

@@ -353,13 +353,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.checkpoint.enabled:
-        callbacks.append(
-            EpochCheckpoint(
-                run_dir,
-                every_n_epochs=int(cfg.checkpoint.frequency),
-                keep_every_n_epochs=int(cfg.checkpoint.get("keep_every_n_epochs", 0) or 0),
-            )
-        )
+        callbacks.append(EpochCheckpoint.from_config(cfg.checkpoint, run_dir))
     trainer = L.Trainer(
         max_epochs=int(cfg.max_epochs),
         logger=loggers or False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ivreg.data import batched_aug as ba
-from ivreg.data.augment import BLUR_KERNEL, ViewSpec, build_view_transform, parse_view_specs
+from ivreg.data.augment import BLUR_KERNEL, ViewSpec, build_view_transform, load_view_specs
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -29,24 +30,9 @@ Z = 5.0  # standard errors allowed for sampled statistics
 KS_ALPHA = 1e-6
 
 
-def cifar_config() -> list[dict]:
-    """The CIFAR asymmetric two-view config (solarization only on the second view)."""
-    return [
-        {
-            "crop_size": 32,
-            "rrc": {"crop_min_scale": 0.08, "crop_max_scale": 1.0},
-            "color_jitter": {"prob": 0.8, "brightness": 0.4, "contrast": 0.4, "saturation": 0.2, "hue": 0.1},
-            "grayscale": {"prob": 0.2},
-            "gaussian_blur": {"prob": 0.0},
-            "solarization": {"prob": solarization},
-            "equalization": {"prob": 0.0},
-            "horizontal_flip": {"prob": 0.5},
-        }
-        for solarization in (0.0, 0.2)
-    ]
-
-
-CIFAR_SPECS = parse_view_specs(cifar_config())
+CIFAR_SPECS = load_view_specs(
+    Path(__file__).resolve().parents[2] / "scripts/pretrain/cifar/augmentations/asymmetric.yaml"
+)
 # Every op switched on, with probabilities away from 0 and 1.
 FULL_SPEC = ViewSpec(
     crop_size=24,
