@@ -128,9 +128,12 @@ def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_KEYS) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh start. Refuses to overwrite a
-    finished run's checkpoint when auto_resume is off, or to resume a different run."""
+    """The checkpoint to continue from, or None for a fresh start (always with checkpoints off
+    and no ``resume_from_checkpoint``). Refuses to overwrite a finished run's checkpoint when
+    auto_resume is off, or to resume a run that differs in ``keys``."""
     explicit = cfg.get("resume_from_checkpoint")
+    if not cfg.checkpoint.enabled and not explicit:
+        return None
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -214,7 +217,8 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
 
 
 @rank_zero_only
-def _write_config(cfg: DictConfig, run_dir: Path) -> None:
+def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    """``<run_dir>/config.yaml``, written atomically by rank 0."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
@@ -225,14 +229,14 @@ def build_run(cfg: DictConfig | dict) -> Run:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     hw = hardware_kwargs(cfg)
     run_dir = run_dir_of(cfg)
-    resume_from = check_resume(cfg, run_dir) if cfg.checkpoint.enabled or cfg.get("resume_from_checkpoint") else None
+    resume_from = check_resume(cfg, run_dir)
     datamodule = PretrainDataModule(
         cfg.data, OmegaConf.to_object(cfg.augmentations), int(cfg.optimizer.batch_size), int(cfg.seed)
     )
     cfg.data.num_classes = datamodule.num_classes
     model = SSLMethod(to_container(cfg))
     apply_performance_options(cfg, model, datamodule, on_gpu=hw["accelerator"] != "cpu" and torch.cuda.is_available())
-    _write_config(cfg, run_dir)
+    write_run_config(cfg, run_dir)
     trainer = L.Trainer(
         max_epochs=int(cfg.max_epochs),
         logger=build_loggers(cfg, run_dir) or False,

@@ -26,7 +26,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -34,14 +33,20 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 from torchvision.transforms import v2
 
-from ivreg.callbacks import AtomicCheckpointIO, EpochCheckpoint, EpochSummary, atomic_write_text
+from ivreg.callbacks import AtomicCheckpointIO, EpochCheckpoint, EpochSummary
 from ivreg.config import PRECISIONS, to_container
 from ivreg.data.datasets import Transformed, dataset_info
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, eval_view
 from ivreg.method import backbone_from_config
 from ivreg.optim import build_scheduler
-from ivreg.train import build_loggers, check_resume, hardware_kwargs, passthrough_trainer_kwargs
+from ivreg.train import (
+    build_loggers,
+    check_resume,
+    hardware_kwargs,
+    passthrough_trainer_kwargs,
+    write_run_config,
+)
 
 LR_REFERENCE_BATCH = 256  # optimizer.lr is the rate for this total batch size, scaled linearly
 
@@ -310,13 +315,6 @@ class LinearRun:
     resume_from: Path | None
 
 
-def _resume_from(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from, or None; refuses to mix different evaluations."""
-    if not cfg.checkpoint.enabled and not cfg.get("resume_from_checkpoint"):
-        return None
-    return check_resume(cfg, run_dir, LINEAR_RESUME_KEYS)
-
-
 def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     """Read the pretraining checkpoint, resolve the data, build model, data module and trainer."""
     from ivreg.checkpoints import load_backbone_and_config, resolve_path
@@ -343,10 +341,10 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     cfg.data = {**data, "num_classes": datamodule.num_classes}
 
     run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
-    resume_from = _resume_from(cfg, run_dir)
+    resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS)
     model = LinearEvalModule(to_container(cfg))
     model.backbone.load_state_dict(pretrained.state_dict())
-    _write_config(cfg, run_dir)
+    write_run_config(cfg, run_dir)
 
     callbacks: list[L.Callback] = [LinearEpochSummary(run_dir)]
     loggers = build_loggers(cfg, run_dir)
@@ -365,12 +363,6 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         **passthrough_trainer_kwargs(cfg),
     )
     return LinearRun(cfg, model, datamodule, trainer, run_dir, resume_from)
-
-
-@rank_zero_only
-def _write_config(cfg: DictConfig, run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
 
 
 def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
