@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    p.add_argument(
+        "--compile-aug", choices=("auto", "True", "False"), default="auto", help="performance.compile_augmentation"
+    )
     p.add_argument("--out", type=Path, default=Path("trained_models") / "benchmarks")
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("overrides", nargs="*", help="further Hydra overrides (key=value)")
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         f"name={name}",
         f"++seed={args.seed}",
         f"++performance.compile={args.compile}",
+        f"++performance.compile_augmentation={args.compile_aug}",
         "++num_sanity_val_steps=0",
         "++enable_model_summary=False",
         *args.overrides,
@@ -123,11 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     with open(run.run_dir / "epochs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     print(f"\nsummary ({args.method}, pipeline={run.datamodule.pipeline}, {total:.1f} s in all incl. setup)")
-    print("epoch  train_s  val_acc1  loss      part_ratio")
+    # train_acc1 and class_loss are the online readout's; eigval_max (about ||z||^2) shows
+    # whether the projections blow up.
+    print("epoch  train_s  val_acc1  train_acc1  class_loss  loss      part_ratio  eigval_max")
     for r in rows:
         print(
             f"{int(r['epoch']):>5}  {float(r['train_time_s']):7.2f}  {float(r['val_acc1']):8.2f}  "
-            f"{float(r['train_neg_cos_sim']):8.4f}  {float(r['part_ratio']):10.2f}"
+            f"{float(r['train_acc1']):10.2f}  {float(r['train_class_loss']):10.3f}  "
+            f"{float(r['train_neg_cos_sim']):8.4f}  {float(r['part_ratio']):10.2f}  {float(r['eigval_max']):10.4g}"
         )
 
 

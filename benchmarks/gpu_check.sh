@@ -1,20 +1,49 @@
 #!/usr/bin/env bash
-# The GPU check quoted in the notes: BYOL (bf16) and IsoLoss without EMA (fp16, where the
-# reference produced NaN) on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
-# stopped after 8 and 9 epochs. Writes logs and epochs.csv files under $OUT.
+# The GPU check quoted in the notes, in one script for one device session (about 10 minutes
+# on an H100). Sections, chosen with SECTIONS (default: all three, in this order):
+#   aug       views/s of the per-image, batched eager and batched compiled pipelines
+#   steps     steps/s of BYOL and IsoLoss without EMA (the timing), then a short profiled
+#             run of each: kernel launches and host syncs per step, top CUDA ops
+#   accuracy  BYOL (bf16) and IsoLoss without EMA (fp16, where the reference produced NaN) on
+#             full CIFAR-10, the 20-epoch schedule with 2 warmup epochs, stopped after 8 and 9
+#             epochs; epochs.csv of each run is copied to $OUT
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
+#   SECTIONS="steps" bash benchmarks/gpu_check.sh
 set -u
 OUT=${OUT:-/tmp/ivreg_gpu_check}
 ARCHIVE=${ARCHIVE:-../shared/data/cifar10-jpeg.tar.xz}
 CACHE=${CACHE:-/tmp/ivreg_cifar10}
+RUNS=${RUNS:-/tmp/ivreg_gpu_runs}
+SECTIONS=${SECTIONS:-aug steps accuracy}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+quiet() { grep -v -E "Warning|warn\(|^\s*$"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning, torchvision; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
-for spec in "isoloss-noema 9 16" "byol 8 bf16"; do
-    set -- $spec
-    python3 benchmarks/cifar10_short.py --method "$1" --stop-after "$2" --precision "$3" \
-        --archive "$ARCHIVE" --cache "$CACHE" --workers 12 --out "${RUNS:-/tmp/ivreg_gpu_runs}" ${EXTRA_ARGS:-} 2>&1 \
-        | grep -v -E "Warning|warn\(|^\s*$" | tee "$OUT/$1.log"
-    cp "$(ls -d "${RUNS:-/tmp/ivreg_gpu_runs}"/cifar10_short_"$1"_* | tail -1)/epochs.csv" "$OUT/$1_epochs.csv" 2>/dev/null
+for section in $SECTIONS; do
+    start=$(date +%s)
+    case $section in
+    aug)
+        python3 benchmarks/throughput.py --section aug --device cuda 2>&1 | quiet | tee "$OUT/aug.txt"
+        ;;
+    steps)
+        python3 benchmarks/throughput.py --section steps --device cuda --methods byol isoloss-noema 2>&1 \
+            | quiet | tee "$OUT/steps.txt"
+        python3 benchmarks/throughput.py --section steps --device cuda --methods byol isoloss-noema \
+            --steps 20 --profile 2>&1 | quiet | tee "$OUT/steps_profile.txt"
+        ;;
+    accuracy)
+        for spec in "isoloss-noema 9 16" "byol 8 bf16"; do
+            set -- $spec
+            python3 benchmarks/cifar10_short.py --method "$1" --stop-after "$2" --precision "$3" \
+                --archive "$ARCHIVE" --cache "$CACHE" --workers 12 --out "$RUNS" ${EXTRA_ARGS:-} 2>&1 \
+                | quiet | tee "$OUT/$1.log"
+            cp "$(ls -d "$RUNS"/cifar10_short_"$1"_* | tail -1)/epochs.csv" "$OUT/$1_epochs.csv" 2>/dev/null
+        done
+        ;;
+    *)
+        echo "unknown section $section (aug, steps, accuracy)" >&2
+        ;;
+    esac
+    echo "[$section: $(($(date +%s) - start)) s]" | tee -a "$OUT/gpu.txt"
 done

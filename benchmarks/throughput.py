@@ -14,6 +14,7 @@ Sections (``--section all`` runs every registered one):
 
     python benchmarks/throughput.py --section steps --device cuda                 # ResNet-18, batch 256
     python benchmarks/throughput.py --section steps --device cpu --backbone resnet10 --step-batch 32
+    python benchmarks/throughput.py --section steps --device cuda --methods byol --steps 20 --profile
 
 To add a section, write ``run_<name>(args) -> dict`` and register it in ``SECTIONS``; add
 its options to ``build_parser``.
@@ -26,6 +27,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,7 @@ def bench_augmentation(
     workers: int = 2,
     threads: int | None = None,
     repeats: int = 3,
+    compiled: bool = True,
 ) -> dict[str, Any]:
     """Views per second of the per-image and the batched pipeline on the same data.
 
@@ -123,7 +126,9 @@ def bench_augmentation(
     ``device`` as training would; the batched pipeline reads a dataset already on
     ``device``. ``threads`` (default: ``workers``) bounds the intra-op threads of the
     batched pipeline on CPU so that both sides use the same number of cores.
-    Returns views/s per run (median and best) for both, and the ratio of the medians.
+    With ``compiled`` the batched pipeline is timed a second time with its ops through
+    ``torch.compile`` (``compile_ops``; the compilation happens in the warm-up pass).
+    Returns views/s per run (median and best) for each, and the ratios of the medians.
     """
     dev = torch.device(device)
     specs = load_view_specs(CIFAR_AUGMENTATIONS)
@@ -132,21 +137,33 @@ def bench_augmentation(
 
     per_image = _time_per_image(images, specs, batch_size, workers, repeats, dev)
 
-    batched = build_batched_views(specs, CIFAR10_MEAN, CIFAR10_STD).to(dev)
     on_device = images.to(dev)
-    generator = torch.Generator(device=dev).manual_seed(0)
-
-    def batched_epoch() -> None:
-        for start in range(0, n_images, batch_size):
-            batched(on_device[start : start + batch_size], generator=generator)
-
     previous_threads = torch.get_num_threads()
     threads = workers if threads is None else threads
     if dev.type == "cpu":
         torch.set_num_threads(max(1, threads))
+    batched_runs: dict[str, list[float]] = {}
     try:
-        batched(on_device[:batch_size], generator=generator)  # warm-up
-        batched_runs = _time_runs(batched_epoch, repeats, dev)
+        for label in ("batched", "compiled") if compiled else ("batched",):
+            batched = build_batched_views(specs, CIFAR10_MEAN, CIFAR10_STD).to(dev)
+            if label == "compiled":
+                batched.compile_ops()
+            generator = torch.Generator(device=dev).manual_seed(0)
+
+            def batched_epoch() -> None:
+                for start in range(0, n_images, batch_size):
+                    batched(on_device[start : start + batch_size], generator=generator)  # noqa: B023
+
+            _sync(dev)
+            start = time.perf_counter()
+            batched(on_device[:batch_size], generator=generator)  # warm-up (and compilation)
+            _sync(dev)
+            warmup_s = time.perf_counter() - start
+            batched_runs[label] = _time_runs(batched_epoch, repeats, dev)
+            if label == "compiled":
+                compile_s = warmup_s
+                if not all(view.compiled for view in batched.views):
+                    print("  (torch.compile failed; the 'compiled' row ran the eager ops)")
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -163,9 +180,13 @@ def bench_augmentation(
         "workers": workers,
         "threads": threads if dev.type == "cpu" else None,
         "per_image": rates(per_image),
-        "batched": rates(batched_runs),
     }
-    result["speedup"] = result["batched"]["median"] / result["per_image"]["median"]
+    for label, runs in batched_runs.items():
+        result[label] = rates(runs)
+        result[f"speedup_{label}"] = result[label]["median"] / result["per_image"]["median"]
+    result["speedup"] = result["speedup_batched"]
+    if compiled:
+        result["compile_s"] = compile_s
     return result
 
 
@@ -174,7 +195,9 @@ def run_aug(args: argparse.Namespace) -> dict[str, Any]:
     n_images = args.n_images or (4096 if device == "cpu" else 65536)
     batch_size = args.batch_size or 512
     workers = args.workers if args.workers is not None else (2 if device == "cpu" else min(12, os.cpu_count() or 1))
-    result = bench_augmentation(n_images, batch_size, device, workers, args.threads, args.repeats)
+    result = bench_augmentation(
+        n_images, batch_size, device, workers, args.threads, args.repeats, compiled=not args.no_compile
+    )
     cores = f"{result['threads']} threads" if result["threads"] else result["device_name"]
     print(
         f"[aug] {result['device_name']}: {n_images} synthetic 32x32 uint8 images, CIFAR asymmetric config "
@@ -183,13 +206,19 @@ def run_aug(args: argparse.Namespace) -> dict[str, Any]:
     if device == "cpu" and hasattr(os, "getloadavg"):
         # Intra-op threads stall on a shared, oversubscribed machine; this helps read the numbers.
         print(f"  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end of the run)")
-    for label, key in [
+    rows = [
         (f"per-image torchvision, DataLoader with {workers} workers", "per_image"),
-        (f"batched on {device} ({cores})", "batched"),
-    ]:
+        (f"batched on {device} ({cores}), eager", "batched"),
+    ]
+    if "compiled" in result:
+        rows.append((f"batched on {device} ({cores}), torch.compile", "compiled"))
+    for label, key in rows:
         r = result[key]
-        print(f"  {label:<52} {r['median']:>11,.0f} views/s (median; best {r['best']:,.0f})")
-    print(f"  speed-up (batched / per-image, medians): {result['speedup']:.1f}x")
+        speedup = f"  {result['speedup_' + key]:.1f}x" if key != "per_image" else ""
+        print(f"  {label:<58} {r['median']:>11,.0f} views/s (median; best {r['best']:,.0f}){speedup}")
+    if "compile_s" in result:
+        print(f"  (compilation took {result['compile_s']:.1f} s, once per run)")
+    print("  speed-up = batched / per-image, medians")
     return result
 
 
@@ -212,9 +241,14 @@ class _SyntheticImages(Dataset):
 
 
 class _StepTimer:
-    """Times the optimizer steps after ``warmup`` steps (one device sync at each end)."""
+    """Times the optimizer steps after ``warmup`` steps (one device sync at each end).
 
-    def __init__(self, warmup: int, device: torch.device):
+    With ``profile`` the timed steps also run under ``torch.profiler`` (the timings then include
+    its overhead) and, on CUDA, under ``torch.cuda.set_sync_debug_mode("warn")`` so that every
+    host-device synchronisation of the step is counted.
+    """
+
+    def __init__(self, warmup: int, steps: int, device: torch.device, profile: bool = False):
         import lightning as L
 
         timer = self
@@ -223,22 +257,95 @@ class _StepTimer:
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
                 if batch_idx == warmup:
                     _sync(device)
+                    if profile:
+                        timer.start_profiling()
                     timer.start = time.perf_counter()
 
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+                if timer.start == 0.0:
+                    return
                 _sync(device)
                 timer.end = time.perf_counter()
                 timer.steps = batch_idx + 1 - warmup
+                if timer.steps == steps:  # the epoch-end work stays out of the profile
+                    timer.stop_profiling()
+
+            def on_train_end(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+                timer.stop_profiling()
 
         self.callback = Callback()
+        self.device = device
         self.start = self.end = 0.0
         self.steps = 0
+        self.profiler: torch.profiler.profile | None = None
+        self._profiler_stopped = False
+        self._warnings: Any = None
+        self.sync_warnings: list[warnings.WarningMessage] = []
+
+    def start_profiling(self) -> None:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._warnings = warnings.catch_warnings(record=True)
+            self.sync_warnings = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.__enter__()
+
+    def stop_profiling(self) -> None:
+        if self.profiler is not None and not self._profiler_stopped:
+            _sync(self.device)
+            self.profiler.__exit__(None, None, None)
+            self._profiler_stopped = True
+        if self._warnings is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(None, None, None)
+            self._warnings = None
+
+    def report(self, out_dir: Path | None, label: str) -> dict[str, float]:
+        """Prints the top ops; returns launches (CUDA kernels, or aten ops on CPU) and host
+        syncs per step; writes a Chrome trace to ``out_dir`` if given."""
+        if self.profiler is None or self.steps == 0:
+            return {}
+        averages = self.profiler.key_averages()
+        cuda = self.device.type == "cuda"
+        sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(averages.table(sort_by=sort_by, row_limit=15))
+        if cuda:
+            launches = sum(e.count for e in averages if "LaunchKernel" in e.key)
+        else:
+            launches = sum(e.count for e in averages if e.key.startswith("aten::"))
+        syncs = [w for w in self.sync_warnings if "synchroniz" in str(w.message)]
+        if syncs:
+            where: dict[str, int] = {}
+            for w in syncs:
+                key = f"{Path(w.filename).name}:{w.lineno}"
+                where[key] = where.get(key, 0) + 1
+            print("  host syncs by call site:", ", ".join(f"{k} x{v}" for k, v in sorted(where.items())))
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.profiler.export_chrome_trace(str(out_dir / f"trace_{label}.json"))
+        return {
+            "launches_per_step": launches / self.steps,
+            "syncs_per_step": len(syncs) / self.steps if cuda else float("nan"),
+        }
 
 
 def bench_steps(
-    method: str, device: str, batch_size: int, steps: int, warmup: int, backbone: str, precision: str
+    method: str,
+    device: str,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    backbone: str,
+    precision: str,
+    compile_aug: str = "auto",
+    profile: bool = False,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Steps/s and peak memory of one method's full training step (Lightning, resident data)."""
+    """Steps/s and peak memory of one method's full training step (Lightning, resident data);
+    with ``profile`` also kernel launches and host syncs per step."""
     from ivreg.config import compose
     from ivreg.train import build_run
 
@@ -252,6 +359,7 @@ def bench_steps(
         f"accelerator={'gpu' if dev.type == 'cuda' else 'cpu'}",
         "devices=1",
         f"precision={precision}",
+        f"++performance.compile_augmentation={compile_aug}",
         "max_epochs=1",
         "scheduler.warmup_epochs=0",
         "checkpoint.enabled=False",
@@ -266,7 +374,7 @@ def bench_steps(
     run = build_run(compose(str(root / "scripts" / "pretrain" / "cifar"), f"{method}.yaml", overrides))
     run.datamodule.raw_train = _SyntheticImages(batch_size * (warmup + steps))
     run.datamodule.raw_val = None
-    timer = _StepTimer(warmup, dev)
+    timer = _StepTimer(warmup, steps, dev, profile=profile)
     run.trainer.callbacks.append(timer.callback)
     for cb in run.trainer.callbacks:  # no per-epoch files or prints in a benchmark
         if type(cb).__name__ == "EpochSummary":
@@ -276,13 +384,16 @@ def bench_steps(
         torch.cuda.reset_peak_memory_stats(dev)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     seconds = timer.end - timer.start
-    return {
+    result = {
         "method": method,
         "precision": str(run.trainer.precision),
         "steps_per_s": timer.steps / seconds if seconds > 0 else float("nan"),
         "images_per_s": timer.steps * batch_size / seconds if seconds > 0 else float("nan"),
         "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        "augmentation_compiled": bool(run.datamodule.compile_augmentation),
     }
+    result.update(timer.report(profile_dir, method) if profile else {})
+    return result
 
 
 def run_steps(args: argparse.Namespace) -> dict[str, Any]:
@@ -292,17 +403,28 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
     warmup = 2 if cpu else 20
     backbone = args.backbone or ("resnet10" if cpu else "resnet18")
     precision = args.precision or ("32" if cpu else "auto")
+    profile = bool(args.profile)
     print(
-        f"[steps] {args.device}: {backbone}, batch {batch}, {steps} timed steps after {warmup}, precision {precision}"
+        f"[steps] {args.device}: {backbone}, batch {batch}, {steps} timed steps after {warmup}, precision {precision}, "
+        f"compile_augmentation={args.compile_aug}" + (" (profiled: timings include the profiler)" if profile else "")
     )
     results = {}
     for method in args.methods or STEP_METHODS:
-        r = bench_steps(method, args.device, batch, steps, warmup, backbone, precision)
+        r = bench_steps(
+            method, args.device, batch, steps, warmup, backbone, precision, args.compile_aug, profile, args.trace_dir
+        )
         mem = f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
         epoch = 50000 // batch / r["steps_per_s"]
+        extra = ""
+        if profile:
+            kind = "kernel launches" if args.device == "cuda" else "aten ops"
+            extra = f"  {r['launches_per_step']:.0f} {kind}/step"
+            if args.device == "cuda":
+                extra += f", {r['syncs_per_step']:.1f} host syncs/step"
         print(
             f"  {method:<18} {r['steps_per_s']:8.2f} steps/s  {r['images_per_s']:9.0f} images/s  "
-            f"(a CIFAR-10 epoch: {epoch:6.1f} s){mem}  [{r['precision']}]",
+            f"(a CIFAR-10 epoch: {epoch:6.1f} s){mem}  [{r['precision']}, aug compiled: "
+            f"{r['augmentation_compiled']}]{extra}",
             flush=True,
         )
         results[method] = r
@@ -323,12 +445,20 @@ def build_parser() -> argparse.ArgumentParser:
     aug.add_argument("--batch-size", type=int, default=None, help="default: 512")
     aug.add_argument("--workers", type=int, default=None, help="DataLoader workers; default: 2 on cpu, <= 12 on cuda")
     aug.add_argument("--threads", type=int, default=None, help="intra-op threads of the batched run on cpu")
+    aug.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd batched run")
     steps = parser.add_argument_group("steps")
     steps.add_argument("--methods", nargs="*", choices=STEP_METHODS, default=None, help="default: all six")
     steps.add_argument("--step-batch", type=int, default=None, help="default: 32 on cpu, 256 on cuda")
     steps.add_argument("--steps", type=int, default=None, help="timed steps; default: 5 on cpu, 100 on cuda")
     steps.add_argument("--backbone", default=None, help="default: resnet10 on cpu, resnet18 on cuda")
     steps.add_argument("--precision", default=None, help="default: 32 on cpu, auto (bf16) on cuda")
+    steps.add_argument(
+        "--compile-aug", choices=["auto", "True", "False"], default="auto", help="performance.compile_augmentation"
+    )
+    steps.add_argument(
+        "--profile", action="store_true", help="profile the timed steps: top ops, launches and host syncs per step"
+    )
+    steps.add_argument("--trace-dir", type=Path, default=None, help="with --profile: write Chrome traces here")
     return parser
 
 

@@ -50,7 +50,7 @@ DEFAULTS: dict[str, Any] = {
         "std": None,
         "pipeline": "auto",
     },
-    "performance": {"channels_last": "auto", "compile": False},
+    "performance": {"channels_last": "auto", "compile": False, "compile_augmentation": "auto"},
     "optimizer": {
         "name": "lars",
         "batch_size": 256,
@@ -177,6 +177,11 @@ def validate(cfg: DictConfig) -> None:
     fraction = _number(cfg, "data.fraction")
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
     _require(int(cfg.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
+    for key in ("channels_last", "compile_augmentation"):
+        value = cfg.performance.get(key, "auto")
+        _require(
+            isinstance(value, bool) or value == "auto", f"performance.{key} must be auto, True or False, got {value!r}"
+        )
 
 
 def method_label(cfg: Mapping) -> str:

@@ -203,10 +203,14 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 
 
 def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: PretrainDataModule, on_gpu: bool) -> None:
-    """channels_last memory format (default on GPUs, where cuDNN's convolutions prefer it) and
-    optional ``torch.compile`` of the backbones, in place so checkpoint keys do not change."""
+    """channels_last memory format (default on GPUs, where cuDNN's convolutions prefer it),
+    ``torch.compile`` of the batched augmentation (default on GPUs, where eager it is launch
+    bound) and optional ``torch.compile`` of the backbones, in place so checkpoint keys do
+    not change."""
     perf = cfg.performance
     channels_last = on_gpu if str(perf.channels_last) == "auto" else bool(perf.channels_last)
+    compile_aug = perf.get("compile_augmentation", "auto")
+    datamodule.compile_augmentation = on_gpu if str(compile_aug) == "auto" else bool(compile_aug)
     if channels_last:
         model.to(memory_format=torch.channels_last)
         datamodule.channels_last = True

@@ -104,6 +104,7 @@ def _cifar(overrides: list[str]):
         (["optimizer.lr=-1"], "optimizer.lr must be >= 0"),
         (["optimizer.batch_size=1"], "batch_size must be >= 2"),
         (["data.format=dali"], "data.format 'dali' is not supported"),
+        (["++performance.compile_augmentation=yes"], "performance.compile_augmentation must be auto, True or False"),
     ],
 )
 def test_bad_config_values_are_named(overrides: list[str], message: str) -> None:

@@ -53,7 +53,9 @@ its few constants do not cross the bus on every call.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -376,6 +378,7 @@ class BatchedViewAugment(nn.Module):
         self._jitter_on = spec.color_jitter_prob > 0 and any(
             x > 0 for x in (spec.brightness, spec.contrast, spec.saturation, spec.hue)
         )
+        self._compiled: tuple[Callable[..., Any], Callable[..., Any]] | None = None
 
     def extra_repr(self) -> str:
         return repr(self.spec)
@@ -397,9 +400,16 @@ class BatchedViewAugment(nn.Module):
         sample (used only where the op applies); ``jitter_order`` (B, 4) long, a random
         permutation of 0..3 per sample (ids as torchvision's ``ColorJitter.fn_idx``).
         """
-        spec = self.spec
         device = torch.device("cpu") if device is None else torch.device(device)
         u = torch.rand(batch_size, _N_UNIFORMS, device=device, generator=generator)
+        return self.params_from_uniforms(u, height, width)
+
+    def params_from_uniforms(self, u: Tensor, height: int, width: int) -> dict[str, Tensor]:
+        """The parameters of ``sample_params`` as a deterministic function of its uniform draw
+        ``u`` (B, N_UNIFORMS), so that this arithmetic can be compiled while the draw itself
+        stays an eager call on the caller's generator."""
+        spec = self.spec
+        batch_size, device = u.shape[0], u.device
         if spec.rrc:
             crop = sample_crop_boxes(
                 u[:, _U_AREA],
@@ -432,6 +442,42 @@ class BatchedViewAugment(nn.Module):
             "equalize": u[:, _U_EQUALIZE] < spec.equalization_prob,
         }
 
+    def compile_ops(self, **compile_kwargs: Any) -> None:
+        """Run the parameter arithmetic and the ops through ``torch.compile`` from now on.
+
+        Eager, a view is a few hundred small kernels; compiled, inductor fuses the
+        elementwise chains into a handful, which removes most of the launch overhead on a
+        GPU (and halves the time on a CPU). The random draw stays eager on the caller's
+        generator, so seeding works as before; outputs agree with the eager ops to float
+        rounding (about 1e-6). Shapes are static (``dynamic=False`` unless given): a new batch
+        size compiles again. If compilation fails at the first call (no compiler, an
+        unsupported backend), a warning is printed and the eager ops are used.
+        """
+        compile_kwargs.setdefault("dynamic", False)
+        self._compiled = (
+            torch.compile(self.params_from_uniforms, **compile_kwargs),
+            torch.compile(self._transform, **compile_kwargs),
+        )
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
+
+    def _run(self, name: str, index: int, *args: Any) -> Any:
+        """Call the compiled function ``index`` if there is one, else the eager ``name``."""
+        if self._compiled is not None:
+            try:
+                return self._compiled[index](*args)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, once
+                warnings.warn(
+                    f"torch.compile of the batched augmentation failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager ops",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._compiled = None
+        return getattr(self, name)(*args)
+
     def _check(self, images: Tensor, generator: torch.Generator | None, geometric: bool) -> None:
         if not isinstance(images, Tensor):
             raise ValueError(f"expected a tensor batch, got {type(images).__name__}")
@@ -458,16 +504,26 @@ class BatchedViewAugment(nn.Module):
         cropped to ``crop_size``; only the photometric ops and normalisation run.
         """
         self._check(images, generator, geometric)
-        params = self.sample_params(images.shape[0], images.shape[2], images.shape[3], images.device, generator)
-        return self.apply_params(images, params, geometric=geometric)
+        if images.shape[0] == 0:
+            return self._empty(images)
+        u = torch.rand(images.shape[0], _N_UNIFORMS, device=images.device, generator=generator)
+        params = self._run("params_from_uniforms", 0, u, images.shape[2], images.shape[3])
+        return self._run("_transform", 1, images, params, geometric)
 
     @torch.no_grad()
     def apply_params(self, images: Tensor, params: dict[str, Tensor], geometric: bool = True) -> Tensor:
         """The deterministic part of ``forward``: apply given parameters to a uint8 batch."""
         self._check(images, None, geometric)
-        spec = self.spec
         if images.shape[0] == 0:
-            return images.new_empty((0, 3, spec.crop_size, spec.crop_size), dtype=torch.float32)
+            return self._empty(images)
+        return self._run("_transform", 1, images, params, geometric)
+
+    def _empty(self, images: Tensor) -> Tensor:
+        size = self.spec.crop_size
+        return images.new_empty((0, 3, size, size), dtype=torch.float32)
+
+    def _transform(self, images: Tensor, params: dict[str, Tensor], geometric: bool) -> Tensor:
+        spec = self.spec
         if geometric:
             x = resized_crop(
                 images,
@@ -506,6 +562,11 @@ class BatchedMultiView(nn.Module):
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None, geometric: bool = True) -> list[Tensor]:
         return [view(images, generator=generator, geometric=geometric) for view in self.views]
+
+    def compile_ops(self, **compile_kwargs: Any) -> None:
+        """``BatchedViewAugment.compile_ops`` for every view."""
+        for view in self.views:
+            view.compile_ops(**compile_kwargs)
 
 
 def build_batched_views(specs: Sequence[ViewSpec], mean: Sequence[float], std: Sequence[float]) -> BatchedMultiView:

@@ -77,6 +77,7 @@ class PretrainDataModule(L.LightningDataModule):
             raise ConfigError(f"unknown data.pipeline '{self.requested_pipeline}'; choose one of {list(PIPELINES)}")
         self.pipeline: str | None = None  # resolved in setup(), once the device is known
         self.channels_last = False  # set by the trainer builder for GPU runs
+        self.compile_augmentation = False  # likewise: torch.compile the batched augmentation
         self.raw_train: Dataset | None = None
         self.raw_val: Dataset | None = None
         self._resident: dict[str, torch.Tensor] = {}
@@ -162,6 +163,8 @@ class PretrainDataModule(L.LightningDataModule):
             self.pipeline = self._choose_pipeline()
             if self.pipeline in ("hybrid", "resident"):
                 self._batched = BatchedMultiView(self.view_specs, self.mean, self.std).to(self.device)
+                if self.compile_augmentation:
+                    self._batched.compile_ops()
             self._val_norm = (
                 torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1),
                 torch.tensor(self.std, device=self.device).view(1, 3, 1, 1),

@@ -86,7 +86,7 @@ def image_folder(path: Path, what: str) -> tvd.ImageFolder:
     return tvd.ImageFolder(str(path), loader=_checked_loader)
 
 
-def _torchvision_dataset(name: str, root: Path, train: bool, download: bool) -> Dataset:
+def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, labelled: bool = False) -> Dataset:
     files = root / _TORCHVISION_FILES[name]
     if not files.exists() and not download:
         raise DataError(
@@ -98,7 +98,7 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool) -> 
             return tvd.CIFAR10(str(root), train=train, download=download and not files.exists())
         if name == "cifar100":
             return tvd.CIFAR100(str(root), train=train, download=download and not files.exists())
-        split = "train+unlabeled" if train else "test"
+        split = ("train" if labelled else "train+unlabeled") if train else "test"
         return tvd.STL10(str(root), split=split, download=download and not files.exists())
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a failed check a RuntimeError
         raise DataError(
@@ -137,8 +137,11 @@ class DigitsDataset(Dataset):
         return self.images[i], int(self.targets[i])
 
 
-def build_dataset(name: str, path: str | None, train: bool, download: bool = False) -> Dataset:
-    """The raw (untransformed) train or validation split of ``name``."""
+def build_dataset(name: str, path: str | None, train: bool, download: bool = False, labelled: bool = False) -> Dataset:
+    """The raw (untransformed) train or validation split of ``name``.
+
+    ``labelled`` leaves out splits that carry no labels at all (STL-10's 100,000 unlabelled
+    images, which pretraining uses and evaluation would only load to skip)."""
     info = dataset_info(name)
     what = "train_path" if train else "val_path"
     if info.source == "embedded":
@@ -151,7 +154,7 @@ def build_dataset(name: str, path: str | None, train: bool, download: bool = Fal
             return image_folder(root, what)
         if is_image_folder(root / ("train" if train else "test")):
             return image_folder(root / ("train" if train else "test"), what)
-        return _torchvision_dataset(name, root, train, download)
+        return _torchvision_dataset(name, root, train, download, labelled)
     return image_folder(root, what)
 
 

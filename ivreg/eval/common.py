@@ -84,7 +84,7 @@ def eval_datasets(data: Mapping[str, Any], seed: int = 0) -> tuple[Dataset, Data
     """Raw labelled train split (a ``data.fraction`` of it), raw test split, number of classes."""
     name = str(data["dataset"])
     download = bool(data.get("download", False))
-    full_train = build_dataset(name, data.get("train_path"), train=True, download=download)
+    full_train = build_dataset(name, data.get("train_path"), train=True, download=download, labelled=True)
     num_classes = num_classes_of(full_train, name)
     train = subset_fraction(labelled_only(full_train), float(data.get("fraction", 1.0)), seed)
     if data.get("val_path") is None and dataset_info(name).source != "embedded":

@@ -58,7 +58,14 @@ LINEAR_DEFAULTS: dict[str, Any] = {
     "data": EVAL_DATA_DEFAULTS,
     # The training views: RandomResizedCrop(crop_size, scale=(crop_min_scale, crop_max_scale)) + flip.
     "augmentations": {"crop_min_scale": 0.08, "crop_max_scale": 1.0, "horizontal_flip_prob": 0.5},
-    "optimizer": {"name": "sgd", "batch_size": 256, "lr": 0.1, "weight_decay": 0.0, "kwargs": {"momentum": 0.9}},
+    "optimizer": {
+        "name": "sgd",
+        "batch_size": 256,
+        "lr": 0.1,
+        "backbone_lr_scale": 1.0,  # with finetune: the backbone's lr is lr * this
+        "weight_decay": 0.0,
+        "kwargs": {"momentum": 0.9},
+    },
     "scheduler": {"name": "cosine", "warmup_epochs": 0, "warmup_start_lr": 0.0, "min_lr": 0.0},
     "checkpoint": {"enabled": True, "dir": "trained_models", "frequency": 1, "keep_every_n_epochs": 0},
     "auto_resume": {"enabled": True},
@@ -103,7 +110,7 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     opt = merged.optimizer
     _check(opt.name in ("sgd", "adamw"), f"unknown optimizer.name '{opt.name}'; choose sgd or adamw")
     _check(int(opt.batch_size) >= 1, f"optimizer.batch_size must be >= 1, got {opt.batch_size}")
-    for key in ("lr", "weight_decay"):
+    for key in ("lr", "weight_decay", "backbone_lr_scale"):
         _check(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
     _check(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
     _check(
@@ -246,11 +253,12 @@ class LinearEvalModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         opt = self.cfg["optimizer"]
-        params = list(self.classifier.parameters())
-        if self.finetune:
-            params += list(self.backbone.parameters())
         world = self.trainer.world_size * int(self.trainer.accumulate_grad_batches)
         lr = float(opt["lr"]) * int(opt["batch_size"]) * world / LR_REFERENCE_BATCH
+        params: list[dict[str, Any]] = [{"params": list(self.classifier.parameters()), "lr": lr}]
+        if self.finetune:  # the pretrained weights usually want a smaller step than the new head
+            scale = float(opt.get("backbone_lr_scale", 1.0))
+            params.append({"params": list(self.backbone.parameters()), "lr": lr * scale})
         kwargs = dict(opt.get("kwargs") or {})
         try:
             if opt["name"] == "sgd":

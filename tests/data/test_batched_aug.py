@@ -592,3 +592,41 @@ def test_cuda_matches_cpu_with_the_same_parameters() -> None:
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=2e-2)
     generated = aug(u8.cuda(), generator=torch.Generator(device="cuda").manual_seed(0))
     assert generated.device.type == "cuda" and generated.shape == (64, 3, 24, 24)
+
+
+def test_compiled_ops_match_the_eager_ops() -> None:
+    """torch.compile changes float rounding only: the same draws give the same views, except
+    where a threshold decision (solarize, equalize's uint8 rounding) flips on a 1e-6
+    difference."""
+    eager = ba.BatchedViewAugment(FULL_SPEC, CIFAR_MEAN, CIFAR_STD)
+    compiled = ba.BatchedViewAugment(FULL_SPEC, CIFAR_MEAN, CIFAR_STD)
+    compiled.compile_ops()
+    u8 = smooth_images(32, 32, seed=31)
+    for geometric, images in ((True, u8), (False, u8[..., 4:28, 4:28])):
+        a = eager(images, generator=torch.Generator().manual_seed(5), geometric=geometric)
+        b = compiled(images, generator=torch.Generator().manual_seed(5), geometric=geometric)
+        assert compiled.compiled, "the compiled path fell back to eager"
+        assert a.shape == b.shape == (32, 3, 24, 24)
+        off = (a - b).abs() > 1e-4
+        assert off.float().mean() < 0.01, f"{off.float().mean():.4f} of the values differ"
+        assert (a - b).abs().median() < 1e-6
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_compile(fn, **kwargs):  # noqa: ANN001, ANN202
+        def run(*args):  # noqa: ANN002, ANN202
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(ba.torch, "compile", broken_compile)
+    aug = ba.BatchedViewAugment(CIFAR_SPECS[1], CIFAR_MEAN, CIFAR_STD)
+    aug.compile_ops()
+    u8 = smooth_images(8, 32, seed=3)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        out = aug(u8, generator=torch.Generator().manual_seed(2))
+    assert not aug.compiled
+    expected = ba.BatchedViewAugment(CIFAR_SPECS[1], CIFAR_MEAN, CIFAR_STD)(
+        u8, generator=torch.Generator().manual_seed(2)
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

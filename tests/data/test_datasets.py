@@ -90,3 +90,30 @@ def test_real_cifar10_jpegs(tmp_path: Path) -> None:
     dataset = build_dataset("cifar10", str(test_root), train=False)
     image, label = dataset[0]
     assert image.size == (32, 32) and image.mode == "RGB"
+
+
+def _fake_stl10(root: Path, n_train: int, n_unlabelled: int, n_test: int) -> None:
+    """STL-10's binary layout (uint8 images, 1-based labels) with a few random images."""
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    for stem, n in (("train", n_train), ("unlabeled", n_unlabelled), ("test", n_test)):
+        images = torch.randint(0, 256, (n, 3, 96, 96), dtype=torch.uint8, generator=gen)
+        (folder / f"{stem}_X.bin").write_bytes(images.numpy().tobytes())
+        if stem != "unlabeled":
+            (folder / f"{stem}_y.bin").write_bytes((torch.arange(n) % 10 + 1).to(torch.uint8).numpy().tobytes())
+    (folder / "class_names.txt").write_text("\n".join(f"c{i}" for i in range(10)))
+
+
+def test_stl10_pretraining_reads_unlabelled_images_evaluation_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.datasets import STL10
+
+    _fake_stl10(tmp_path, n_train=4, n_unlabelled=6, n_test=3)
+    monkeypatch.setattr(STL10, "_check_integrity", lambda self: True)  # no md5 of the real files
+    pretrain = build_dataset("stl10", str(tmp_path), train=True)
+    assert len(pretrain) == 10 and sorted(set(pretrain.labels.tolist())) == [-1, 0, 1, 2, 3]
+    labelled = build_dataset("stl10", str(tmp_path), train=True, labelled=True)
+    assert len(labelled) == 4 and (labelled.labels >= 0).all()
+    assert len(build_dataset("stl10", str(tmp_path), train=False, labelled=True)) == 3

@@ -113,11 +113,27 @@ def test_finetune_trains_backbone_weights_and_batchnorm_statistics(colour_ckpt, 
     assert int(after["bn1.num_batches_tracked"]) > int(before["bn1.num_batches_tracked"])
 
 
+def test_finetune_backbone_lr_scale_sets_the_backbone_step(colour_ckpt, tmp_path):
+    """A scale of 0 freezes the pretrained weights (BatchNorm statistics still follow the data)
+    while the head trains at the full rate."""
+    cfg = _linear_cfg(colour_ckpt, tmp_path, finetune=True, epochs=1, name="ft-frozen")
+    cfg["optimizer"]["backbone_lr_scale"] = 0.0
+    before = load_backbone(colour_ckpt).state_dict()
+    run = linear_eval(cfg)
+    after = run.model.backbone.state_dict()
+    torch.testing.assert_close(after["conv1.weight"], before["conv1.weight"], rtol=0, atol=0)
+    assert not torch.equal(after["layer4.0.bn2.running_var"], before["layer4.0.bn2.running_var"])
+    head, backbone = run.trainer.optimizers[0].param_groups
+    assert head["initial_lr"] == pytest.approx(0.1) and backbone["initial_lr"] == 0.0
+
+
 def test_linear_run_refuses_a_missing_checkpoint_and_bad_settings(tmp_path):
     with pytest.raises(ConfigError, match="pretrained_feature_extractor"):
         build_linear_run({"checkpoint": {"dir": str(tmp_path)}})
     with pytest.raises(ConfigError, match="crop_min_scale"):
         build_linear_run({"pretrained_feature_extractor": "x.ckpt", "augmentations": {"crop_min_scale": 0}})
+    with pytest.raises(ConfigError, match="backbone_lr_scale must be >= 0"):
+        build_linear_run({"pretrained_feature_extractor": "x.ckpt", "optimizer": {"backbone_lr_scale": -1}})
 
 
 def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_data, tmp_path):
