@@ -56,6 +56,10 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "lr": 1.0,
         "classifier_lr": 0.1,
+        # "linear": lr and classifier_lr are for 256 images per optimizer step and are scaled by
+        # batch_size x devices x nodes x accumulate_grad_batches / 256 (solo-learn's rule);
+        # "none": used as given
+        "lr_scaling": "linear",
         "weight_decay": 1e-5,
         "kwargs": {},
     },
@@ -130,6 +134,20 @@ def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     return merged
 
 
+LR_SCALINGS = ("linear", "none")
+LR_REFERENCE_BATCH = 256
+
+
+def lr_scale(cfg: Mapping, world_size: int, accumulate_grad_batches: int = 1) -> float:
+    """The factor ``optimizer.lr`` and ``classifier_lr`` are multiplied by: the images per
+    optimizer step over 256 with ``lr_scaling: linear`` (so that the published rates carry
+    over to other batch sizes and device counts, as in solo-learn), 1 with ``none``."""
+    opt = cfg["optimizer"]
+    if opt.get("lr_scaling", "linear") == "none":
+        return 1.0
+    return int(opt["batch_size"]) * world_size * accumulate_grad_batches / LR_REFERENCE_BATCH
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key that cannot work."""
     _require(cfg.method in METHODS, f"unknown method '{cfg.method}'; choose one of {list(METHODS)}")
@@ -162,6 +180,10 @@ def validate(cfg: DictConfig) -> None:
         value = _number(cfg, f"optimizer.{key}")
         _require(value >= 0, f"optimizer.{key} must be >= 0, got {value}")
     _require(isinstance(opt.kwargs, DictConfig), "optimizer.kwargs must be a mapping")
+    _require(
+        opt.get("lr_scaling", "linear") in LR_SCALINGS,
+        f"optimizer.lr_scaling '{opt.get('lr_scaling')}' is not supported; choose one of {list(LR_SCALINGS)}",
+    )
     _require(int(cfg.max_epochs) >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
     _require(
         str(cfg.precision) in PRECISIONS,

@@ -26,7 +26,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ivreg.backbones import build_backbone
-from ivreg.config import uses_ema
+from ivreg.config import lr_scale, uses_ema
 from ivreg.data.datasets import dataset_info
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
@@ -235,12 +235,13 @@ class SSLMethod(L.LightningModule):
     def configure_optimizers(self) -> dict:
         opt_cfg = self.cfg["optimizer"]
         ssl = trainable_params([self.backbone, self.projector, self.predictor])
+        scale = lr_scale(self.cfg, self.trainer.world_size, int(self.trainer.accumulate_grad_batches))
         optimizer = build_optimizer(
             opt_cfg["name"],
             ssl,
             trainable_params([m for m in (self.readout, self.random_readout) if m is not None]),
-            lr=float(opt_cfg["lr"]),
-            classifier_lr=float(opt_cfg["classifier_lr"]),
+            lr=float(opt_cfg["lr"]) * scale,
+            classifier_lr=float(opt_cfg["classifier_lr"]) * scale,
             weight_decay=float(opt_cfg["weight_decay"]),
             kwargs=dict(opt_cfg.get("kwargs") or {}),
         )

@@ -105,6 +105,7 @@ def _cifar(overrides: list[str]):
         (["optimizer.batch_size=1"], "batch_size must be >= 2"),
         (["data.format=dali"], "data.format 'dali' is not supported"),
         (["++performance.compile_augmentation=yes"], "performance.compile_augmentation must be auto, True or False"),
+        (["++optimizer.lr_scaling=sqrt"], "optimizer.lr_scaling 'sqrt' is not supported"),
     ],
 )
 def test_bad_config_values_are_named(overrides: list[str], message: str) -> None:

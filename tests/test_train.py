@@ -53,6 +53,24 @@ def test_two_epochs_write_checkpoint_metrics_and_spectrum(config: str, image_dat
     assert torch.count_nonzero(ckpt["state_dict"]["predictor.corr.C"]) > 0
     assert ckpt["hyper_parameters"]["cfg"]["method_kwargs"]["proj_output_dim"] == 16
     assert run.trainer.global_step == 2 * (48 // 8)
+    # The configured rates are per 256 images: batch 8 on one device trains at 8/256 of them.
+    ssl_group, classifier_group = run.trainer.optimizers[0].param_groups
+    assert ssl_group["initial_lr"] == pytest.approx(float(run.cfg.optimizer.lr) * 8 / 256)
+    assert classifier_group["initial_lr"] == pytest.approx(float(run.cfg.optimizer.classifier_lr) * 8 / 256)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "scale"),
+    [([], 1.0), (["optimizer.batch_size=64", "devices=2"], 0.5), (["++accumulate_grad_batches=4"], 4.0)],
+)
+def test_learning_rates_scale_with_the_images_per_optimizer_step(overrides: list[str], scale: float) -> None:
+    from ivreg.config import lr_scale, prepare_config
+
+    cfg = prepare_config(compose(str(CIFAR_CONFIGS), "byol.yaml", overrides))
+    world = 2 if "devices=2" in overrides else 1
+    assert lr_scale(cfg, world, int(cfg.accumulate_grad_batches)) == pytest.approx(scale)
+    cfg.optimizer.lr_scaling = "none"
+    assert lr_scale(cfg, world, int(cfg.accumulate_grad_batches)) == 1.0
 
 
 def test_auto_resume_continues_from_last_epoch(image_data, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from torchvision.transforms import v2
 
 from ivreg.callbacks import AtomicCheckpointIO, EpochCheckpoint, EpochSummary
-from ivreg.config import PRECISIONS, to_container
+from ivreg.config import PRECISIONS, lr_scale, to_container
 from ivreg.data.datasets import Transformed, dataset_info
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, eval_view
@@ -47,8 +47,6 @@ from ivreg.train import (
     passthrough_trainer_kwargs,
     write_run_config,
 )
-
-LR_REFERENCE_BATCH = 256  # optimizer.lr is the rate for this total batch size, scaled linearly
 
 LINEAR_DEFAULTS: dict[str, Any] = {
     "name": None,  # None: "<pretraining name>-linear" (or "-finetune")
@@ -253,8 +251,8 @@ class LinearEvalModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         opt = self.cfg["optimizer"]
-        world = self.trainer.world_size * int(self.trainer.accumulate_grad_batches)
-        lr = float(opt["lr"]) * int(opt["batch_size"]) * world / LR_REFERENCE_BATCH
+        # optimizer.lr is the rate for 256 images per step, scaled linearly
+        lr = float(opt["lr"]) * lr_scale(self.cfg, self.trainer.world_size, int(self.trainer.accumulate_grad_batches))
         params: list[dict[str, Any]] = [{"params": list(self.classifier.parameters()), "lr": lr}]
         if self.finetune:  # the pretrained weights usually want a smaller step than the new head
             scale = float(opt.get("backbone_lr_scale", 1.0))
