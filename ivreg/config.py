@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
         "dp_tau": 0.998,
         "eps_iso": 0.0,
         "spectrum_tau": 0.99,
+        "decompose_per_view": False,  # True: the reference's order, one eigh after each view's C update
         "log_eigvals": True,
         "use_l2": False,
     },

@@ -1,7 +1,7 @@
 """The pretraining LightningModule: a composition of the parts, and the step that joins them.
 
     views -> backbone -> feats -> projector -> z
-    predictor.observe(z.detach() of all views)       # running C; eigh once per step
+    predictor.observe(z.detach() of all views)       # running C; eigh once per step (or per view)
     p, p_sqrt = predictor(z)
     z_t = target(views)                              # EMA copy or stop-gradient online z
     loss = sum over ordered view pairs (a, b) of loss_fn(z_a, p_a, p_sqrt_a, z_t_b)
@@ -31,7 +31,7 @@ from ivreg.data.datasets import dataset_info
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.optim import build_optimizer, build_scheduler, trainable_params
-from ivreg.predictors import MLPPredictor, SpectralPredictor, spectrum_metrics
+from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, spectrum_metrics
 from ivreg.readout import OnlineReadout
 from ivreg.targets import EMATarget, StopGradTarget, cosine_tau
 
@@ -78,6 +78,7 @@ class SSLMethod(L.LightningModule):
             EMATarget(nn.Sequential(self.backbone, self.projector)) if uses_ema(cfg) else StopGradTarget()
         )
         self.loss_fn = select_loss(bool(mk["iso"]), bool(mk["use_l2"]))
+        self.decompose_per_view = bool(mk.get("decompose_per_view", False))
         readout_bn = bool((cfg.get("readout") or {}).get("batchnorm", True))
         self.readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
         # Optional baseline: the same readout, trained the same way, on a frozen randomly
@@ -112,8 +113,7 @@ class SSLMethod(L.LightningModule):
         views, labels = batch
         feats = [self.backbone(v) for v in views]
         zs = [self.projector(f) for f in feats]
-        self.predictor.observe([z.detach() for z in zs])
-        preds = [self.predictor(z) for z in zs]
+        preds = observe_and_predict(self.predictor, zs, per_view=self.decompose_per_view)
         ps = [p for p, _ in preds]
         p_sqrts = [ps_ for _, ps_ in preds]
         targets = self.target(views, zs)

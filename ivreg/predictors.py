@@ -127,8 +127,10 @@ class SpectralPredictor(nn.Module):
                     f"({str(exc).splitlines()[0]}); the projections have become NaN or infinite. "
                     "The last checkpoint from a finite epoch is kept; try a lower optimizer.lr or precision=32."
                 ) from exc
-        self.eigvals.copy_(s)
-        self.eigvecs.copy_(u)
+        # New tensors, not in-place copies: predictions made from the previous decomposition
+        # (the views before this one, with ``observe_and_predict(per_view=True)``) still need
+        # it for their backward pass.
+        self.eigvals, self.eigvecs = s, u
         self._decomposed = True
 
     def scaled_eigvals(self) -> torch.Tensor:
@@ -166,3 +168,23 @@ class SpectralPredictor(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
         self._decomposed = False  # C changed: decompose again before the next prediction
+
+
+def observe_and_predict(
+    predictor: MLPPredictor | SpectralPredictor, zs: Sequence[torch.Tensor], per_view: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(p, p_sqrt)`` of every view, after feeding the detached views to ``predictor.observe``.
+
+    By default all views update C first and one decomposition serves them all. With
+    ``per_view`` each view updates C and is predicted from the decomposition that follows its
+    own update, the reference's order (one ``eigh`` per view): view 1 then sees a C without
+    view 2's Gram matrix, which matters with the no-EMA ``dp_tau`` of 0.5.
+    """
+    if not per_view:
+        predictor.observe([z.detach() for z in zs])
+        return [predictor(z) for z in zs]
+    out = []
+    for z in zs:
+        predictor.observe([z.detach()])
+        out.append(predictor(z))
+    return out

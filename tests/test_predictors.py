@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from ivreg.predictors import MLPPredictor, RunningCorrelation, SpectralPredictor, spectrum_metrics
+from ivreg.predictors import (
+    MLPPredictor,
+    RunningCorrelation,
+    SpectralPredictor,
+    observe_and_predict,
+    spectrum_metrics,
+)
 
 
 def _views(seed: int, n: int = 2, b: int = 32, d: int = 8) -> list[torch.Tensor]:
@@ -90,6 +96,26 @@ def test_one_decomposition_serves_all_views_of_a_step() -> None:
     w = pred.matrix()
     for z in views:
         torch.testing.assert_close(pred(z)[0], z @ w, atol=1e-5, rtol=1e-4)
+
+
+def test_per_view_order_predicts_each_view_from_the_c_after_its_own_update() -> None:
+    """The reference's order: view 1's W_p comes from C after view 1 only, view 2's after both;
+    the default order predicts both from C after both."""
+    views = _views(6)
+    per_view = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
+    outputs = observe_and_predict(per_view, views, per_view=True)
+    reference = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
+    for z, (p, p_sqrt) in zip(views, outputs):
+        reference.observe([z])
+        torch.testing.assert_close(p, z @ reference.matrix(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p_sqrt, z @ reference.matrix(0.5), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(per_view.corr.C, reference.corr.C, atol=0, rtol=0)
+
+    once = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
+    together = observe_and_predict(once, views)
+    torch.testing.assert_close(once.corr.C, reference.corr.C, atol=1e-6, rtol=1e-6)  # same C at the end
+    torch.testing.assert_close(together[1][0], outputs[1][0], atol=1e-5, rtol=1e-4)  # view 2 agrees
+    assert not torch.allclose(together[0][0], outputs[0][0], atol=1e-3)  # view 1 does not
 
 
 def test_bad_arguments() -> None:

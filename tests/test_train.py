@@ -73,6 +73,24 @@ def test_learning_rates_scale_with_the_images_per_optimizer_step(overrides: list
     assert lr_scale(cfg, world, int(cfg.accumulate_grad_batches)) == 1.0
 
 
+def test_reference_order_of_decompositions_trains(image_data, tmp_path: Path) -> None:
+    run = pretrain(
+        _cfg(
+            "isoloss-noema.yaml",
+            image_data,
+            tmp_path,
+            "max_epochs=1",
+            "scheduler.warmup_epochs=0",
+            "++method_kwargs.decompose_per_view=True",
+        )
+    )
+    assert run.model.decompose_per_view
+    assert torch.isfinite(run.model.predictor.corr.C).all() and torch.count_nonzero(run.model.predictor.corr.C) > 0
+    assert float(run.trainer.callback_metrics["train_neg_cos_sim"]) == float(
+        run.trainer.callback_metrics["train_neg_cos_sim"]
+    )  # not NaN
+
+
 def test_auto_resume_continues_from_last_epoch(image_data, tmp_path: Path) -> None:
     """The command line, twice: the second launch resumes at epoch 2 instead of starting over."""
     train, val = image_data
