@@ -28,6 +28,8 @@ EPOCH_COLUMNS = {
     "val_acc1": "val_acc1",
     "val_acc5": "val_acc5",
     "val_acc1_random": "val_acc1_random",
+    "val_acc1_raw": "val_acc1_raw",
+    "train_class_loss_raw": "train_class_loss_raw",
     "val_knn_acc1": "val_knn_acc1",
     "eigval_min": "eigval_metrics/eigval_min",
     "eigval_max": "eigval_metrics/eigval_max",
@@ -225,6 +227,7 @@ class EpochSummary(L.Callback):
             f"epoch {row['epoch']:>4} | train {row['train_time_s']:7.1f} s | val {row['val_time_s']:5.1f} s | "
             f"loss {fmt('train_neg_cos_sim', '.4f')} | val_acc1 {fmt('val_acc1', '6.2f')} | "
             f"val_acc5 {fmt('val_acc5', '6.2f')} | "
+            + (f"raw readout val_acc1 {fmt('val_acc1_raw', '6.2f')} | " if _finite(row.get("val_acc1_raw")) else "")
             + (
                 f"random-init val_acc1 {fmt('val_acc1_random', '6.2f')} | "
                 if _finite(row.get("val_acc1_random"))

@@ -74,7 +74,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "readout": {"batchnorm": True},
     "knn": {"enabled": False, "k": 20, "temperature": 0.07, "every_n_epochs": 1},
-    "report": {"compare_random_init": False},
+    # compare_random_init: the same readout on a frozen random backbone (val_acc1_random);
+    # raw_readout: also the reference's unstandardised readout (val_acc1_raw)
+    "report": {"compare_random_init": False, "raw_readout": False},
     "max_epochs": 1000,
     "devices": 1,
     "accelerator": "auto",

@@ -89,6 +89,12 @@ class SSLMethod(L.LightningModule):
             self.random_backbone = backbone_from_config(cfg).requires_grad_(False)
             self.random_readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
             self.val_acc1_random = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        # Optional: the reference's raw readout (no standardisation) on the same features, so
+        # that one run reports both (val_acc1_raw).
+        self.raw_readout: OnlineReadout | None = None
+        if (cfg.get("report") or {}).get("raw_readout", False) and readout_bn:
+            self.raw_readout = OnlineReadout(feat_dim, num_classes, batchnorm=False)
+            self.val_acc1_raw = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.base_tau = float(cfg["momentum"]["base_tau"])
@@ -120,7 +126,8 @@ class SSLMethod(L.LightningModule):
         ssl_loss = symmetric_loss(self.loss_fn, zs, ps, p_sqrts, targets)
 
         all_labels = labels.repeat(len(views))
-        class_loss, hits, count = self.readout.loss_and_hits(torch.cat(feats), all_labels)
+        all_feats = torch.cat(feats)
+        class_loss, hits, count = self.readout.loss_and_hits(all_feats, all_labels)
         with torch.no_grad():
             z_std = F.normalize(torch.stack(zs).float(), dim=-1).std(dim=1).mean()
         metrics = {
@@ -130,6 +137,11 @@ class SSLMethod(L.LightningModule):
             "train_hits": hits.float(),
             "train_count": count.float(),
         }
+        if self.raw_readout is not None:
+            raw_loss, raw_hits, _ = self.raw_readout.loss_and_hits(all_feats, all_labels)
+            class_loss = class_loss + raw_loss
+            metrics["train_class_loss_raw"] = raw_loss.detach()
+            metrics["train_hits_raw"] = raw_hits.float()
         if self.random_backbone is not None and self.random_readout is not None:
             with torch.no_grad():
                 random_feats = torch.cat([self.random_backbone(v) for v in views])
@@ -184,6 +196,9 @@ class SSLMethod(L.LightningModule):
         }
         if "train_hits_random" in sums:
             epoch["train_acc1_random"] = 100.0 * sums["train_hits_random"] / count
+        if "train_hits_raw" in sums:
+            epoch["train_acc1_raw"] = 100.0 * sums["train_hits_raw"] / count
+            epoch["train_class_loss_raw"] = sums["train_class_loss_raw"] / n
         epoch.update(spectrum_metrics(self.predictor.spectrum()))
         if self.target.has_copy:
             epoch["tau"] = torch.tensor(self._current_tau())
@@ -212,11 +227,14 @@ class SSLMethod(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        logits = self.readout(self.backbone(images)).float()
+        feats = self.backbone(images)
+        logits = self.readout(feats).float()
         labelled = labels >= 0
         logits, labels = logits[labelled], labels[labelled]
         self.val_acc1.update(logits, labels)
         self.val_acc5.update(logits, labels)
+        if self.raw_readout is not None:
+            self.val_acc1_raw.update(self.raw_readout(feats).float()[labelled], labels)
         self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
         if self.random_backbone is not None and self.random_readout is not None:
             random_logits = self.random_readout(self.random_backbone(images)).float()[labelled]
@@ -227,6 +245,9 @@ class SSLMethod(L.LightningModule):
         self.log("val_acc5", 100.0 * self.val_acc5.compute(), sync_dist=False)
         self.val_acc1.reset()
         self.val_acc5.reset()
+        if self.raw_readout is not None:
+            self.log("val_acc1_raw", 100.0 * self.val_acc1_raw.compute(), sync_dist=False)
+            self.val_acc1_raw.reset()
         if self.random_backbone is not None:
             self.log("val_acc1_random", 100.0 * self.val_acc1_random.compute(), sync_dist=False)
             self.val_acc1_random.reset()
@@ -239,7 +260,7 @@ class SSLMethod(L.LightningModule):
         optimizer = build_optimizer(
             opt_cfg["name"],
             ssl,
-            trainable_params([m for m in (self.readout, self.random_readout) if m is not None]),
+            trainable_params([m for m in (self.readout, self.raw_readout, self.random_readout) if m is not None]),
             lr=float(opt_cfg["lr"]) * scale,
             classifier_lr=float(opt_cfg["classifier_lr"]) * scale,
             weight_decay=float(opt_cfg["weight_decay"]),

@@ -91,6 +91,20 @@ def test_reference_order_of_decompositions_trains(image_data, tmp_path: Path) ->
     )  # not NaN
 
 
+def test_raw_readout_is_reported_beside_the_standardised_one(image_data, tmp_path: Path) -> None:
+    run = pretrain(
+        _cfg(
+            "byol.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.warmup_epochs=0", "++report.raw_readout=True"
+        )
+    )
+    assert isinstance(run.model.raw_readout.norm, torch.nn.Identity)
+    assert isinstance(run.model.readout.norm, torch.nn.BatchNorm1d)
+    row = _rows(tmp_path / "tiny" / "epochs.csv")[0]
+    assert 0.0 <= float(row["val_acc1_raw"]) <= 100.0 and float(row["train_class_loss_raw"]) > 0
+    classifier = run.trainer.optimizers[0].param_groups[1]["params"]
+    assert any(p is run.model.raw_readout.linear.weight for p in classifier)  # it is trained
+
+
 def test_auto_resume_continues_from_last_epoch(image_data, tmp_path: Path) -> None:
     """The command line, twice: the second launch resumes at epoch 2 instead of starting over."""
     train, val = image_data
