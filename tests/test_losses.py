@@ -40,6 +40,33 @@ def test_iso_cosine_gradient_is_minus_two_cosine_gradient_in_p(seed: int) -> Non
     torch.testing.assert_close(grad_z, grad_byol, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_cosine_isoloss_grows_the_projection_norm_where_directpred_does_not(seed: int) -> None:
+    """Why IsoLoss runs see ||z|| grow by orders of magnitude (and the reference's fp16 NaN):
+    with the target equal to z (no EMA, similar views), DirectPred's gradient in z is W_p times
+    a gradient orthogonal to p, so z . grad = p . grad_p = 0; IsoLoss's gradient is orthogonal
+    to p but not to z, and z . grad = -(2/B) (||z||^2 - (p . z)^2 / ||p||^2) / (||p|| ||z||) <= 0
+    per sample (Cauchy-Schwarz): every descent step lengthens z at first order."""
+    gen = torch.Generator().manual_seed(seed)
+    b, d = 9, 12
+    w, w_sqrt = _spd(d, gen)
+    z = torch.randn(b, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    z_t = z.detach().clone()
+    p, p_sqrt = z @ w, z @ w_sqrt
+    (grad_iso,) = torch.autograd.grad(iso_cosine_loss(z, p, p_sqrt, z_t), z)
+    (grad_dp,) = torch.autograd.grad(cosine_loss(z, z @ w, None, z_t), z)
+
+    radial_dp = (z.detach() * grad_dp).sum(dim=-1)
+    # (the losses compute in float32, hence the tolerances)
+    torch.testing.assert_close(radial_dp, torch.zeros_like(radial_dp), atol=1e-6, rtol=0)
+    zd, pd = z.detach(), p.detach()
+    z_norm, p_norm = zd.norm(dim=-1), pd.norm(dim=-1)
+    expected = -(2 / b) * (z_norm**2 - (pd * zd).sum(-1) ** 2 / p_norm**2) / (p_norm * z_norm)
+    radial_iso = (zd * grad_iso).sum(dim=-1)
+    torch.testing.assert_close(radial_iso, expected, atol=1e-6, rtol=1e-4)
+    assert (radial_iso < -1e-3).all(), radial_iso  # far from float32 noise
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_iso_euclidean_gradient_is_two_p_minus_target(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
