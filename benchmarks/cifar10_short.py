@@ -30,7 +30,7 @@ import lightning as L  # noqa: E402
 from ivreg.cli import exit_on_user_error  # noqa: E402
 from ivreg.config import compose  # noqa: E402
 from ivreg.errors import DataError  # noqa: E402
-from ivreg.train import build_run  # noqa: E402
+from ivreg.train import build_run, fit  # noqa: E402
 
 METHODS = ("byol", "byol-noema", "directpred", "directpred-noema", "isoloss", "isoloss-noema")
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     start = time.perf_counter()
-    run.trainer.fit(run.model, datamodule=run.datamodule)
+    fit(run)  # resumes when name= points at an unfinished run of the same config
     total = time.perf_counter() - start
     with open(run.run_dir / "epochs.csv", newline="") as f:
         rows = list(csv.DictReader(f))

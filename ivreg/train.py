@@ -254,13 +254,22 @@ def build_run(cfg: DictConfig | dict) -> Run:
     return Run(cfg, model, datamodule, trainer, run_dir, resume_from)
 
 
-def pretrain(cfg: DictConfig | dict) -> Run:
-    """Build and fit; returns the run (its ``trainer.callback_metrics`` hold the last metrics)."""
-    run = build_run(cfg)
+def fit(run: Run) -> None:
+    """``trainer.fit`` of a built run, from its checkpoint when ``build_run`` chose to resume.
+
+    Scripts that add callbacks between ``build_run`` and training call this instead of
+    ``trainer.fit``: fitting without the checkpoint would start the run over and rewrite its
+    ``epochs.csv`` from epoch 0."""
     if run.resume_from is not None and run.trainer.is_global_zero:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+
+
+def pretrain(cfg: DictConfig | dict) -> Run:
+    """Build and fit; returns the run (its ``trainer.callback_metrics`` hold the last metrics)."""
+    run = build_run(cfg)
+    fit(run)
     metrics = run.trainer.callback_metrics
     if run.trainer.is_global_zero and "val_acc1" in metrics:
         line = f"{run.cfg.name}: online readout val_acc1 {float(metrics['val_acc1']):.2f}"

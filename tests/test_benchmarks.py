@@ -41,12 +41,19 @@ def test_cifar10_short_runs_on_image_folders(tmp_path: Path, capsys: pytest.Capt
     make_image_folder(cache / "train", classes=10, per_class=4)
     make_image_folder(cache / "test", classes=10, per_class=2, seed=1)
     short = _load("cifar10_short")
-    short.main(
+    args = (
         ["--method", "byol", "--cache", str(cache), "--archive", str(tmp_path / "none.tar.xz")]
         + ["--accelerator", "cpu", "--precision", "32", "--backbone", "resnet10", "--batch-size", "8"]
-        + ["--workers", "0", "--epochs", "3", "--warmup", "1", "--stop-after", "1", "--out", str(tmp_path / "runs")]
-        + ["method_kwargs.proj_hidden_dim=64", "method_kwargs.pred_hidden_dim=64"]
+        + ["--workers", "0", "--epochs", "3", "--warmup", "1", "--out", str(tmp_path / "runs")]
+        + ["method_kwargs.proj_hidden_dim=64", "method_kwargs.pred_hidden_dim=64", "name=short"]
     )
+    short.main([*args, "--stop-after", "1"])
     out = capsys.readouterr().out
     summary = out[out.index("epoch  train_s") :].splitlines()
     assert len(summary) == 2 and summary[1].split()[0] == "0"  # one epoch of a 3-epoch schedule
+    # Launched again with the same name, it resumes: epoch 0's row is kept, epoch 1 is added.
+    short.main([*args, "--stop-after", "2"])
+    out = capsys.readouterr().out
+    assert "resuming" in out
+    summary = out[out.index("epoch  train_s") :].splitlines()
+    assert [line.split()[0] for line in summary[1:]] == ["0", "1"]
