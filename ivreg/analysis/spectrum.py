@@ -1,6 +1,6 @@
 """The eigenvalue spectrum of the projection correlation matrix C over training.
 
-``python -m ivreg.analysis.spectrum <run_dir> [<run_dir> ...] [--out spectrum.png]``
+``python -m ivreg.analysis.spectrum <run_dir> [<run_dir> ...] [--out spectrum.png] [--summary]``
 
 One column per run: on top the sorted eigenvalues of C (``eigvals.csv``) on a log scale, one
 curve per epoch coloured by epoch; below, the participation ratio
@@ -66,6 +66,26 @@ def participation_ratio(eigvals: np.ndarray) -> np.ndarray:
     """``(sum lambda)^2 / sum lambda^2`` per row: between 1 (one direction) and d (isotropic)."""
     lam = np.clip(eigvals, 0, None)
     return lam.sum(axis=1) ** 2 / np.maximum((lam**2).sum(axis=1), np.finfo(float).tiny)
+
+
+def numerical_rank(eigvals: np.ndarray, rel: float = 1e-3) -> np.ndarray:
+    """Eigenvalues above ``rel`` times the largest, per row: how many directions ``z`` still
+    uses. The participation ratio hides a collapse to a few directions when one dominates
+    (1, 0.1, 0.07, then zeros gives 1.3 and rank 3)."""
+    lam = np.clip(np.nan_to_num(eigvals), 0, None)
+    return (lam > rel * lam.max(axis=1, keepdims=True)).sum(axis=1)
+
+
+def summary_lines(run_dir: Path, rel: float = 1e-3, top: int = 4) -> list[str]:
+    """One line per epoch: participation ratio, numerical rank and the largest eigenvalues
+    divided by the largest."""
+    epochs, eig = load_spectrum(Path(run_dir))
+    ranks, ratios = numerical_rank(eig, rel), participation_ratio(eig)
+    scaled = eig / np.maximum(np.nanmax(eig, axis=1, keepdims=True), np.finfo(float).tiny)
+    lines = [f"{run_title(Path(run_dir))}", f"epoch  part_ratio  rank(>{rel:g} max)  top eigenvalues / largest"]
+    for e, pr, r, row in zip(epochs, ratios, ranks, scaled):
+        lines.append(f"{e:>5}  {pr:10.3f}  {r:15d}  " + " ".join(f"{v:.3g}" for v in row[:top]))
+    return lines
 
 
 def load_part_ratio(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -164,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="PNG to write (default: <run_dir>/spectrum.png, or ./spectrum.png)")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default="none", help="scale each epoch's spectrum")
     parser.add_argument("--max-curves", type=int, default=50, help="most epochs drawn per run (evenly spread)")
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="also print, per epoch, the participation ratio, the numerical rank (eigenvalues above "
+        "--rank-threshold times the largest) and the largest eigenvalues over the largest",
+    )
+    parser.add_argument("--rank-threshold", type=float, default=1e-3)
     return parser
 
 
@@ -172,6 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or (args.run_dirs[0] / "spectrum.png" if len(args.run_dirs) == 1 else Path("spectrum.png"))
     path = plot_spectra(args.run_dirs, out, args.normalize, max(args.max_curves, 2))
+    if args.summary:
+        for run_dir in args.run_dirs:
+            print("\n".join(summary_lines(run_dir, args.rank_threshold)))
     print(path)
     return 0
 

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import yaml
 
-from ivreg.analysis.spectrum import load_spectrum, main, participation_ratio, spectrum_figure
+from ivreg.analysis.spectrum import (
+    load_spectrum,
+    main,
+    numerical_rank,
+    participation_ratio,
+    spectrum_figure,
+)
 from ivreg.errors import DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,6 +84,24 @@ def test_cli_writes_png(tmp_path: Path, capsys):
     out = tmp_path / "figs" / "both.png"
     assert main([str(a), str(b), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC and capsys.readouterr().out.strip().endswith("both.png")
+
+
+def test_numerical_rank_sees_a_collapse_the_participation_ratio_hides():
+    collapsed = np.array([[1.0, 0.1, 0.07, 1e-5, 0.0, -1e-9]])
+    assert numerical_rank(collapsed)[0] == 3 and numerical_rank(collapsed, rel=1e-6)[0] == 4
+    assert participation_ratio(collapsed)[0] == pytest.approx(1.17**2 / (1 + 0.01 + 0.0049), rel=1e-4)
+    assert numerical_rank(np.ones((1, 5)))[0] == 5
+
+
+def test_cli_summary_prints_one_line_per_epoch(tmp_path: Path, capsys):
+    run = _fake_run(tmp_path, "a", SPECTRA, [3.0, 2.0, 1.5])
+    assert main([str(run), "--summary", "--rank-threshold", "0.02"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    table = [line.split() for line in lines if line[:1] == " " or line[:1].isdigit()]
+    assert [int(t[0]) for t in table] == [0, 1, 2]
+    # eigenvalues above 0.02 x largest: (4, 2, 1, .5 | 0), (8, 1, .5, .2 | .1), (16, 1 | .1, .02, .01)
+    assert [int(t[2]) for t in table] == [4, 4, 2]
+    assert [float(t[3]) for t in table] == [1.0, 1.0, 1.0]
 
 
 def test_missing_eigvals_is_a_clear_error(tmp_path: Path, capsys):
