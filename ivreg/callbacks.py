@@ -22,6 +22,9 @@ from ivreg.errors import TrainingError
 EPOCH_COLUMNS = {
     "train_neg_cos_sim": "train_neg_cos_sim",
     "train_z_std": "train_z_std",
+    "train_z_norm": "train_z_norm",
+    "train_grad_norm": "train_grad_norm",
+    "train_nonfinite_grad_steps": "train_nonfinite_grad_steps",
     "train_class_loss": "train_class_loss",
     "train_acc1": "train_acc1",
     "val_loss": "val_loss",
@@ -161,7 +164,7 @@ class EpochSummary(L.Callback):
     @staticmethod
     def _write(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="nan", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, buf.getvalue())
@@ -233,5 +236,11 @@ class EpochSummary(L.Callback):
                 if _finite(row.get("val_acc1_random"))
                 else ""
             )
-            + f"part_ratio {fmt('part_ratio', '7.2f')} | z_std {fmt('train_z_std', '.4f')}"
+            + f"part_ratio {fmt('part_ratio', '7.2f')} | z_std {fmt('train_z_std', '.4f')} | "
+            f"z_norm {fmt('train_z_norm', '.4g')}"
+            + (
+                f" | non-finite gradient steps {fmt('train_nonfinite_grad_steps', '.0f')}"
+                if _finite(row.get("train_nonfinite_grad_steps")) and row["train_nonfinite_grad_steps"] > 0
+                else ""
+            )
         )

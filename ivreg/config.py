@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
         "eps_iso": 0.0,
         "spectrum_tau": 0.99,
         "decompose_per_view": False,  # True: the reference's order, one eigh after each view's C update
+        "iso_tangent": False,  # True: cosine IsoLoss without the radial part of its gradient
         "log_eigvals": True,
         "use_l2": False,
     },
@@ -176,6 +177,11 @@ def validate(cfg: DictConfig) -> None:
     _require(
         not (bool(mk.iso) and cfg.method == "byol"),
         "method_kwargs.iso=True needs the closed-form predictor: use method=directpred",
+    )
+    _require(
+        not bool(mk.get("iso_tangent", False)) or (bool(mk.iso) and not bool(mk.use_l2)),
+        "method_kwargs.iso_tangent=True applies to the cosine IsoLoss only: set method_kwargs.iso=True "
+        "and method_kwargs.use_l2=False",
     )
     opt = cfg.optimizer
     _require(int(opt.batch_size) >= 2, f"optimizer.batch_size must be >= 2, got {opt.batch_size}")

@@ -10,6 +10,7 @@ coefficients contain ``||p||^3``, which overflows float16 for ordinary feature n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,17 +29,32 @@ def euclidean_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None
     return (p.float() - z_t.detach().float()).pow(2).sum(dim=-1).mean()
 
 
-def iso_cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
+def iso_cosine_loss(
+    z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor, tangent: bool = False
+) -> torch.Tensor:
     """Cosine IsoLoss: its gradient in ``z`` equals the cosine loss's gradient in ``p``.
 
     l = -2 [ (z . z_t) A - 0.5 (p . z_t) A3 ||p_sqrt||^2 ] with A = 1 / (||p|| ||z_t||) and
     (p . z_t) A3 = (p . z_t) / (||p||^3 ||z_t||) held constant. Differentiating gives
     -2 [ z_t A - (p . z_t) A3 p ] = -2 d cos(p, z_t) / dp, because d ||z W^(1/2)||^2 / dz
     = 2 z W = 2 p. The eigenvalues of W_p therefore no longer scale the learning signal.
+
+    Unlike the cosine loss it stands in for, that gradient has a radial part:
+    z . grad = -(2 / (||p|| ||z||)) (||z||^2 - (p . z)^2 / ||p||^2) <= 0 when z_t = z, so
+    every step lengthens z at first order. ``tangent=True`` removes the radial part (an
+    ablation, see the body); the value and the gradient's component orthogonal to z are
+    unchanged.
     """
     if p_sqrt is None:
         raise ValueError("iso_cosine_loss needs p_sqrt (the prediction through W_p^(1/2))")
     z, p, p_sqrt, z_t = z.float(), p.float(), p_sqrt.float(), z_t.detach().float()
+    if tangent:
+        # Scale z, p and p_sqrt (all linear in z) by 1 / ||z|| with the gradient flowing
+        # through the norm: the value is unchanged (it is homogeneous of degree 0 in z) and
+        # the gradient becomes (I - z z^T / ||z||^2) (-2 d cos / dp), the IsoLoss gradient
+        # without its radial part.
+        norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        z, p, p_sqrt = z / norm, p / norm, p_sqrt / norm
     with torch.no_grad():
         p_norm = p.norm(dim=-1).clamp_min(1e-12)
         t_norm = z_t.norm(dim=-1).clamp_min(1e-12)
@@ -57,10 +73,15 @@ def iso_euclidean_loss(
     return (z - target).pow(2).sum(dim=-1).mean()
 
 
-def select_loss(iso: bool, use_l2: bool) -> LossFn:
-    """The loss for the flags of the seed's config (``iso``, ``use_l2``)."""
+def select_loss(iso: bool, use_l2: bool, iso_tangent: bool = False) -> LossFn:
+    """The loss for the flags of the seed's config (``iso``, ``use_l2``) and
+    ``iso_tangent`` (cosine IsoLoss without the radial part of its gradient)."""
+    if iso_tangent and not (iso and not use_l2):
+        raise ValueError("method_kwargs.iso_tangent applies to the cosine IsoLoss only (iso: True, use_l2: False)")
     if iso:
-        return iso_euclidean_loss if use_l2 else iso_cosine_loss
+        if use_l2:
+            return iso_euclidean_loss
+        return functools.partial(iso_cosine_loss, tangent=True) if iso_tangent else iso_cosine_loss
     return euclidean_loss if use_l2 else cosine_loss
 
 

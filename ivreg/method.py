@@ -77,7 +77,7 @@ class SSLMethod(L.LightningModule):
         self.target: EMATarget | StopGradTarget = (
             EMATarget(nn.Sequential(self.backbone, self.projector)) if uses_ema(cfg) else StopGradTarget()
         )
-        self.loss_fn = select_loss(bool(mk["iso"]), bool(mk["use_l2"]))
+        self.loss_fn = select_loss(bool(mk["iso"]), bool(mk["use_l2"]), bool(mk.get("iso_tangent", False)))
         self.decompose_per_view = bool(mk.get("decompose_per_view", False))
         readout_bn = bool((cfg.get("readout") or {}).get("batchnorm", True))
         self.readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
@@ -105,6 +105,8 @@ class SSLMethod(L.LightningModule):
         self._metric_sums: torch.Tensor | None = None
         self._metric_steps = 0
         self._epoch_cache: tuple[int, dict[str, torch.Tensor]] | None = None
+        # [sum of finite gradient norms, optimizer steps with a finite norm, steps without]
+        self._grad_stats: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------- steps
     def online_parameters(self) -> list[nn.Parameter]:
@@ -129,10 +131,13 @@ class SSLMethod(L.LightningModule):
         all_feats = torch.cat(feats)
         class_loss, hits, count = self.readout.loss_and_hits(all_feats, all_labels)
         with torch.no_grad():
-            z_std = F.normalize(torch.stack(zs).float(), dim=-1).std(dim=1).mean()
+            z_all = torch.stack(zs).float()
+            z_std = F.normalize(z_all, dim=-1).std(dim=1).mean()
+            z_norm = z_all.norm(dim=-1).mean()
         metrics = {
             "train_neg_cos_sim": ssl_loss.detach(),
             "train_z_std": z_std,
+            "train_z_norm": z_norm,
             "train_class_loss": class_loss.detach(),
             "train_hits": hits.float(),
             "train_count": count.float(),
@@ -166,6 +171,7 @@ class SSLMethod(L.LightningModule):
             step_metrics = {
                 "train_neg_cos_sim_step": step["train_neg_cos_sim"],
                 "train_z_std_step": step["train_z_std"],
+                "train_z_norm_step": step["train_z_norm"],
                 "train_class_loss_step": step["train_class_loss"],
                 "train_acc1_step": 100.0 * step["train_hits"] / step["train_count"].clamp_min(1),
             }
@@ -191,6 +197,7 @@ class SSLMethod(L.LightningModule):
         epoch = {
             "train_neg_cos_sim": sums["train_neg_cos_sim"] / n,
             "train_z_std": sums["train_z_std"] / n,
+            "train_z_norm": sums["train_z_norm"] / n,
             "train_class_loss": sums["train_class_loss"] / n,
             "train_acc1": 100.0 * sums["train_hits"] / count,
         }
@@ -199,6 +206,9 @@ class SSLMethod(L.LightningModule):
         if "train_hits_raw" in sums:
             epoch["train_acc1_raw"] = 100.0 * sums["train_hits_raw"] / count
             epoch["train_class_loss_raw"] = sums["train_class_loss_raw"] / n
+        if self._grad_stats is not None:
+            epoch["train_grad_norm"] = self._grad_stats[0] / self._grad_stats[1].clamp_min(1)
+            epoch["train_nonfinite_grad_steps"] = self._grad_stats[2]
         epoch.update(spectrum_metrics(self.predictor.spectrum()))
         if self.target.has_copy:
             epoch["tau"] = torch.tensor(self._current_tau())
@@ -218,7 +228,21 @@ class SSLMethod(L.LightningModule):
         uninterrupted one (exactly so with data.num_workers=0)."""
         seed = (int(self.cfg["seed"]) + 1_000_003 * self.current_epoch + 7919 * self.global_rank) % 2**31
         seed_everything(seed, verbose=False)
-        self._metric_sums, self._metric_steps, self._epoch_cache = None, 0, None
+        self._metric_sums, self._metric_steps, self._epoch_cache, self._grad_stats = None, 0, None, None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Norm of the SSL gradient (backbone and projector, after GradScaler's unscaling), kept
+        on the device: its epoch mean is ``train_grad_norm``, and ``train_nonfinite_grad_steps``
+        counts the steps whose gradient was NaN or infinite (GradScaler skips those in fp16)."""
+        grads = [p.grad for p in self.online_parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+        finite = torch.isfinite(norm)
+        stats = torch.stack([torch.where(finite, norm, 0.0), finite.float(), (~finite).float()])
+        self._grad_stats = stats if self._grad_stats is None else self._grad_stats + stats
+        if self._is_logging_step():
+            self.log("train_grad_norm_step", norm, on_step=True, on_epoch=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

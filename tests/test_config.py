@@ -106,6 +106,8 @@ def _cifar(overrides: list[str]):
         (["data.format=dali"], "data.format 'dali' is not supported"),
         (["++performance.compile_augmentation=yes"], "performance.compile_augmentation must be auto, True or False"),
         (["++optimizer.lr_scaling=sqrt"], "optimizer.lr_scaling 'sqrt' is not supported"),
+        (["++method_kwargs.iso_tangent=True", "method_kwargs.use_l2=True"], "iso_tangent=True applies to the cosine"),
+        (["++method_kwargs.iso_tangent=True", "method_kwargs.iso=False"], "iso_tangent=True applies to the cosine"),
     ],
 )
 def test_bad_config_values_are_named(overrides: list[str], message: str) -> None:

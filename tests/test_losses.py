@@ -67,6 +67,32 @@ def test_cosine_isoloss_grows_the_projection_norm_where_directpred_does_not(seed
     assert (radial_iso < -1e-3).all(), radial_iso  # far from float32 noise
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_tangent_isoloss_is_the_isoloss_gradient_without_its_radial_part(seed: int) -> None:
+    """iso_tangent: same value, gradient (I - z z^T / ||z||^2) (-2 d cos / dp): orthogonal to z
+    (no norm growth at first order) and equal to IsoLoss's in every direction orthogonal to z."""
+    gen = torch.Generator().manual_seed(seed)
+    b, d = 9, 12
+    w, w_sqrt = _spd(d, gen)
+    z = torch.randn(b, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    z_t = z.detach() + 0.3 * torch.randn(b, d, generator=gen, dtype=torch.float64)
+    loss_iso = iso_cosine_loss(z, z @ w, z @ w_sqrt, z_t)
+    loss_tan = iso_cosine_loss(z, z @ w, z @ w_sqrt, z_t, tangent=True)
+    # (the losses compute in float32, hence the tolerances)
+    torch.testing.assert_close(loss_tan, loss_iso, atol=1e-6, rtol=1e-6)
+    (grad_iso,) = torch.autograd.grad(loss_iso, z)
+    (grad_tan,) = torch.autograd.grad(loss_tan, z)
+    unit = F.normalize(z.detach(), dim=-1)
+    projected = grad_iso - (grad_iso * unit).sum(-1, keepdim=True) * unit
+    torch.testing.assert_close(grad_tan, projected, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close((grad_tan * unit).sum(-1), torch.zeros(b, dtype=torch.float64), atol=1e-7, rtol=0)
+    assert (grad_iso * unit).sum(-1).abs().min() > 1e-3  # the radial part was really there
+    # Scale invariance: the gradient at 10 z is a tenth of it (as for the cosine loss).
+    z10 = (10 * z.detach()).requires_grad_(True)
+    (grad_10,) = torch.autograd.grad(iso_cosine_loss(z10, z10 @ w, z10 @ w_sqrt, z_t, tangent=True), z10)
+    torch.testing.assert_close(grad_10 * 10, grad_tan, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_iso_euclidean_gradient_is_two_p_minus_target(seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
@@ -108,6 +134,11 @@ def test_select_loss() -> None:
     assert select_loss(False, True) is euclidean_loss
     assert select_loss(True, False) is iso_cosine_loss
     assert select_loss(True, True) is iso_euclidean_loss
+    tangent = select_loss(True, False, iso_tangent=True)
+    assert tangent.func is iso_cosine_loss and tangent.keywords == {"tangent": True}
+    for iso, use_l2 in ((False, False), (False, True), (True, True)):
+        with pytest.raises(ValueError, match="iso_tangent"):
+            select_loss(iso, use_l2, iso_tangent=True)
 
 
 def test_symmetric_loss_sums_ordered_pairs_and_no_gradient_reaches_target() -> None:

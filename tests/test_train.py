@@ -6,6 +6,7 @@ import csv
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -44,8 +45,9 @@ def test_two_epochs_write_checkpoint_metrics_and_spectrum(config: str, image_dat
     assert [int(r["epoch"]) for r in rows] == [0, 1]
     for r in rows:
         for key in ("val_acc1", "val_acc5", "part_ratio", "eigval_max", "train_neg_cos_sim", "train_z_std"):
-            assert float(r[key]) == float(r[key]), f"{key} is NaN"  # not NaN
+            assert math.isfinite(float(r[key])), f"{key} is not finite"
         assert 0.0 <= float(r["val_acc1"]) <= 100.0
+        assert float(r["train_z_norm"]) > 0
         assert float(r["part_ratio"]) >= 1.0
     spectrum = _rows(run_dir / "eigvals.csv")
     assert len(spectrum) == 2 and len(spectrum[0]) == 1 + 16
@@ -86,6 +88,38 @@ def test_reference_order_of_decompositions_trains(image_data, tmp_path: Path) ->
     assert run.model.decompose_per_view
     assert torch.isfinite(run.model.predictor.corr.C).all() and torch.count_nonzero(run.model.predictor.corr.C) > 0
     assert math.isfinite(float(run.trainer.callback_metrics["train_neg_cos_sim"]))
+
+
+def test_gradient_norm_is_reported_and_nonfinite_gradients_are_counted(image_data, tmp_path: Path) -> None:
+    """train_grad_norm is the epoch mean of the SSL gradient's norm (backbone and projector, as
+    the optimizer sees it); steps with NaN or infinite gradients are counted, not averaged in."""
+    norms: list[float] = []
+
+    class RecordNorm(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+            grads = [p.grad for p in pl_module.online_parameters() if p.grad is not None]
+            norms.append(float(torch.sqrt(sum(g.double().pow(2).sum() for g in grads))))
+
+    run = build_run(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path, "++method_kwargs.iso_tangent=True"))
+    run.trainer.callbacks.append(RecordNorm())
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    row = _rows(tmp_path / "tiny" / "epochs.csv")[0]
+    assert len(norms) == run.trainer.global_step == 48 // 8
+    assert float(row["train_grad_norm"]) == pytest.approx(sum(norms) / len(norms), rel=1e-4)
+    assert float(row["train_nonfinite_grad_steps"]) == 0
+
+    model = build_run(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path / "fresh")).model
+    params = model.online_parameters()
+    for value in (1.0, float("inf"), 2.0):
+        for p in params:
+            p.grad = torch.full_like(p, value)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log without a trainer
+            model.on_before_optimizer_step(None)
+    count = sum(p.numel() for p in params)
+    total, finite, nonfinite = model._grad_stats.tolist()
+    assert (finite, nonfinite) == (2, 1)
+    assert total == pytest.approx(3 * count**0.5, rel=1e-5)
 
 
 def test_raw_readout_is_reported_beside_the_standardised_one(image_data, tmp_path: Path) -> None:

@@ -1,0 +1,31 @@
+import csv
+import math
+from pathlib import Path
+
+from ivreg.callbacks import EpochSummary
+
+
+def _row(**extra: float) -> dict:
+    row = {"epoch": 3, "train_time_s": 1.0, "val_time_s": 0.5, "val_acc1": 42.0, "train_z_norm": 12.5}
+    row.update(extra)
+    return row
+
+
+def test_epoch_line_reports_norm_and_only_nonzero_skipped_steps() -> None:
+    line = EpochSummary.format_line(_row(train_nonfinite_grad_steps=0.0))
+    assert "z_norm 12.5" in line and "val_acc1  42.00" in line
+    assert "non-finite" not in line
+    line = EpochSummary.format_line(_row(train_nonfinite_grad_steps=3.0))
+    assert line.endswith("non-finite gradient steps 3")
+    assert "non-finite" not in EpochSummary.format_line(_row(train_nonfinite_grad_steps=math.nan))
+
+
+def test_rows_written_before_a_column_existed_read_as_nan(tmp_path: Path) -> None:
+    """A run resumed by a newer version adds columns; its earlier rows get 'nan', not ''."""
+    path = tmp_path / "epochs.csv"
+    old = {"epoch": 0, "val_acc1": 10.0}
+    new = {"epoch": 1, "val_acc1": 11.0, "train_z_norm": 5.0}
+    EpochSummary._write(path, [old, new], list(new))
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert math.isnan(float(rows[0]["train_z_norm"])) and float(rows[1]["train_z_norm"]) == 5.0
