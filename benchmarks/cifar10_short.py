@@ -129,18 +129,20 @@ def main(argv: list[str] | None = None) -> None:
         rows = list(csv.DictReader(f))
     print(f"\nsummary ({args.method}, pipeline={run.datamodule.pipeline}, {total:.1f} s in all incl. setup)")
     # train_acc1 and class_loss are the online readout's; *_raw the same readout without the
-    # standardisation (the reference's); eigval_max (about ||z||^2) shows whether the
-    # projections blow up.
+    # standardisation (the reference's); z_norm (mean ||z||) and eigval_max show whether the
+    # projections blow up; nonfinite_grad_steps counts the steps GradScaler skipped (fp16).
     print(
         "epoch  train_s  val_acc1  val_acc1_raw  train_acc1  class_loss  class_loss_raw  "
-        "loss      part_ratio  eigval_max"
+        "loss      part_ratio  eigval_max  z_norm  grad_norm  nonfinite_grad_steps"
     )
     for r in rows:
         print(
             f"{int(r['epoch']):>5}  {float(r['train_time_s']):7.2f}  {float(r['val_acc1']):8.2f}  "
             f"{float(r['val_acc1_raw']):12.2f}  {float(r['train_acc1']):10.2f}  {float(r['train_class_loss']):10.3f}  "
             f"{float(r['train_class_loss_raw']):14.3f}  {float(r['train_neg_cos_sim']):8.4f}  "
-            f"{float(r['part_ratio']):10.2f}  {float(r['eigval_max']):10.4g}"
+            f"{float(r['part_ratio']):10.2f}  {float(r['eigval_max']):10.4g}  "
+            f"{float(r['train_z_norm']):6.4g}  {float(r['train_grad_norm']):9.4g}  "
+            f"{float(r['train_nonfinite_grad_steps']):20.0f}"
         )
 
 

@@ -4,9 +4,11 @@
 #   aug       views/s of the per-image, batched eager and batched compiled pipelines
 #   steps     steps/s of BYOL and IsoLoss without EMA (the timing), then a short profiled
 #             run of each: kernel launches and host syncs per step, top CUDA ops
-#   accuracy  BYOL (bf16) and IsoLoss without EMA (fp16, where the reference produced NaN) on
-#             full CIFAR-10, the 20-epoch schedule with 2 warmup epochs, stopped after 8 and 9
-#             epochs; epochs.csv of each run is copied to $OUT
+#   accuracy  IsoLoss without EMA in fp16 (where the reference produced NaN; epochs.csv counts
+#             the steps GradScaler skipped) and in bf16 (no GradScaler, so no skipped steps),
+#             and BYOL (bf16), on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
+#             stopped after 9, 9 and 8 epochs; epochs.csv of each run is copied to $OUT.
+#             ACCURACY_RUNS="method:epochs:precision ..." chooses other runs.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
 #   SECTIONS="steps" bash benchmarks/gpu_check.sh
 set -u
@@ -33,12 +35,13 @@ for section in $SECTIONS; do
             --steps 20 --profile 2>&1 | quiet | tee "$OUT/steps_profile.txt"
         ;;
     accuracy)
-        for spec in "isoloss-noema 9 16" "byol 8 bf16"; do
-            set -- $spec
-            python3 benchmarks/cifar10_short.py --method "$1" --stop-after "$2" --precision "$3" \
-                --archive "$ARCHIVE" --cache "$CACHE" --workers 12 --out "$RUNS" ${EXTRA_ARGS:-} 2>&1 \
-                | quiet | tee "$OUT/$1.log"
-            cp "$(ls -d "$RUNS"/cifar10_short_"$1"_* | tail -1)/epochs.csv" "$OUT/$1_epochs.csv" 2>/dev/null
+        for spec in ${ACCURACY_RUNS:-isoloss-noema:9:16 byol:8:bf16 isoloss-noema:9:bf16}; do
+            IFS=: read -r method epochs precision <<< "$spec"
+            python3 benchmarks/cifar10_short.py --method "$method" --stop-after "$epochs" \
+                --precision "$precision" --archive "$ARCHIVE" --cache "$CACHE" --workers 12 --out "$RUNS" \
+                ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$OUT/${method}_$precision.log"
+            cp "$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}"_* | tail -1)/epochs.csv" \
+                "$OUT/${method}_${precision}_epochs.csv" 2>/dev/null
         done
         ;;
     *)
