@@ -68,6 +68,16 @@ def participation_ratio(eigvals: np.ndarray) -> np.ndarray:
     return lam.sum(axis=1) ** 2 / np.maximum((lam**2).sum(axis=1), np.finfo(float).tiny)
 
 
+def normalized(eigvals: np.ndarray, normalize: str) -> np.ndarray:
+    """Each row as is (``none``), over its largest eigenvalue (``max``) or over its trace (``sum``)."""
+    if normalize == "max":
+        return eigvals / np.maximum(np.nanmax(eigvals, axis=1, keepdims=True), np.finfo(float).tiny)
+    if normalize == "sum":
+        trace = np.nansum(np.clip(eigvals, 0, None), axis=1, keepdims=True)
+        return eigvals / np.maximum(trace, np.finfo(float).tiny)
+    return eigvals
+
+
 def numerical_rank(eigvals: np.ndarray, rel: float = 1e-3) -> np.ndarray:
     """Eigenvalues above ``rel`` times the largest, per row: how many directions ``z`` still
     uses. The participation ratio hides a collapse to a few directions when one dominates
@@ -81,7 +91,7 @@ def summary_lines(run_dir: Path, rel: float = 1e-3, top: int = 4) -> list[str]:
     divided by the largest."""
     epochs, eig = load_spectrum(Path(run_dir))
     ranks, ratios = numerical_rank(eig, rel), participation_ratio(eig)
-    scaled = eig / np.maximum(np.nanmax(eig, axis=1, keepdims=True), np.finfo(float).tiny)
+    scaled = normalized(eig, "max")
     lines = [f"{run_title(Path(run_dir))}", f"epoch  part_ratio  rank(>{rel:g} max)  top eigenvalues / largest"]
     for e, pr, r, row in zip(epochs, ratios, ranks, scaled):
         lines.append(f"{e:>5}  {pr:10.3f}  {r:15d}  " + " ".join(f"{v:.3g}" for v in row[:top]))
@@ -132,11 +142,7 @@ def spectrum_figure(run_dirs: Sequence[Path], normalize: str = "none", max_curve
     cmap = colormaps["viridis"]
     for col, (run_dir, epochs, eig) in enumerate(data):
         top, bottom = axes[0, col], axes[1, col]
-        values = eig
-        if normalize == "max":
-            values = eig / np.maximum(np.nanmax(eig, axis=1, keepdims=True), np.finfo(float).tiny)
-        elif normalize == "sum":
-            values = eig / np.maximum(np.nansum(np.clip(eig, 0, None), axis=1, keepdims=True), np.finfo(float).tiny)
+        values = normalized(eig, normalize)
         norm = Normalize(vmin=float(epochs.min()), vmax=float(max(epochs.max(), epochs.min() + 1)))
         index = np.arange(1, eig.shape[1] + 1)
         for i in _selected(len(epochs), max_curves):
