@@ -19,27 +19,63 @@ import torch.nn.functional as F
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
 
 
-def cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
-    """BYOL's loss, 2 - 2 cos(p, z_t), averaged over the batch."""
-    return 2 - 2 * F.cosine_similarity(p.float(), z_t.detach().float(), dim=-1).mean()
+# ------------------------------------------------------------------- per-sample forms
+# Loss per sample over the last axis, in the dtype of the inputs and for any leading axes: the
+# training losses below average them over a batch in float32, the toy model of
+# ``ivreg.analysis.toy`` over the sample axis of many runs at once (in float64).
 
 
-def euclidean_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
-    """Squared distance ||p - z_t||^2, averaged over the batch."""
-    return (p.float() - z_t.detach().float()).pow(2).sum(dim=-1).mean()
+def cosine_per_sample(p: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p, z_t); the caller decides whether z_t is a stop-gradient target."""
+    return 2 - 2 * F.cosine_similarity(p, z_t, dim=-1)
 
 
-def iso_cosine_loss(
-    z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor, tangent: bool = False
-) -> torch.Tensor:
+def euclidean_per_sample(p: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """||p - z_t||^2; the caller decides whether z_t is a stop-gradient target."""
+    return (p - z_t).pow(2).sum(dim=-1)
+
+
+def iso_cosine_per_sample(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     """Cosine IsoLoss: its gradient in ``z`` equals the cosine loss's gradient in ``p``.
 
     l = -2 [ (z . z_t) A - 0.5 (p . z_t) A3 ||p_sqrt||^2 ] with A = 1 / (||p|| ||z_t||) and
     (p . z_t) A3 = (p . z_t) / (||p||^3 ||z_t||) held constant. Differentiating gives
     -2 [ z_t A - (p . z_t) A3 p ] = -2 d cos(p, z_t) / dp, because d ||z W^(1/2)||^2 / dz
     = 2 z W = 2 p. The eigenvalues of W_p therefore no longer scale the learning signal.
+    """
+    z_t = z_t.detach()
+    with torch.no_grad():
+        p_norm = p.norm(dim=-1).clamp_min(1e-12)
+        t_norm = z_t.norm(dim=-1).clamp_min(1e-12)
+        a = 1.0 / (p_norm * t_norm)
+        b = (p * z_t).sum(dim=-1) / (p_norm.pow(3) * t_norm)
+    return -2 * ((z * z_t).sum(dim=-1) * a - 0.5 * b * p_sqrt.pow(2).sum(dim=-1))
 
-    Unlike the cosine loss it stands in for, that gradient has a radial part:
+
+def iso_euclidean_per_sample(z: torch.Tensor, p: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """Euclidean IsoLoss ||z - stopgrad(z_t + z - p)||^2: gradient 2 (p - z_t) in ``z``."""
+    return (z - (z_t + z - p).detach()).pow(2).sum(dim=-1)
+
+
+# ---------------------------------------------------------------- training losses
+
+
+def cosine_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
+    """BYOL's loss, 2 - 2 cos(p, z_t), averaged over the batch."""
+    return cosine_per_sample(p.float(), z_t.detach().float()).mean()
+
+
+def euclidean_loss(z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor) -> torch.Tensor:
+    """Squared distance ||p - z_t||^2, averaged over the batch."""
+    return euclidean_per_sample(p.float(), z_t.detach().float()).mean()
+
+
+def iso_cosine_loss(
+    z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor, tangent: bool = False
+) -> torch.Tensor:
+    """Cosine IsoLoss (:func:`iso_cosine_per_sample`), averaged over the batch.
+
+    Unlike the cosine loss it stands in for, its gradient has a radial part:
     z . grad = -(2 / (||p|| ||z||)) (||z||^2 - (p . z)^2 / ||p||^2) <= 0 when z_t = z, so
     every step lengthens z at first order. ``tangent=True`` removes the radial part (an
     ablation, see the body); the value and the gradient's component orthogonal to z are
@@ -47,7 +83,7 @@ def iso_cosine_loss(
     """
     if p_sqrt is None:
         raise ValueError("iso_cosine_loss needs p_sqrt (the prediction through W_p^(1/2))")
-    z, p, p_sqrt, z_t = z.float(), p.float(), p_sqrt.float(), z_t.detach().float()
+    z, p, p_sqrt, z_t = z.float(), p.float(), p_sqrt.float(), z_t.float()
     if tangent:
         # Scale z, p and p_sqrt (all linear in z) by 1 / ||z|| with the gradient flowing
         # through the norm: the value is unchanged (it is homogeneous of degree 0 in z) and
@@ -55,22 +91,14 @@ def iso_cosine_loss(
         # without its radial part.
         norm = z.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         z, p, p_sqrt = z / norm, p / norm, p_sqrt / norm
-    with torch.no_grad():
-        p_norm = p.norm(dim=-1).clamp_min(1e-12)
-        t_norm = z_t.norm(dim=-1).clamp_min(1e-12)
-        a = 1.0 / (p_norm * t_norm)
-        b = (p * z_t).sum(dim=-1) / (p_norm.pow(3) * t_norm)
-    sim = (z * z_t).sum(dim=-1) * a - 0.5 * b * p_sqrt.pow(2).sum(dim=-1)
-    return -2 * sim.mean()
+    return iso_cosine_per_sample(z, p, p_sqrt, z_t).mean()
 
 
 def iso_euclidean_loss(
     z: torch.Tensor, p: torch.Tensor, p_sqrt: torch.Tensor | None, z_t: torch.Tensor
 ) -> torch.Tensor:
-    """Euclidean IsoLoss ||z - stopgrad(z_t + z - p)||^2: gradient 2 (p - z_t) in ``z``."""
-    z, p = z.float(), p.float()
-    target = (z_t.float() + z - p).detach()
-    return (z - target).pow(2).sum(dim=-1).mean()
+    """Euclidean IsoLoss (:func:`iso_euclidean_per_sample`), averaged over the batch."""
+    return iso_euclidean_per_sample(z.float(), p.float(), z_t.float()).mean()
 
 
 def select_loss(iso: bool, use_l2: bool, iso_tangent: bool = False) -> LossFn:

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ivreg.losses import cosine_per_sample, euclidean_per_sample, iso_cosine_per_sample, iso_euclidean_per_sample
+
 LOSS_KINDS = ("euclidean", "cosine")
 ACTIVATIONS = ("linear", "relu")
 _NORM_EPS = 1e-12
@@ -167,38 +169,6 @@ def _apply(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return rows @ matrix.transpose(-1, -2)
 
 
-def euclidean_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``||p - z'||^2`` averaged over the sample axis (-2); leading axes are independent runs."""
-    return ((p - target) ** 2).sum(-1).mean(-1)
-
-
-def cosine_loss(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``2 - 2 cos(p, z')`` averaged over the sample axis (-2)."""
-    cos = (p * target).sum(-1) / (p.norm(dim=-1).clamp_min(_NORM_EPS) * target.norm(dim=-1).clamp_min(_NORM_EPS))
-    return (2.0 - 2.0 * cos).mean(-1)
-
-
-def euclidean_iso_loss(z: torch.Tensor, p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``||z - sg(z' + z - p)||^2``: gradient in ``z`` is ``2 (p - z')``, the Euclidean gradient in ``p``."""
-    return ((z - (target + z - p).detach()) ** 2).sum(-1).mean(-1)
-
-
-def cosine_iso_loss(z: torch.Tensor, p: torch.Tensor, target: torch.Tensor, p_sqrt: torch.Tensor) -> torch.Tensor:
-    """Cosine IsoLoss: its gradient in ``z`` is ``-2 d cos(p, z')/dp``.
-
-    Per sample ``-2 [(z . z') A - 0.5 (p . z') A3 ||p_sqrt||^2]`` with ``A = 1/(||p|| ||z'||)``,
-    ``A3 = 1/(||p||^3 ||z'||)``; ``A`` and the whole coefficient ``(p . z') A3`` are constants, as in
-    the reference implementation, so only ``z . z'`` and ``||p_sqrt||^2 = z W_p z^T`` carry gradient.
-    """
-    target = target.detach()
-    p_norm = p.norm(dim=-1).clamp_min(_NORM_EPS)
-    t_norm = target.norm(dim=-1).clamp_min(_NORM_EPS)
-    a = (1.0 / (p_norm * t_norm)).detach()
-    coeff = ((p * target).sum(-1) / (p_norm**3 * t_norm)).detach()
-    sim = (z * target).sum(-1) * a - 0.5 * coeff * (p_sqrt**2).sum(-1)
-    return (-2.0 * sim).mean(-1)
-
-
 def _activation(pre: torch.Tensor, activation: str) -> torch.Tensor:
     return torch.relu(pre) if activation == "relu" else pre
 
@@ -223,12 +193,12 @@ def setting_loss(
     p = _apply(predictor_matrix(weights, alpha), z) if setting.predictor else z
     if setting.iso:
         if setting.loss == "euclidean":
-            return euclidean_iso_loss(z, p, target)
+            return iso_euclidean_per_sample(z, p, target).mean(-1)
         p_sqrt = _apply(predictor_matrix(weights, alpha, power=0.5), z)
-        return cosine_iso_loss(z, p, target, p_sqrt)
+        return iso_cosine_per_sample(z, p, p_sqrt, target).mean(-1)
     if setting.loss == "euclidean":
-        return euclidean_loss(p, target)
-    return cosine_loss(p, target)
+        return euclidean_per_sample(p, target).mean(-1)
+    return cosine_per_sample(p, target).mean(-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from ivreg.analysis import toy
 from ivreg.analysis.toy_figures import main
+from ivreg.losses import cosine_per_sample, euclidean_per_sample, iso_cosine_per_sample, iso_euclidean_per_sample
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -173,8 +174,8 @@ def test_isoloss_gradient_in_z_equals_standard_gradient_in_p(alpha):
     p_leaf = p.detach().clone().requires_grad_(True)
     p_sqrt = z @ w_p_sqrt.transpose(-1, -2)
     cases = {
-        "euclidean": (toy.euclidean_iso_loss(z, p, target), toy.euclidean_loss(p_leaf, target)),
-        "cosine": (toy.cosine_iso_loss(z, p, target, p_sqrt), toy.cosine_loss(p_leaf, target)),
+        "euclidean": (iso_euclidean_per_sample(z, p, target), euclidean_per_sample(p_leaf, target)),
+        "cosine": (iso_cosine_per_sample(z, p, p_sqrt, target), cosine_per_sample(p_leaf, target)),
     }
     for name, (iso, standard) in cases.items():
         (grad_z,) = torch.autograd.grad(iso.sum(), z)
