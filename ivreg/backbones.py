@@ -38,7 +38,9 @@ def build_backbone(
     net.num_features = net.fc.in_features
     net.fc = nn.Identity()
     if cifar_stem:
+        # PyTorch's default Conv2d initialisation, as in the reference (solo-learn swaps the
+        # stem in after torchvision's init). The scale matters even before a BatchNorm: it
+        # sets the stem's effective learning rate.
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=stem_padding, bias=False)
-        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()
     return net
