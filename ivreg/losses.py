@@ -4,8 +4,9 @@ Every loss has the signature ``loss(z, p, p_sqrt, z_t) -> scalar`` so that a met
 them without knowing which inputs each one reads: ``z`` is the online projection, ``p`` the
 prediction, ``p_sqrt`` the prediction through ``W_p^(1/2)`` (only the IsoLosses read it) and
 ``z_t`` the target projection, which never receives a gradient. All are averaged over the
-batch and computed in float32, whatever the autocast dtype of their inputs: the IsoLoss
-coefficients contain ``||p||^3``, which overflows float16 for ordinary feature norms.
+batch and computed in float32, whatever the autocast dtype of their inputs: elementwise
+products such as ``p * z_t`` stay in float16 under autocast, and the projections of these
+methods grow to norms of several hundred, where float16 (largest value 65504) runs out.
 """
 
 from __future__ import annotations
