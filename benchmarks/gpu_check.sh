@@ -7,7 +7,8 @@
 #   accuracy  IsoLoss without EMA in fp16 (where the reference produced NaN; epochs.csv counts
 #             the steps GradScaler skipped) and in bf16 (no GradScaler, so no skipped steps),
 #             and BYOL (bf16), on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
-#             stopped after 9, 9 and 8 epochs; epochs.csv of each run is copied to $OUT.
+#             stopped after 9, 9 and 8 epochs; epochs.csv of each run is copied to $OUT, and
+#             for the DirectPred-family runs the projection geometry of the last checkpoint.
 #             ACCURACY_RUNS="method:epochs:precision ..." chooses other runs.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
 #   SECTIONS="steps" bash benchmarks/gpu_check.sh
@@ -40,8 +41,14 @@ for section in $SECTIONS; do
             python3 benchmarks/cifar10_short.py --method "$method" --stop-after "$epochs" \
                 --precision "$precision" --archive "$ARCHIVE" --cache "$CACHE" --workers 12 --out "$RUNS" \
                 ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$OUT/${method}_$precision.log"
-            cp "$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}"_* | tail -1)/epochs.csv" \
-                "$OUT/${method}_${precision}_epochs.csv" 2>/dev/null
+            run_dir=$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}"_* | tail -1)
+            cp "$run_dir/epochs.csv" "$OUT/${method}_${precision}_epochs.csv" 2>/dev/null
+            case $method in  # bulk collapse, outliers' share of C, float16 margins (on the CPU)
+            isoloss* | directpred*)
+                python3 -m ivreg.analysis.projections "$run_dir" --batches 2 2>&1 | quiet \
+                    | tee "$OUT/${method}_${precision}_projections.txt"
+                ;;
+            esac
         done
         ;;
     *)

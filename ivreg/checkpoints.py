@@ -53,7 +53,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     return ckpt
 
 
-def _config_of(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+def config_of(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
     if not isinstance(cfg, Mapping):
         raise CheckpointError(f"{path} has no run config (hyper_parameters.cfg); it was not written by ivreg")
@@ -65,7 +65,7 @@ def _config_of(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path) -> dict[str, Any]:
     """The resolved config a checkpoint was trained with (a plain dict)."""
-    return _config_of(read_checkpoint(path), path)
+    return config_of(read_checkpoint(path), path)
 
 
 def backbone_state(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
@@ -120,7 +120,7 @@ def load_backbone_and_config(
     # target network and optimiser states, which need not visit the GPU.
     movable = isinstance(map_location, (str, torch.device))
     ckpt = read_checkpoint(path, "cpu" if movable else map_location)
-    cfg = _config_of(ckpt, path)
+    cfg = config_of(ckpt, path)
     state = backbone_state(ckpt["state_dict"], path)
     net = build_backbone_for(cfg, arch)
     problem = _mismatch_report(net, state)
