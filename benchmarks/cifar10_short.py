@@ -6,6 +6,7 @@ part_ratio).
     python benchmarks/cifar10_short.py --method byol --stop-after 8 --precision bf16
     python benchmarks/cifar10_short.py --method byol --accelerator cpu --fraction 0.02 \
         --backbone resnet10 --batch-size 64 --stop-after 2                      # CPU smoke run
+    python benchmarks/cifar10_short.py --method isoloss-noema --precision 32 --emulate-reference-fp16
 
 The schedule is ``--epochs`` long (20, with ``--warmup`` 2 warmup epochs) whatever
 ``--stop-after`` says, so the first epochs of a longer-scheduled run can be compared with
@@ -20,16 +21,19 @@ import csv
 import sys
 import tarfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lightning as L  # noqa: E402
+import torch  # noqa: E402
 
+from ivreg.callbacks import NonFiniteLossGuard  # noqa: E402
 from ivreg.cli import exit_on_user_error  # noqa: E402
 from ivreg.config import compose  # noqa: E402
-from ivreg.errors import DataError  # noqa: E402
+from ivreg.errors import ConfigError, DataError  # noqa: E402
 from ivreg.train import build_run, fit  # noqa: E402
 
 METHODS = ("byol", "byol-noema", "directpred", "directpred-noema", "isoloss", "isoloss-noema")
@@ -60,6 +64,82 @@ class StopAfter(L.Callback):
             trainer.should_stop = True
 
 
+class ReferenceFloat16Overflow(L.Callback):
+    """Float32 training that skips the optimizer steps the reference's fp16 run could not take.
+
+    A diagnostic for comparing with the reference's fp16 figures, not a training feature. The
+    reference (solo-learn under fp16 autocast) forms ``z * z'`` and ``p * z'`` of the cosine
+    IsoLoss elementwise in float16, and the batch Gram matrix ``(z / sqrt(B))^T (z / sqrt(B))``
+    of ``C`` as a float16 matmul. Where a value passes float16's 65,504 the loss is inf or NaN
+    and GradScaler skips the whole optimizer step (the readout's too); a Gram overflow makes
+    ``C`` infinite for good (``C <- tau C + (1 - tau) G`` keeps the inf), so every later step
+    is skipped as well. This replays those conditions on the float32 values of this run and
+    skips the same steps (the LR schedule still advances, as under GradScaler). Not replayed:
+    float16 gradient underflow, and the reference's C updates during validation.
+    """
+
+    FP16_MAX = 65504.0
+
+    def __init__(self) -> None:
+        self.overflow = False
+        self.first_overflow_step: int | None = None
+        self.poisoned_step: int | None = None
+        self.skipped = 0
+        self.steps = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        mk = pl_module.cfg["method_kwargs"]
+        if pl_module.cfg["method"] != "directpred" or not mk["iso"] or mk["use_l2"]:
+            # The reference's other losses normalise before any product and cannot overflow.
+            raise ConfigError("--emulate-reference-fp16 replays the cosine IsoLoss only (the isoloss configs)")
+        # Without it the float32 run would stop at the first skipped step: nothing is NaN here.
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, NonFiniteLossGuard)]
+        loss_fn, observe = pl_module.loss_fn, pl_module.predictor.observe
+
+        def loss_with_check(z, p, p_sqrt, z_t):  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                t = z_t.detach().float()
+                largest = torch.maximum((z.detach().float() * t).abs().max(), (p.detach().float() * t).abs().max())
+                self.overflow |= bool(largest > self.FP16_MAX)
+            return loss_fn(z, p, p_sqrt, z_t)
+
+        def observe_with_check(zs):  # type: ignore[no-untyped-def]
+            with torch.no_grad():
+                for z in zs:
+                    zn = z.detach().float() / z.shape[0] ** 0.5
+                    if self.poisoned_step is None and bool((zn.T @ zn).abs().max() > self.FP16_MAX):
+                        self.poisoned_step = trainer.global_step
+            return observe(zs)
+
+        pl_module.loss_fn, pl_module.predictor.observe = loss_with_check, observe_with_check
+        optimizer = trainer.optimizers[0]
+        step = optimizer.step
+
+        def guarded_step(closure=None, **kwargs):  # type: ignore[no-untyped-def]
+            self.overflow = False
+            loss = closure() if closure is not None else None
+            self.steps += 1
+            if self.overflow or self.poisoned_step is not None:
+                if self.first_overflow_step is None:
+                    self.first_overflow_step = trainer.global_step
+                self.skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                return loss
+            step(**kwargs)
+            return loss
+
+        optimizer.step = guarded_step
+        # The LR scheduler notices the replaced step and warns that it may run first; it does not.
+        warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        print(
+            f"[reference fp16] epoch {trainer.current_epoch}: {self.skipped} of {self.steps} steps skipped so far; "
+            f"first overflow at step {self.first_overflow_step}; C infinite from step {self.poisoned_step}",
+            flush=True,
+        )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="isoloss-noema")
@@ -81,6 +161,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("trained_models") / "benchmarks")
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument(
+        "--emulate-reference-fp16",
+        action="store_true",
+        help="skip the steps whose float16 arithmetic would overflow in the reference (see ReferenceFloat16Overflow)",
+    )
     p.add_argument("overrides", nargs="*", help="further Hydra overrides (key=value)")
     return p.parse_args(argv)
 
@@ -117,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     run = build_run(compose(str(ROOT / "scripts" / "pretrain" / "cifar"), f"{args.method}.yaml", overrides))
     if args.stop_after:
         run.trainer.callbacks.append(StopAfter(args.stop_after))
+    if args.emulate_reference_fp16:
+        run.trainer.callbacks.append(ReferenceFloat16Overflow())
     print(
         f"{args.method}: {run.cfg.backbone.name}, batch {args.batch_size}, precision {run.trainer.precision}, "
         f"{args.epochs}-epoch schedule, warmup {args.warmup}",
