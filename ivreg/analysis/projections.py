@@ -64,7 +64,8 @@ def load_method(path: str | Path) -> tuple[Any, int]:
 def batch_geometry(method: Any, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-sample and per-batch quantities of one batch of two views (training mode)."""
     zs = [method.projector(method.backbone(v)).float() for v in (view1, view2)]
-    # Predict without updating the running C: the checkpoint's C is what the run used.
+    # Predict as a training step does (this batch's Gram matrix enters C first), then restore
+    # the checkpoint's C so that every batch starts from the C the run ended with.
     predictor = method.predictor
     saved = {k: v.clone() for k, v in predictor.state_dict().items()}
     (p1, _), _ = observe_and_predict(predictor, zs)
