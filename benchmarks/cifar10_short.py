@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
+from ivreg.analysis.projections import FLOAT16_MAX, largest_gram_entry, largest_products  # noqa: E402
 from ivreg.callbacks import NonFiniteLossGuard  # noqa: E402
 from ivreg.cli import exit_on_user_error  # noqa: E402
 from ivreg.config import compose  # noqa: E402
@@ -78,7 +79,7 @@ class ReferenceFloat16Overflow(L.Callback):
     float16 gradient underflow, and the reference's C updates during validation.
     """
 
-    FP16_MAX = 65504.0
+    FP16_MAX = FLOAT16_MAX
 
     def __init__(self) -> None:
         self.overflow = False
@@ -98,17 +99,13 @@ class ReferenceFloat16Overflow(L.Callback):
 
         def loss_with_check(z, p, p_sqrt, z_t):  # type: ignore[no-untyped-def]
             with torch.no_grad():
-                t = z_t.detach().float()
-                largest = torch.maximum((z.detach().float() * t).abs().max(), (p.detach().float() * t).abs().max())
-                self.overflow |= bool(largest > self.FP16_MAX)
+                self.overflow |= bool(max(largest_products(z, p, z_t)) > self.FP16_MAX)
             return loss_fn(z, p, p_sqrt, z_t)
 
         def observe_with_check(zs):  # type: ignore[no-untyped-def]
             with torch.no_grad():
-                for z in zs:
-                    zn = z.detach().float() / z.shape[0] ** 0.5
-                    if self.poisoned_step is None and bool((zn.T @ zn).abs().max() > self.FP16_MAX):
-                        self.poisoned_step = trainer.global_step
+                if self.poisoned_step is None and any(bool(largest_gram_entry(z) > self.FP16_MAX) for z in zs):
+                    self.poisoned_step = trainer.global_step
             return observe(zs)
 
         pl_module.loss_fn, pl_module.predictor.observe = loss_with_check, observe_with_check

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from ivreg.checkpoints import config_of, read_checkpoint, resolve_path
 from ivreg.cli import exit_on_user_error
-from ivreg.data.augment import build_view_transform, parse_view_specs
+from ivreg.data.augment import MultiViewTransform, build_view_transform, parse_view_specs
 from ivreg.data.datasets import Transformed
 from ivreg.errors import ConfigError, DataError
 from ivreg.eval.common import eval_data_config, eval_datasets
@@ -40,14 +40,17 @@ QUANTILES = (0.0, 0.1, 0.5, 0.9, 1.0)
 BULK_QUANTILE = 0.8
 
 
-class TwoViews:
-    """An image and the run's first two view transforms of it."""
+def largest_products(z: torch.Tensor, p: torch.Tensor, z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest ``|z_i z'_i|`` and ``|p_i z'_i|``: the elementwise products of the cosine IsoLoss,
+    which the reference forms in float16."""
+    t = z_t.detach().float()
+    return (z.detach().float() * t).abs().max(), (p.detach().float() * t).abs().max()
 
-    def __init__(self, transforms: Sequence[Any]):
-        self.transforms = transforms
 
-    def __call__(self, image: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transforms[0](image), self.transforms[1](image)
+def largest_gram_entry(z: torch.Tensor) -> torch.Tensor:
+    """Largest entry of ``(Z / sqrt(B))^T (Z / sqrt(B))``, the reference's float16 Gram matrix of C."""
+    zn = z.detach().float() / z.shape[0] ** 0.5
+    return (zn.T @ zn).abs().max()
 
 
 def load_method(path: str | Path) -> tuple[Any, int]:
@@ -77,15 +80,15 @@ def batch_geometry(method: Any, view1: torch.Tensor, view2: torch.Tensor) -> dic
     cos = unit @ unit.T
     off_diagonal = ~torch.eye(len(unit), dtype=torch.bool)
     energy = z1.pow(2).sum(dim=-1)
-    zn = z1 / z1.shape[0] ** 0.5
+    max_zz, max_pz = largest_products(z1, p1, z2)
     return {
         "z_norm": norm,
         "p_over_z": p1.float().norm(dim=-1) / norm.clamp_min(1e-12),
         "bulk_cos": cos[off_diagonal].mean(),
         "outlier_share": energy[~bulk].sum() / energy.sum().clamp_min(1e-30),
-        "max_zz": (z1 * z2).abs().max(),
-        "max_pz": (p1.float() * z2).abs().max(),
-        "max_gram": (zn.T @ zn).abs().max(),
+        "max_zz": max_zz,
+        "max_pz": max_pz,
+        "max_gram": largest_gram_entry(z1),
     }
 
 
@@ -112,7 +115,7 @@ def measure(path: str | Path, batches: int = 4, batch_size: int = 256, seed: int
     specs = parse_view_specs(cfg["augmentations"])
     if len(specs) < 2:
         raise ConfigError("the run's augmentations define fewer than two views")
-    views = TwoViews([build_view_transform(s, data["mean"], data["std"]) for s in specs[:2]])
+    views = MultiViewTransform([build_view_transform(s, data["mean"], data["std"]) for s in specs[:2]])
     torch.manual_seed(seed)
     loader = DataLoader(Transformed(train, views), batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
     if len(loader) == 0:
