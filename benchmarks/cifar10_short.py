@@ -75,13 +75,26 @@ class ReferenceFloat16Overflow(L.Callback):
     and GradScaler skips the whole optimizer step (the readout's too); a Gram overflow makes
     ``C`` infinite for good (``C <- tau C + (1 - tau) G`` keeps the inf), so every later step
     is skipped as well. This replays those conditions on the float32 values of this run and
-    skips the same steps (the LR schedule still advances, as under GradScaler). Not replayed:
-    float16 gradient underflow, and the reference's C updates during validation.
+    skips the same steps (the LR schedule still advances, as under GradScaler).
+
+    With ``grad_scaler`` it also follows GradScaler's loss scale (``init_scale`` 2^16, halved
+    at every skipped step, doubled after 2,000 clean steps in a row) and replays float16
+    gradient underflow at the parameters: in a step that is taken, every gradient entry with
+    ``|g * scale|`` below float16's smallest subnormal (2^-24) becomes 0 before the update.
+    The reference's activation gradients are smaller than these parameter gradients, so it
+    underflows at least this much: a lower bound. Not replayed: the reference's C updates
+    during validation.
     """
 
     FP16_MAX = FLOAT16_MAX
+    FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal); below it a float16 value is 0
+    INIT_SCALE, GROWTH_INTERVAL = 2.0**16, 2000  # torch.amp.GradScaler's defaults
 
-    def __init__(self) -> None:
+    def __init__(self, grad_scaler: bool = False) -> None:
+        self.grad_scaler = grad_scaler
+        self.scale = self.INIT_SCALE
+        self.clean_in_a_row = 0
+        self.zeroed = 0.0  # fraction of gradient entries zeroed by underflow, summed over steps
         self.overflow = False
         self.first_overflow_step: int | None = None
         self.poisoned_step: int | None = None
@@ -120,8 +133,14 @@ class ReferenceFloat16Overflow(L.Callback):
                 if self.first_overflow_step is None:
                     self.first_overflow_step = trainer.global_step
                 self.skipped += 1
+                self.scale, self.clean_in_a_row = self.scale * 0.5, 0
                 optimizer.zero_grad(set_to_none=True)
                 return loss
+            if self.grad_scaler:
+                self._underflow(optimizer)
+                self.clean_in_a_row += 1
+                if self.clean_in_a_row == self.GROWTH_INTERVAL:
+                    self.scale, self.clean_in_a_row = self.scale * 2.0, 0
             step(**kwargs)
             return loss
 
@@ -129,10 +148,32 @@ class ReferenceFloat16Overflow(L.Callback):
         # The LR scheduler notices the replaced step and warns that it may run first; it does not.
         warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
 
+    @torch.no_grad()
+    def _underflow(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the gradient entries that float16 could not hold at the current loss scale."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        threshold = self.FP16_TINY / self.scale
+        zeroed = total = 0
+        for g in grads:
+            tiny = g.abs() < threshold
+            zeroed += int(tiny.sum())
+            total += g.numel()
+            g.masked_fill_(tiny, 0.0)
+        self.zeroed += zeroed / total
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        scaler = ""
+        if self.grad_scaler:
+            taken = max(self.steps - self.skipped, 1)
+            scaler = (
+                f"; loss scale {self.scale:.3g}, mean share of gradient entries lost to float16 underflow "
+                f"in the steps taken {self.zeroed / taken:.3f}"
+            )
         print(
             f"[reference fp16] epoch {trainer.current_epoch}: {self.skipped} of {self.steps} steps skipped so far; "
-            f"first overflow at step {self.first_overflow_step}; C infinite from step {self.poisoned_step}",
+            f"first overflow at step {self.first_overflow_step}; C infinite from step {self.poisoned_step}{scaler}",
             flush=True,
         )
 
@@ -163,6 +204,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip the steps whose float16 arithmetic would overflow in the reference (see ReferenceFloat16Overflow)",
     )
+    p.add_argument(
+        "--emulate-grad-scaler",
+        action="store_true",
+        help="with --emulate-reference-fp16: also follow GradScaler's loss scale and zero the gradients "
+        "that would underflow in float16",
+    )
     p.add_argument("overrides", nargs="*", help="further Hydra overrides (key=value)")
     return p.parse_args(argv)
 
@@ -170,6 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.emulate_grad_scaler and not args.emulate_reference_fp16:
+        raise ConfigError("--emulate-grad-scaler needs --emulate-reference-fp16")
     root = cifar_root(args.archive, args.cache)
     name = f"cifar10_short_{args.method}_{args.precision}_{args.pipeline}_{int(time.time())}"
     overrides = [
@@ -200,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stop_after:
         run.trainer.callbacks.append(StopAfter(args.stop_after))
     if args.emulate_reference_fp16:
-        run.trainer.callbacks.append(ReferenceFloat16Overflow())
+        run.trainer.callbacks.append(ReferenceFloat16Overflow(grad_scaler=args.emulate_grad_scaler))
     print(
         f"{args.method}: {run.cfg.backbone.name}, batch {args.batch_size}, precision {run.trainer.precision}, "
         f"{args.epochs}-epoch schedule, warmup {args.warmup}",

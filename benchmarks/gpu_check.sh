@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check quoted in the notes, in one script for one device session (about 10 minutes
-# on an H100). Sections, chosen with SECTIONS (default: all three, in this order):
+# on an H100). Sections, chosen with SECTIONS (default: all three, run in the order given):
 #   aug       views/s of the per-image, batched eager and batched compiled pipelines
 #   steps     steps/s of BYOL and IsoLoss without EMA (the timing), then a short profiled
-#             run of each: kernel launches and host syncs per step, top CUDA ops
+#             run of each: kernel launches and host syncs per step, top CUDA ops, and from its
+#             trace (benchmarks/trace_gaps.py) the GPU's busy share, launches per top-level CPU
+#             op and the longest idle gaps (steps.txt; the traces in traces.tgz)
 #   accuracy  IsoLoss without EMA in fp16 (where the reference produced NaN; epochs.csv counts
 #             the steps GradScaler skipped) and in bf16 (no GradScaler, so no skipped steps),
 #             and BYOL (bf16), on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
-#             stopped after 9, 9 and 8 epochs; epochs.csv of each run is copied to $OUT, and
-#             for the DirectPred-family runs the projection geometry of the last checkpoint.
-#             ACCURACY_RUNS="method:epochs:precision ..." chooses other runs.
+#             stopped after 9, 9 and 8 epochs; one file per run in $OUT holds its log, its
+#             epochs.csv and, for the DirectPred-family runs, the projection geometry of the
+#             last checkpoint. ACCURACY_RUNS="method:epochs:precision ..." chooses other runs.
+# Everything lands in at most 4 + (number of runs) files under $OUT, each written as it goes,
+# so a run cut off by a time limit still returns what it measured.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
 #   SECTIONS="steps" bash benchmarks/gpu_check.sh
 set -u
@@ -18,35 +22,39 @@ ARCHIVE=${ARCHIVE:-../shared/data/cifar10-jpeg.tar.xz}
 CACHE=${CACHE:-/tmp/ivreg_cifar10}
 RUNS=${RUNS:-/tmp/ivreg_gpu_runs}
 SECTIONS=${SECTIONS:-aug steps accuracy}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu (with EXTRA_ARGS="--accelerator cpu ...") dry-runs the script
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 quiet() { grep -v -E "Warning|warn\(|^\s*$"; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning, torchvision; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 for section in $SECTIONS; do
     start=$(date +%s)
     case $section in
     aug)
-        python3 benchmarks/throughput.py --section aug --device cuda 2>&1 | quiet | tee "$OUT/aug.txt"
+        python3 benchmarks/throughput.py --section aug --device "$DEVICE" 2>&1 | quiet | tee "$OUT/aug.txt"
         ;;
     steps)
-        python3 benchmarks/throughput.py --section steps --device cuda --methods byol isoloss-noema 2>&1 \
+        python3 benchmarks/throughput.py --section steps --device "$DEVICE" --methods byol isoloss-noema 2>&1 \
             | quiet | tee "$OUT/steps.txt"
-        python3 benchmarks/throughput.py --section steps --device cuda --methods byol isoloss-noema \
-            --steps 20 --profile 2>&1 | quiet | tee "$OUT/steps_profile.txt"
+        python3 benchmarks/throughput.py --section steps --device "$DEVICE" --methods byol isoloss-noema \
+            --steps 20 --profile --trace-dir "$RUNS/traces" 2>&1 | quiet | tee -a "$OUT/steps.txt"
+        # GPU busy share, launches per top-level CPU op, longest idle gaps; the traces come back too
+        python3 benchmarks/trace_gaps.py "$RUNS"/traces/trace_*.json --steps 20 2>&1 | tee -a "$OUT/steps.txt"
+        tar czf "$OUT/traces.tgz" -C "$RUNS/traces" .
         ;;
     accuracy)
         for spec in ${ACCURACY_RUNS:-isoloss-noema:9:16 byol:8:bf16 isoloss-noema:9:bf16}; do
             IFS=: read -r method epochs precision <<< "$spec"
             python3 benchmarks/cifar10_short.py --method "$method" --stop-after "$epochs" \
                 --precision "$precision" --archive "$ARCHIVE" --cache "$CACHE" --workers 12 --out "$RUNS" \
-                ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$OUT/${method}_$precision.log"
+                ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$OUT/${method}_$precision.txt"
             run_dir=$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}"_* | tail -1)
-            cp "$run_dir/epochs.csv" "$OUT/${method}_${precision}_epochs.csv" 2>/dev/null
-            case $method in  # bulk collapse, outliers' share of C, float16 margins (on the CPU)
+            { echo "== $run_dir/epochs.csv"; cat "$run_dir/epochs.csv"; } >>"$OUT/${method}_$precision.txt" 2>&1
+            case $method in  # bulk collapse, outliers' share of C, float16 margins
             isoloss* | directpred*)
                 python3 -m ivreg.analysis.projections "$run_dir" --batches 2 2>&1 | quiet \
-                    | tee "$OUT/${method}_${precision}_projections.txt"
+                    | tee -a "$OUT/${method}_$precision.txt"
                 ;;
             esac
         done

@@ -4,6 +4,7 @@ themselves; these tests only keep them from rotting as the library changes."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -17,6 +18,7 @@ def _load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -109,3 +111,118 @@ def test_cifar10_short_reference_fp16_emulation_refuses_other_losses(
         )
     assert exit_info.value.code == 2
     assert "replays the cosine IsoLoss only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("fp16_max", "init_scale", "expected"),
+    [
+        # Every step overflows: skipped, the scale halves five times, nothing is zeroed.
+        (
+            0.0,
+            2.0**16,
+            "loss scale 2.05e+03, mean share of gradient entries lost to float16 underflow in the steps taken 0.000",
+        ),
+        # No step overflows, and at a scale of 2^-200 every gradient entry underflows.
+        (
+            65504.0,
+            2.0**-200,
+            "loss scale 6.22e-61, mean share of gradient entries lost to float16 underflow in the steps taken 1.000",
+        ),
+    ],
+)
+def test_cifar10_short_grad_scaler_emulation(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    fp16_max: float,
+    init_scale: float,
+    expected: str,
+) -> None:
+    cache = tmp_path / "cifar"
+    make_image_folder(cache / "train", classes=10, per_class=4)
+    make_image_folder(cache / "test", classes=10, per_class=2, seed=1)
+    short = _load("cifar10_short")
+    monkeypatch.setattr(short.ReferenceFloat16Overflow, "FP16_MAX", fp16_max)
+    monkeypatch.setattr(short.ReferenceFloat16Overflow, "INIT_SCALE", init_scale)
+    short.main(
+        ["--method", "isoloss-noema", "--cache", str(cache), "--archive", str(tmp_path / "none.tar.xz")]
+        + ["--accelerator", "cpu", "--precision", "32", "--backbone", "resnet10", "--batch-size", "8"]
+        + ["--workers", "0", "--epochs", "2", "--warmup", "1", "--out", str(tmp_path / "runs"), "--stop-after", "1"]
+        + ["--emulate-reference-fp16", "--emulate-grad-scaler", "method_kwargs.proj_hidden_dim=64", "name=scaled"]
+    )
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[reference fp16] epoch 0"))
+    assert line.endswith(expected)
+
+
+def test_cifar10_short_grad_scaler_emulation_needs_fp16_emulation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = _load("cifar10_short")
+    with pytest.raises(SystemExit) as exit_info:
+        short.main(
+            ["--cache", str(tmp_path / "cifar"), "--archive", str(tmp_path / "none.tar.xz"), "--emulate-grad-scaler"]
+        )
+    assert exit_info.value.code == 2
+    assert "--emulate-grad-scaler needs --emulate-reference-fp16" in capsys.readouterr().err
+
+
+def _synthetic_trace() -> list[dict]:
+    """Main thread: aten::conv2d [0, 100) launching two kernels, Optimizer work [300, 400)
+    launching one; a second thread (autograd) with one op and one launch. Kernels: [10, 50),
+    [40, 90) (overlapping), [200, 220) and [390, 400): busy 80 + 20 + 10 = 110 of 390 us."""
+
+    def ev(cat: str, name: str, ts: float, dur: float, tid: int = 1) -> dict:
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+    return [
+        ev("cpu_op", "aten::conv2d", 0, 100),
+        ev("cpu_op", "aten::cudnn_convolution", 5, 50),  # nested: not top-level
+        ev("cuda_runtime", "cudaLaunchKernel", 8, 1),
+        ev("cuda_runtime", "cudaLaunchKernel", 30, 1),
+        ev("cpu_op", "aten::_foreach_add_", 300, 100),
+        ev("cuda_driver", "cuLaunchKernel", 350, 1),  # how Triton kernels are launched
+        ev("cuda_runtime", "cudaMemcpyAsync", 360, 1),  # not a launch
+        ev("cpu_op", "autograd::engine::evaluate_function: AddBackward0", 150, 60, tid=2),
+        ev("cuda_runtime", "cudaLaunchKernel", 160, 1, tid=2),
+        ev("cuda_runtime", "cudaLaunchKernel", 250, 1, tid=2),  # outside any op of its thread
+        ev("kernel", "k1", 10, 40, tid=7),
+        ev("kernel", "k2", 40, 50, tid=7),
+        ev("gpu_memset", "m", 200, 20, tid=7),
+        ev("kernel", "k3", 390, 10, tid=7),
+        {"ph": "s", "cat": "ac2g", "name": "flow", "ts": 8, "pid": 1, "tid": 1},  # not a duration event
+    ]
+
+
+def test_trace_gaps_busy_share_launches_and_gaps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+    import json
+
+    gaps = _load("trace_gaps")
+    events = _synthetic_trace()
+    summary = gaps.summarize([e for e in events if e["ph"] == "X"], num_gaps=2)
+    assert summary.span_us == 390 and summary.busy_us == 110
+    assert summary.launches == {
+        "aten::conv2d": 2,
+        "aten::_foreach_add_": 1,
+        "autograd::engine::evaluate_function: AddBackward0": 1,
+        "(outside any op)": 1,
+    }
+    # Gaps: [220, 390) of 170 us while the optimizer op ran, then [90, 200) of 110 us while
+    # conv2d (until 100) and the autograd op (from 150) ran.
+    assert [(start, length) for start, length, _ in summary.gaps] == [(210, 170), (80, 110)]
+    assert summary.gaps[0][2] == ["aten::_foreach_add_"]
+    assert sorted(summary.gaps[1][2]) == ["aten::conv2d", "autograd::engine::evaluate_function: AddBackward0"]
+    # The command line reads gzipped traces and prints per-step figures.
+    path = tmp_path / "trace_x.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    gaps.main([str(path), "--steps", "2", "--gaps", "1"])
+    out = capsys.readouterr().out
+    assert "GPU busy 0.1 ms of 0.4 ms (28%); per step 0.06 of 0.20 ms" in out
+    assert "2.5 in all" in out and "1.0  aten::conv2d" in out
+
+
+def test_trace_gaps_refuses_a_trace_without_kernels() -> None:
+    gaps = _load("trace_gaps")
+    with pytest.raises(ValueError, match="no GPU kernels"):
+        gaps.summarize([{"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1}])
