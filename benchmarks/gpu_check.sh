@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check quoted in the notes, in one script for one device session (about 10 minutes
-# on an H100). Sections, chosen with SECTIONS (default: all three, run in the order given):
+# The GPU check quoted in the notes, in one script for one device session. Sections, chosen
+# with SECTIONS (default: all three, run in the order given). On an H100 (2026-11-27) the
+# accuracy section took 392 s with ACCURACY_RUNS="isoloss-noema:9:16 byol:8:bf16
+# isoloss-noema:3:bf16" and steps 123 s; aug had not finished after about 70 s, so split the
+# sections over calls of at most 10 minutes:
 #   aug       views/s of the per-image, batched eager and batched compiled pipelines
 #   steps     steps/s of BYOL and IsoLoss without EMA (the timing), then a short profiled
 #             run of each: kernel launches and host syncs per step, top CUDA ops, and from its
