@@ -14,7 +14,9 @@
 #             and BYOL (bf16), on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
 #             stopped after 9, 9 and 8 epochs; one file per run in $OUT holds its log, its
 #             epochs.csv and, for the DirectPred-family runs, the projection geometry of the
-#             last checkpoint. ACCURACY_RUNS="method:epochs:precision ..." chooses other runs.
+#             last checkpoint. ACCURACY_RUNS="method:epochs:precision[:seed] ..." chooses other
+#             runs (seed 5 where none is given), e.g. a seed sweep of IsoLoss without EMA:
+#             ACCURACY_RUNS="isoloss-noema:9:bf16:1 isoloss-noema:9:bf16:2 isoloss-noema:9:bf16:3"
 # Everything lands in at most 4 + (number of runs) files under $OUT, each written as it goes,
 # so a run cut off by a time limit still returns what it measured.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
@@ -48,16 +50,17 @@ for section in $SECTIONS; do
         ;;
     accuracy)
         for spec in ${ACCURACY_RUNS:-isoloss-noema:9:16 byol:8:bf16 isoloss-noema:9:bf16}; do
-            IFS=: read -r method epochs precision <<< "$spec"
+            IFS=: read -r method epochs precision seed <<< "$spec"
+            seed=${seed:-5}
+            log="$OUT/${method}_${precision}_seed$seed.txt"
             python3 benchmarks/cifar10_short.py --method "$method" --stop-after "$epochs" \
-                --precision "$precision" --archive "$ARCHIVE" --cache "$CACHE" --workers 12 --out "$RUNS" \
-                ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$OUT/${method}_$precision.txt"
-            run_dir=$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}"_* | tail -1)
-            { echo "== $run_dir/epochs.csv"; cat "$run_dir/epochs.csv"; } >>"$OUT/${method}_$precision.txt" 2>&1
+                --precision "$precision" --seed "$seed" --archive "$ARCHIVE" --cache "$CACHE" --workers 12 \
+                --out "$RUNS" ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$log"
+            run_dir=$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}"_* | tail -1)  # the newest: this one
+            { echo "== $run_dir/epochs.csv"; cat "$run_dir/epochs.csv"; } >>"$log" 2>&1
             case $method in  # bulk collapse, outliers' share of C, float16 margins
             isoloss* | directpred*)
-                python3 -m ivreg.analysis.projections "$run_dir" --batches 2 2>&1 | quiet \
-                    | tee -a "$OUT/${method}_$precision.txt"
+                python3 -m ivreg.analysis.projections "$run_dir" --batches 2 2>&1 | quiet | tee -a "$log"
                 ;;
             esac
         done
