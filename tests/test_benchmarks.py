@@ -62,6 +62,32 @@ def test_cifar10_short_runs_on_image_folders(tmp_path: Path, capsys: pytest.Capt
     assert [line.split()[0] for line in summary[1:]] == ["0", "1"]
 
 
+def _emulated_epoch_0(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    flags: list[str],
+    name: str,
+    **limits: float,
+) -> str:
+    """One epoch of IsoLoss without EMA on 40 generated images (5 steps of 8) under
+    ``--emulate-reference-fp16`` plus ``flags``, with ``ReferenceFloat16Overflow``'s class
+    constants set from ``limits``; returns the callback's line for epoch 0."""
+    cache = tmp_path / "cifar"
+    make_image_folder(cache / "train", classes=10, per_class=4)
+    make_image_folder(cache / "test", classes=10, per_class=2, seed=1)
+    short = _load("cifar10_short")
+    for attr, value in limits.items():
+        monkeypatch.setattr(short.ReferenceFloat16Overflow, attr, value)
+    short.main(
+        ["--method", "isoloss-noema", "--cache", str(cache), "--archive", str(tmp_path / "none.tar.xz")]
+        + ["--accelerator", "cpu", "--precision", "32", "--backbone", "resnet10", "--batch-size", "8"]
+        + ["--workers", "0", "--epochs", "2", "--warmup", "1", "--out", str(tmp_path / "runs"), "--stop-after", "1"]
+        + ["--emulate-reference-fp16", *flags, "method_kwargs.proj_hidden_dim=64", f"name={name}"]
+    )
+    return next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[reference fp16] epoch 0"))
+
+
 @pytest.mark.parametrize("fp16_max, all_skipped", [(0.0, True), (65504.0, False)])
 def test_cifar10_short_reference_fp16_emulation_skips_overflowing_steps(
     tmp_path: Path,
@@ -70,19 +96,7 @@ def test_cifar10_short_reference_fp16_emulation_skips_overflowing_steps(
     fp16_max: float,
     all_skipped: bool,
 ) -> None:
-    cache = tmp_path / "cifar"
-    make_image_folder(cache / "train", classes=10, per_class=4)
-    make_image_folder(cache / "test", classes=10, per_class=2, seed=1)
-    short = _load("cifar10_short")
-    monkeypatch.setattr(short.ReferenceFloat16Overflow, "FP16_MAX", fp16_max)
-    short.main(
-        ["--method", "isoloss-noema", "--cache", str(cache), "--archive", str(tmp_path / "none.tar.xz")]
-        + ["--accelerator", "cpu", "--precision", "32", "--backbone", "resnet10", "--batch-size", "8"]
-        + ["--workers", "0", "--epochs", "2", "--warmup", "1", "--out", str(tmp_path / "runs"), "--stop-after", "1"]
-        + ["--emulate-reference-fp16", "method_kwargs.proj_hidden_dim=64", "name=emulated"]
-    )
-    out = capsys.readouterr().out
-    line = next(x for x in out.splitlines() if x.startswith("[reference fp16] epoch 0"))
+    line = _emulated_epoch_0(tmp_path, capsys, monkeypatch, [], "emulated", FP16_MAX=fp16_max)
     skipped, _, steps = line.split(": ")[1].split()[:3]
     assert int(steps) == 5  # 40 images, batch 8
     # Every step overflows at a threshold of 0 (and C is infinite from the first one); none
@@ -138,19 +152,9 @@ def test_cifar10_short_grad_scaler_emulation(
     init_scale: float,
     expected: str,
 ) -> None:
-    cache = tmp_path / "cifar"
-    make_image_folder(cache / "train", classes=10, per_class=4)
-    make_image_folder(cache / "test", classes=10, per_class=2, seed=1)
-    short = _load("cifar10_short")
-    monkeypatch.setattr(short.ReferenceFloat16Overflow, "FP16_MAX", fp16_max)
-    monkeypatch.setattr(short.ReferenceFloat16Overflow, "INIT_SCALE", init_scale)
-    short.main(
-        ["--method", "isoloss-noema", "--cache", str(cache), "--archive", str(tmp_path / "none.tar.xz")]
-        + ["--accelerator", "cpu", "--precision", "32", "--backbone", "resnet10", "--batch-size", "8"]
-        + ["--workers", "0", "--epochs", "2", "--warmup", "1", "--out", str(tmp_path / "runs"), "--stop-after", "1"]
-        + ["--emulate-reference-fp16", "--emulate-grad-scaler", "method_kwargs.proj_hidden_dim=64", "name=scaled"]
+    line = _emulated_epoch_0(
+        tmp_path, capsys, monkeypatch, ["--emulate-grad-scaler"], "scaled", FP16_MAX=fp16_max, INIT_SCALE=init_scale
     )
-    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("[reference fp16] epoch 0"))
     assert line.endswith(expected)
 
 
