@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check quoted in the notes, in one script for one device session. Sections, chosen
-# with SECTIONS (default: all three, run in the order given). On an H100 (2026-11-27) the
+# with SECTIONS (default: aug steps accuracy, run in the order given). On an H100 (2026-11-27) the
 # accuracy section took 392 s with ACCURACY_RUNS="isoloss-noema:9:16 byol:8:bf16
 # isoloss-noema:3:bf16" and steps 123 s; aug had not finished after about 70 s, so split the
 # sections over calls of at most 10 minutes:
@@ -9,6 +9,8 @@
 #             run of each: kernel launches and host syncs per step, top CUDA ops, and from its
 #             trace (benchmarks/trace_gaps.py) the GPU's busy share, launches per top-level CPU
 #             op and the longest idle gaps (steps.txt; the traces in traces.tgz)
+#   compile   steps/s of IsoLoss without EMA and BYOL eager, with backbone and projector
+#             compiled, and compiled with mode reduce-overhead (CUDA graphs) (compile.txt)
 #   accuracy  IsoLoss without EMA in fp16 (where the reference produced NaN; epochs.csv counts
 #             the steps GradScaler skipped) and in bf16 (no GradScaler, so no skipped steps),
 #             and BYOL (bf16), on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
@@ -17,7 +19,7 @@
 #             last checkpoint. ACCURACY_RUNS="method:epochs:precision[:seed] ..." chooses other
 #             runs (seed 5 where none is given), e.g. a seed sweep of IsoLoss without EMA:
 #             ACCURACY_RUNS="isoloss-noema:9:bf16:1 isoloss-noema:9:bf16:2 isoloss-noema:9:bf16:3"
-# Everything lands in at most 4 + (number of runs) files under $OUT, each written as it goes,
+# Everything lands in at most 5 + (number of runs) files under $OUT, each written as it goes,
 # so a run cut off by a time limit still returns what it measured.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
 #   SECTIONS="steps" bash benchmarks/gpu_check.sh
@@ -48,6 +50,16 @@ for section in $SECTIONS; do
         python3 benchmarks/trace_gaps.py "$RUNS"/traces/trace_*.json --steps 20 2>&1 | tee -a "$OUT/steps.txt"
         tar czf "$OUT/traces.tgz" -C "$RUNS/traces" .
         ;;
+    compile)
+        # eager against torch.compile of backbone and projector, default mode (inductor
+        # kernels) and reduce-overhead (the same replayed as CUDA graphs), on the same machine
+        for mode in eager default reduce-overhead; do
+            flags=""
+            [ "$mode" != eager ] && flags="--compile --compile-mode $mode"
+            python3 benchmarks/throughput.py --section steps --device "$DEVICE" --methods isoloss-noema byol \
+                --steps 60 $flags 2>&1 | quiet | tee -a "$OUT/compile.txt"
+        done
+        ;;
     accuracy)
         for spec in ${ACCURACY_RUNS:-isoloss-noema:9:16 byol:8:bf16 isoloss-noema:9:bf16}; do
             IFS=: read -r method epochs precision seed <<< "$spec"
@@ -66,7 +78,7 @@ for section in $SECTIONS; do
         done
         ;;
     *)
-        echo "unknown section $section (aug, steps, accuracy)" >&2
+        echo "unknown section $section (aug, steps, compile, accuracy)" >&2
         ;;
     esac
     echo "[$section: $(($(date +%s) - start)) s]" | tee -a "$OUT/gpu.txt"

@@ -344,6 +344,7 @@ def bench_steps(
     profile: bool = False,
     profile_dir: Path | None = None,
     compile_model: bool = False,
+    compile_mode: str = "default",
 ) -> dict[str, Any]:
     """Steps/s and peak memory of one method's full training step (Lightning, resident data);
     with ``profile`` also kernel launches and host syncs per step."""
@@ -362,6 +363,7 @@ def bench_steps(
         f"precision={precision}",
         f"++performance.compile_augmentation={compile_aug}",
         f"++performance.compile={compile_model}",
+        f"++performance.compile_mode={compile_mode}",
         "max_epochs=1",
         "scheduler.warmup_epochs=0",
         "checkpoint.enabled=False",
@@ -393,7 +395,7 @@ def bench_steps(
         "images_per_s": timer.steps * batch_size / seconds if seconds > 0 else float("nan"),
         "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "augmentation_compiled": bool(run.datamodule.compile_augmentation),
-        "model_compiled": compile_model,
+        "model_compiled": compile_model and compile_mode,
     }
     result.update(timer.report(profile_dir, method) if profile else {})
     return result
@@ -410,6 +412,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"[steps] {args.device}: {backbone}, batch {batch}, {steps} timed steps after {warmup}, precision {precision}, "
         f"compile_augmentation={args.compile_aug}, compile={args.compile}"
+        + (f" (mode {args.compile_mode})" if args.compile else "")
         + (" (profiled: timings include the profiler)" if profile else "")
     )
     results = {}
@@ -426,6 +429,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
             profile,
             args.trace_dir,
             compile_model=args.compile,
+            compile_mode=args.compile_mode,
         )
         mem = f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
         epoch = 50000 // batch / r["steps_per_s"]
@@ -438,7 +442,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"  {method:<18} {r['steps_per_s']:8.2f} steps/s  {r['images_per_s']:9.0f} images/s  "
             f"(a CIFAR-10 epoch: {epoch:6.1f} s){mem}  [{r['precision']}, aug compiled: "
-            f"{r['augmentation_compiled']}, backbones compiled: {r['model_compiled']}]{extra}",
+            f"{r['augmentation_compiled']}, backbone+projector compiled: {r['model_compiled']}]{extra}",
             flush=True,
         )
         results[method] = r
@@ -469,7 +473,15 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument(
         "--compile-aug", choices=["auto", "True", "False"], default="auto", help="performance.compile_augmentation"
     )
-    steps.add_argument("--compile", action="store_true", help="performance.compile=True: torch.compile the backbones")
+    steps.add_argument(
+        "--compile", action="store_true", help="performance.compile=True: torch.compile backbone and projector"
+    )
+    steps.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="performance.compile_mode (reduce-overhead: CUDA graphs)",
+    )
     steps.add_argument(
         "--profile", action="store_true", help="profile the timed steps: top ops, launches and host syncs per step"
     )

@@ -234,3 +234,18 @@ def test_bf16_autocast_run_is_finite(image_data, tmp_path: Path) -> None:
     rows = _rows(tmp_path / "tiny" / "epochs.csv")
     assert torch.isfinite(torch.tensor(float(rows[0]["train_neg_cos_sim"])))
     assert run.model.predictor.corr.C.dtype == torch.float32
+
+
+@pytest.mark.parametrize(("config", "copies"), [("byol.yaml", 3), ("isoloss-noema.yaml", 2)])
+def test_compile_applies_the_mode_to_backbone_projector_and_ema_copy(
+    config: str, copies: int, image_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build_run compiles in place (checkpoint keys unchanged) with performance.compile_mode;
+    nn.Module.compile is recorded rather than run, so this takes no compile time."""
+    compiled: list[tuple[type, dict]] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self), kw)))
+    extra = ("++performance.compile=True", "++performance.compile_mode=reduce-overhead")
+    run = build_run(_one_epoch_cfg(config, image_data, tmp_path, *extra))
+    assert len(compiled) == copies and all(kw == {"mode": "reduce-overhead"} for _, kw in compiled)
+    assert compiled[0][0] is type(run.model.backbone) and compiled[1][0] is type(run.model.projector)
+    assert "backbone.conv1.weight" in run.model.state_dict()
