@@ -147,6 +147,7 @@ LR_SCALINGS = ("linear", "none")
 # torch.compile's modes; "reduce-overhead" replays the compiled graphs as CUDA graphs, which
 # removes the per-kernel launch cost that bounds a ResNet-18 step on a fast GPU.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 LR_REFERENCE_BATCH = 256
 
 

@@ -107,6 +107,8 @@ class SSLMethod(L.LightningModule):
         self._epoch_cache: tuple[int, dict[str, torch.Tensor]] | None = None
         # [sum of finite gradient norms, optimizer steps with a finite norm, steps without]
         self._grad_stats: torch.Tensor | None = None
+        # Set by apply_performance_options when the compiled modules replay CUDA graphs.
+        self.cudagraph_steps = False
 
     # ----------------------------------------------------------------------------- steps
     def online_parameters(self) -> list[nn.Parameter]:
@@ -222,6 +224,18 @@ class SSLMethod(L.LightningModule):
 
     def _current_tau(self) -> float:
         return cosine_tau(self.global_step, int(self.trainer.estimated_stepping_batches), self.base_tau, self.final_tau)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._mark_cudagraph_step()
+
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._mark_cudagraph_step()
+
+    def _mark_cudagraph_step(self) -> None:
+        """Tells torch.compile's CUDA graphs that a new iteration begins, so that they may reuse
+        the previous iteration's output memory (the documented call for training loops)."""
+        if self.cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def on_train_epoch_start(self) -> None:
         """Reseed from (seed, epoch, rank): a resumed epoch draws the same augmentations as an

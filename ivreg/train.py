@@ -33,7 +33,7 @@ from ivreg.callbacks import (
     NonFiniteLossGuard,
     atomic_write_text,
 )
-from ivreg.config import PRECISIONS, prepare_config, to_container
+from ivreg.config import CUDAGRAPH_COMPILE_MODES, PRECISIONS, prepare_config, to_container
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.method import SSLMethod
@@ -220,6 +220,7 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
         model.projector.compile(mode=mode)
         if model.target.has_copy:
             model.target.net.compile(mode=mode)
+        model.cudagraph_steps = mode in CUDAGRAPH_COMPILE_MODES
 
 
 @rank_zero_only

@@ -249,3 +249,19 @@ def test_compile_applies_the_mode_to_backbone_projector_and_ema_copy(
     assert len(compiled) == copies and all(kw == {"mode": "reduce-overhead"} for _, kw in compiled)
     assert compiled[0][0] is type(run.model.backbone) and compiled[1][0] is type(run.model.projector)
     assert "backbone.conv1.weight" in run.model.state_dict()
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
+def test_cudagraph_modes_mark_every_train_and_validation_step(
+    mode: str, image_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a compile mode that replays CUDA graphs, every training and validation batch starts
+    with torch.compiler.cudagraph_mark_step_begin(); without CUDA graphs nothing is marked."""
+    marks: list[int] = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)  # eager; only the hooks are under test
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    extra = ("++performance.compile=True", f"++performance.compile_mode={mode}")
+    run = pretrain(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))
+    expected = run.trainer.global_step + int(sum(run.trainer.num_val_batches))
+    assert run.trainer.global_step == 6 and expected > 6
+    assert len(marks) == (expected if mode == "reduce-overhead" else 0)
