@@ -332,6 +332,55 @@ class _StepTimer:
         }
 
 
+def build_step_run(
+    method: str,
+    device: str,
+    batch_size: int,
+    n_steps: int,
+    backbone: str,
+    precision: str,
+    compile_aug: str = "auto",
+    compile_model: bool = False,
+    compile_mode: str = "default",
+) -> Any:
+    """One method's shipped CIFAR config as a one-epoch run of ``n_steps`` training steps on
+    synthetic 32x32 images (device-resident pipeline, no validation, no files)."""
+    from ivreg.config import compose
+    from ivreg.train import build_run
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = [
+        "data.dataset=digits",  # replaced below by synthetic 32x32 images
+        "++data.pipeline=resident",
+        f"backbone.name={backbone}",
+        f"optimizer.batch_size={batch_size}",
+        f"accelerator={'gpu' if torch.device(device).type == 'cuda' else 'cpu'}",
+        "devices=1",
+        f"precision={precision}",
+        f"++performance.compile_augmentation={compile_aug}",
+        f"++performance.compile={compile_model}",
+        f"++performance.compile_mode={compile_mode}",
+        "max_epochs=1",
+        "scheduler.warmup_epochs=0",
+        "checkpoint.enabled=False",
+        "logger.csv=False",
+        "logger.tensorboard=False",
+        f"++limit_train_batches={n_steps}",
+        "++limit_val_batches=0",
+        "++num_sanity_val_steps=0",
+        "++enable_model_summary=False",
+        "name=throughput",
+    ]
+    run = build_run(compose(str(root / "scripts" / "pretrain" / "cifar"), f"{method}.yaml", overrides))
+    run.datamodule.raw_train = _SyntheticImages(batch_size * n_steps)
+    run.datamodule.raw_val = None
+    for cb in run.trainer.callbacks:  # no per-epoch files or prints in a benchmark
+        if type(cb).__name__ == "EpochSummary":
+            run.trainer.callbacks.remove(cb)
+            break
+    return run
+
+
 def bench_steps(
     method: str,
     device: str,
@@ -348,42 +397,12 @@ def bench_steps(
 ) -> dict[str, Any]:
     """Steps/s and peak memory of one method's full training step (Lightning, resident data);
     with ``profile`` also kernel launches and host syncs per step."""
-    from ivreg.config import compose
-    from ivreg.train import build_run
-
     dev = torch.device(device)
-    root = Path(__file__).resolve().parents[1]
-    overrides = [
-        "data.dataset=digits",  # replaced below by synthetic 32x32 images
-        "++data.pipeline=resident",
-        f"backbone.name={backbone}",
-        f"optimizer.batch_size={batch_size}",
-        f"accelerator={'gpu' if dev.type == 'cuda' else 'cpu'}",
-        "devices=1",
-        f"precision={precision}",
-        f"++performance.compile_augmentation={compile_aug}",
-        f"++performance.compile={compile_model}",
-        f"++performance.compile_mode={compile_mode}",
-        "max_epochs=1",
-        "scheduler.warmup_epochs=0",
-        "checkpoint.enabled=False",
-        "logger.csv=False",
-        "logger.tensorboard=False",
-        f"++limit_train_batches={warmup + steps}",
-        "++limit_val_batches=0",
-        "++num_sanity_val_steps=0",
-        "++enable_model_summary=False",
-        "name=throughput",
-    ]
-    run = build_run(compose(str(root / "scripts" / "pretrain" / "cifar"), f"{method}.yaml", overrides))
-    run.datamodule.raw_train = _SyntheticImages(batch_size * (warmup + steps))
-    run.datamodule.raw_val = None
+    run = build_step_run(
+        method, device, batch_size, warmup + steps, backbone, precision, compile_aug, compile_model, compile_mode
+    )
     timer = _StepTimer(warmup, steps, dev, profile=profile)
     run.trainer.callbacks.append(timer.callback)
-    for cb in run.trainer.callbacks:  # no per-epoch files or prints in a benchmark
-        if type(cb).__name__ == "EpochSummary":
-            run.trainer.callbacks.remove(cb)
-            break
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -449,8 +468,108 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+class _OpCensus:
+    """Counts the ATen ops that eager PyTorch dispatches below autograd during the steps after
+    ``warmup``, by the phase of the step that issued them. On a GPU each op that is neither a
+    view nor an allocation is about one kernel launch, so the counts show where a step's
+    launches, and the host time they cost, come from; on the CPU they are the same ops.
+    Regions that would run compiled (the augmentation on GPUs) count as their eager ops."""
+
+    ALLOCATIONS = ("empty", "empty_strided", "empty_like")
+
+    def __init__(self, model: Any, warmup: int, steps: int):
+        import lightning as L
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        census = self
+        self.phase = "data and loop"
+        self.counts: dict[str, dict[str, int]] = {}
+        self.steps = steps
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                name = func.overloadpacket.__name__
+                kind = "views" if func.is_view else "allocations" if name in census.ALLOCATIONS else "ops"
+                row = census.counts.setdefault(census.phase, {"ops": 0, "views": 0, "allocations": 0})
+                row[kind] += 1
+                return func(*args, **(kwargs or {}))
+
+        mode = Mode()
+
+        def enter(phase: str) -> None:
+            census.phase = phase
+
+        class Phases(L.Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+                if batch_idx == warmup:
+                    mode.__enter__()
+                enter("forward: loss, predictor, metrics")
+
+            def on_before_backward(self, trainer, pl_module, loss) -> None:  # type: ignore[no-untyped-def]
+                enter("backward")
+
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # type: ignore[no-untyped-def]
+                enter("optimizer step, EMA")
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+                enter("data (augmentation) and loop")
+                if batch_idx == warmup + steps - 1:
+                    mode.__exit__(None, None, None)
+
+        self.callback = Phases()
+        modules = {"backbone": model.backbone, "projector": model.projector, "predictor": model.predictor}
+        modules.update({"readout": model.readout})
+        if model.target.has_copy:
+            modules["EMA target"] = model.target.net
+        for name, module in modules.items():
+            self._label(module, f"forward: {name}")
+
+    def _label(self, module: torch.nn.Module, phase: str) -> None:
+        outer: list[str] = []
+
+        def pre(mod, args) -> None:  # type: ignore[no-untyped-def]
+            outer.append(self.phase)
+            self.phase = phase
+
+        def post(mod, args, out) -> None:  # type: ignore[no-untyped-def]
+            self.phase = outer.pop()
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    def per_step(self) -> dict[str, dict[str, float]]:
+        return {phase: {k: v / self.steps for k, v in row.items()} for phase, row in self.counts.items()}
+
+
+def run_census(args: argparse.Namespace) -> dict[str, Any]:
+    batch = args.step_batch or 8
+    steps, warmup = args.steps or 3, 2
+    backbone = args.backbone or "resnet18"
+    print(
+        f"[census] {args.device}: {backbone}, batch {batch}, {steps} steps after {warmup}: ATen ops dispatched per "
+        "step (ops / views / allocations; on a GPU each op is about one kernel launch)"
+    )
+    results = {}
+    for method in args.methods or STEP_METHODS:
+        run = build_step_run(method, args.device, batch, warmup + steps, backbone, args.precision or "32", "False")
+        census = _OpCensus(run.model, warmup, steps)
+        run.trainer.callbacks.append(census.callback)
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+        rows = census.per_step()
+        total = {k: sum(r[k] for r in rows.values()) for k in ("ops", "views", "allocations")}
+        print(f"  {method:<18} {total['ops']:6.0f} / {total['views']:5.0f} / {total['allocations']:4.0f}", flush=True)
+        for phase, r in sorted(rows.items(), key=lambda item: -item[1]["ops"]):
+            print(f"    {phase:<36} {r['ops']:6.0f} / {r['views']:5.0f} / {r['allocations']:4.0f}")
+        results[method] = {"total": total, "phases": rows}
+    return results
+
+
 # Register new sections here (name -> runner); "all" runs them in this order.
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {"aug": run_aug, "steps": run_steps}
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "aug": run_aug,
+    "steps": run_steps,
+    "census": run_census,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.models import resnet
 
 from ivreg.errors import ConfigError
+from ivreg.norms import BatchNorm2d
 
 
 def _resnet10(weights: None = None, **kwargs: object) -> resnet.ResNet:
@@ -28,13 +29,16 @@ def build_backbone(
 ) -> nn.Module:
     """A randomly initialised ResNet whose forward returns pooled features (``num_features``).
 
+    Its BatchNorm layers are ``ivreg.norms.BatchNorm2d`` (one kernel launch fewer per layer and
+    training call; same statistics, same state_dict keys).
+
     ``cifar_stem`` replaces the 7x7 stride-2 convolution and max-pool by a 3x3 stride-1
     convolution for 32x32 inputs. The paper's reference pads that convolution by 2 (34x34
     feature maps); ``stem_padding=1`` keeps 32x32 and saves about 13% of the compute.
     """
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone.name '{name}'; choose one of {sorted(BACKBONES)}")
-    net = BACKBONES[name](weights=None, zero_init_residual=zero_init_residual)
+    net = BACKBONES[name](weights=None, zero_init_residual=zero_init_residual, norm_layer=BatchNorm2d)
     net.num_features = net.fc.in_features
     net.fc = nn.Identity()
     if cifar_stem:

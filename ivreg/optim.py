@@ -128,7 +128,11 @@ def build_optimizer(
     kwargs: dict,
 ) -> torch.optim.Optimizer:
     """The SSL parameters at ``lr`` with weight decay; the readout at ``classifier_lr`` without
-    weight decay (under LARS its weights are adapted too, as in the reference)."""
+    weight decay (under LARS its weights are adapted too, as in the reference).
+
+    SGD and AdamW use torch's multi-tensor (``foreach``) implementation on every device, not
+    only on CUDA where it is the default: the same arithmetic in a few ops per step instead of
+    a few per parameter tensor."""
     groups = [
         {"name": "ssl", "params": ssl_params},
         {"name": "classifier", "params": classifier_params, "lr": classifier_lr, "weight_decay": 0.0},
@@ -141,10 +145,10 @@ def build_optimizer(
     if name == "sgd":
         _check_kwargs(name, kwargs, {"momentum", "nesterov", "dampening"})
         kwargs.setdefault("momentum", 0.9)
-        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, foreach=True, **kwargs)
     if name == "adamw":
         _check_kwargs(name, kwargs, {"betas", "eps"})
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **kwargs)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True, **kwargs)
     raise ConfigError(f"unknown optimizer.name '{name}'; choose one of ['adamw', 'lars', 'sgd']")
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ivreg.norms import BatchNorm1d
+
 IGNORE_LABEL = -1
 
 
@@ -26,7 +28,7 @@ class OnlineReadout(nn.Module):
 
     def __init__(self, num_features: int, num_classes: int, batchnorm: bool = True):
         super().__init__()
-        self.norm = nn.BatchNorm1d(num_features, affine=False) if batchnorm else nn.Identity()
+        self.norm = BatchNorm1d(num_features, affine=False) if batchnorm else nn.Identity()
         self.linear = nn.Linear(num_features, num_classes)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:

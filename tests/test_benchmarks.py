@@ -39,6 +39,18 @@ def test_throughput_sections_run_and_report(capsys: pytest.CaptureFixture[str]) 
     assert "views/s" in out and "aten ops/step" in out and "aten::" in out  # the profiler's table
 
 
+def test_op_census_attributes_every_step_op_to_a_phase() -> None:
+    throughput = _load("throughput")
+    args = ["--section", "census", "--device", "cpu", "--methods", "byol", "--steps", "1", "--step-batch", "4"]
+    byol = throughput.main([*args, "--backbone", "resnet10"])["census"]["byol"]
+    phases = byol["phases"]
+    assert {"forward: backbone", "forward: EMA target", "backward", "optimizer step, EMA"} <= set(phases)
+    assert byol["total"]["ops"] == sum(p["ops"] for p in phases.values())
+    # ResNet-10 forward, per view: 12 convolutions, 12 BatchNorms, 9 ReLUs, 4 residual adds, one
+    # pooling mean, and no num_batches_tracked increments (ivreg.norms); two online views
+    assert phases["forward: backbone"]["ops"] == 2 * (12 + 12 + 9 + 4 + 1)
+
+
 def test_cifar10_short_runs_on_image_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = tmp_path / "cifar"
     make_image_folder(cache / "train", classes=10, per_class=4)

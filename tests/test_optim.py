@@ -74,6 +74,27 @@ def test_classifier_group_has_its_lr_and_no_weight_decay() -> None:
         build_optimizer("sgd", list(ssl.parameters()), [], 0.1, 0.1, 0.0, {"eta": 0.1})
 
 
+@pytest.mark.parametrize(("name", "kwargs"), [("sgd", {"momentum": 0.9}), ("adamw", {})])
+def test_multi_tensor_optimizers_match_the_per_tensor_loop(name: str, kwargs: dict) -> None:
+    """build_optimizer asks for torch's foreach implementation on every device; on the CPU it
+    gives the same parameters, bit for bit, as the per-tensor loop torch would pick there."""
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    ours = build_optimizer(name, list(nets[0].parameters()), [], 0.1, 0.1, 1e-4, kwargs)
+    cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
+    loop = cls(list(nets[1].parameters()), lr=0.1, weight_decay=1e-4, foreach=False, **kwargs)
+    assert ours.defaults["foreach"] is True
+    for _ in range(4):
+        x = torch.randn(8, 6)
+        for net, opt in zip(nets, (ours, loop)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_warmup_cosine_values() -> None:
     f = lambda k: 1.0 * warmup_cosine_factor(k, 10, 110, 1.0, 3e-5, 0.0)  # noqa: E731
     assert f(0) == pytest.approx(3e-5)

@@ -110,7 +110,8 @@ def test_finetune_trains_backbone_weights_and_batchnorm_statistics(colour_ckpt, 
     assert run.cfg.name == "ft" and (tmp_path / "ft" / "last.ckpt").is_file()
     assert not torch.equal(after["conv1.weight"], before["conv1.weight"])
     assert not torch.equal(after["layer4.0.bn2.running_var"], before["layer4.0.bn2.running_var"])
-    assert int(after["bn1.num_batches_tracked"]) > int(before["bn1.num_batches_tracked"])
+    # the stem's statistics move too (ivreg.norms leaves num_batches_tracked alone)
+    assert not torch.equal(after["bn1.running_mean"], before["bn1.running_mean"])
 
 
 def test_finetune_backbone_lr_scale_sets_the_backbone_step(colour_ckpt, tmp_path):

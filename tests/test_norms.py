@@ -1,0 +1,75 @@
+"""ivreg.norms: BatchNorm without the training-time num_batches_tracked increment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ivreg.backbones import build_backbone
+from ivreg.heads import mlp
+from ivreg.norms import BatchNorm1d, BatchNorm2d
+
+
+class _CountAdds(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.adds += func.overloadpacket is torch.ops.aten.add_
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("ours", "theirs", "shape"), [(BatchNorm2d, nn.BatchNorm2d, (8, 4, 5, 5)), (BatchNorm1d, nn.BatchNorm1d, (8, 4))]
+)
+def test_same_outputs_and_running_statistics_without_the_counter(ours, theirs, shape) -> None:
+    torch.manual_seed(0)
+    a, b = ours(4), theirs(4)
+    with torch.no_grad():
+        for m in (a, b):
+            m.weight.copy_(torch.linspace(0.5, 2, 4))
+            m.bias.copy_(torch.linspace(-1, 1, 4))
+    for _ in range(3):
+        x = torch.randn(shape) * 3 + 1
+        assert torch.equal(a(x), b(x))
+    assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+    assert int(a.num_batches_tracked) == 0 and int(b.num_batches_tracked) == 3
+    assert a.state_dict().keys() == b.state_dict().keys()
+    a.eval(), b.eval()
+    x = torch.randn(shape)
+    assert torch.equal(a(x), b(x))
+
+
+def test_one_launch_fewer_per_training_call() -> None:
+    x = torch.randn(8, 4, 5, 5)
+    counts = []
+    for bn in (BatchNorm2d(4), nn.BatchNorm2d(4)):
+        with _CountAdds() as mode:
+            bn(x)
+        counts.append(mode.adds)
+    assert counts == [0, 1]
+
+
+def test_momentum_none_keeps_the_cumulative_average() -> None:
+    """With momentum=None the counter is what the running average divides by: parent behaviour."""
+    a, b = BatchNorm2d(4, momentum=None), nn.BatchNorm2d(4, momentum=None)
+    for _ in range(3):
+        x = torch.randn(8, 4, 5, 5)
+        a(x), b(x)
+    assert int(a.num_batches_tracked) == 3 and torch.equal(a.running_mean, b.running_mean)
+
+
+def test_backbone_and_heads_use_them_and_keep_torchvision_keys() -> None:
+    from torchvision.models import resnet18
+
+    net = build_backbone("resnet18", cifar_stem=True)
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20 and all(isinstance(m, BatchNorm2d) for m in norms)
+    assert isinstance(mlp(8, 16, 4)[1], BatchNorm1d)
+    reference = {k for k in resnet18().state_dict() if not k.startswith("fc.")}
+    assert set(net.state_dict()) == reference
+    net(torch.randn(2, 3, 32, 32))
+    assert all(int(m.num_batches_tracked) == 0 for m in norms)
