@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from ivreg.config import COMPILE_MODES  # noqa: E402
 from ivreg.data.augment import ViewSpec, build_view_transform, load_view_specs  # noqa: E402
 from ivreg.data.batched_aug import build_batched_views  # noqa: E402
 
@@ -482,7 +483,7 @@ class _OpCensus:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         census = self
-        self.phase = "data and loop"
+        self.phase = "data (augmentation) and loop"
         self.counts: dict[str, dict[str, int]] = {}
         self.steps = steps
 
@@ -517,8 +518,12 @@ class _OpCensus:
                     mode.__exit__(None, None, None)
 
         self.callback = Phases()
-        modules = {"backbone": model.backbone, "projector": model.projector, "predictor": model.predictor}
-        modules.update({"readout": model.readout})
+        modules = {
+            "backbone": model.backbone,
+            "projector": model.projector,
+            "predictor": model.predictor,
+            "readout": model.readout,
+        }
         if model.target.has_copy:
             modules["EMA target"] = model.target.net
         for name, module in modules.items():
@@ -598,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument(
         "--compile-mode",
         default="default",
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=COMPILE_MODES,
         help="performance.compile_mode (reduce-overhead: CUDA graphs)",
     )
     steps.add_argument(
