@@ -485,6 +485,7 @@ class _OpCensus:
         census = self
         self.phase = "data (augmentation) and loop"
         self.counts: dict[str, dict[str, int]] = {}
+        self.op_names: dict[str, dict[str, int]] = {}  # phase -> op name -> count (ops only)
         self.steps = steps
 
         class Mode(TorchDispatchMode):
@@ -493,6 +494,9 @@ class _OpCensus:
                 kind = "views" if func.is_view else "allocations" if name in census.ALLOCATIONS else "ops"
                 row = census.counts.setdefault(census.phase, {"ops": 0, "views": 0, "allocations": 0})
                 row[kind] += 1
+                if kind == "ops":
+                    names = census.op_names.setdefault(census.phase, {})
+                    names[name] = names.get(name, 0) + 1
                 return func(*args, **(kwargs or {}))
 
         mode = Mode()
@@ -565,6 +569,9 @@ def run_census(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {method:<18} {total['ops']:6.0f} / {total['views']:5.0f} / {total['allocations']:4.0f}", flush=True)
         for phase, r in sorted(rows.items(), key=lambda item: -item[1]["ops"]):
             print(f"    {phase:<36} {r['ops']:6.0f} / {r['views']:5.0f} / {r['allocations']:4.0f}")
+            if args.census_ops:
+                names = sorted(census.op_names.get(phase, {}).items(), key=lambda item: -item[1])
+                print("      " + ", ".join(f"{name} {count / steps:g}" for name, count in names))
         results[method] = {"total": total, "phases": rows}
     return results
 
@@ -610,6 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="profile the timed steps: top ops, launches and host syncs per step"
     )
     steps.add_argument("--trace-dir", type=Path, default=None, help="with --profile: write Chrome traces here")
+    census = parser.add_argument_group("census")
+    census.add_argument("--census-ops", action="store_true", help="also list the ops of each phase by name")
     return parser
 
 

@@ -116,19 +116,27 @@ def select_loss(iso: bool, use_l2: bool, iso_tangent: bool = False) -> LossFn:
 
 def symmetric_loss(
     loss_fn: LossFn,
-    zs: list[torch.Tensor],
-    ps: list[torch.Tensor],
-    p_sqrts: list[torch.Tensor | None],
-    targets: list[torch.Tensor],
+    z: torch.Tensor,
+    p: torch.Tensor,
+    p_sqrt: torch.Tensor | None,
+    z_t: torch.Tensor,
+    n_views: int,
 ) -> torch.Tensor:
-    """Sum of ``loss_fn`` over every ordered pair (a, b), a != b: view a's prediction
-    against view b's target."""
-    n = len(zs)
-    if n < 2 or not (len(ps) == len(p_sqrts) == len(targets) == n):
-        raise ValueError("the symmetric loss needs at least two views with one prediction and target each")
-    total = zs[0].new_zeros((), dtype=torch.float32)
-    for a in range(n):
-        for b in range(n):
-            if a != b:
-                total = total + loss_fn(zs[a], ps[a], p_sqrts[a], targets[b])
-    return total
+    """Sum of ``loss_fn`` over every ordered pair of views (a, b), a != b: view a's prediction
+    against view b's target.
+
+    The arguments hold ``n_views`` views of equal size concatenated in view order. Rolling the
+    targets by k views pairs every view a with view a + k (mod n_views), so one call of
+    ``loss_fn`` per shift k covers n_views pairs at once: the same sum as one call per pair,
+    with 1/n_views as many ops. ``loss_fn`` averages over all rows, hence the factor n_views.
+    """
+    rows = z.shape[0]
+    if n_views < 2 or rows % n_views or any(t is not None and t.shape[0] != rows for t in (p, p_sqrt, z_t)):
+        raise ValueError(
+            "the symmetric loss needs at least two views of equal size, with one prediction and one target per row"
+        )
+    batch = rows // n_views
+    total = loss_fn(z, p, p_sqrt, z_t.roll(-batch, dims=0))
+    for shift in range(2, n_views):
+        total = total + loss_fn(z, p, p_sqrt, z_t.roll(-shift * batch, dims=0))
+    return total * n_views

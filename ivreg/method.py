@@ -1,9 +1,9 @@
 """The pretraining LightningModule: a composition of the parts, and the step that joins them.
 
-    views -> backbone -> feats -> projector -> z
-    predictor.observe(z.detach() of all views)       # running C; eigh once per step (or per view)
-    p, p_sqrt = predictor(z)
-    z_t = target(views)                              # EMA copy or stop-gradient online z
+    each view -> backbone -> feats -> projector -> z (all views concatenated)
+    predictor.observe(z.detach())                    # running C; eigh once per step (or per view)
+    p, p_sqrt = predictor.predict_views(z)
+    z_t = target(views, z)                           # EMA copy or stop-gradient online z
     loss = sum over ordered view pairs (a, b) of loss_fn(z_a, p_a, p_sqrt_a, z_t_b)
     + online readout cross-entropy on feats.detach()
     optimizer step, then the EMA target update (once per optimizer step)
@@ -121,19 +121,21 @@ class SSLMethod(L.LightningModule):
 
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
+        n_views = len(views)
+        # Each view through backbone and projector on its own (their BatchNorm statistics are
+        # per view, as in the reference); from there on, the views travel concatenated in view
+        # order, so the predictor, the loss and the readout cost one set of ops for all views.
         feats = [self.backbone(v) for v in views]
-        zs = [self.projector(f) for f in feats]
-        preds = observe_and_predict(self.predictor, zs, per_view=self.decompose_per_view)
-        ps = [p for p, _ in preds]
-        p_sqrts = [ps_ for _, ps_ in preds]
-        targets = self.target(views, zs)
-        ssl_loss = symmetric_loss(self.loss_fn, zs, ps, p_sqrts, targets)
+        z = torch.cat([self.projector(f) for f in feats])
+        p, p_sqrt = observe_and_predict(self.predictor, z, n_views, per_view=self.decompose_per_view)
+        z_t = self.target(views, z)
+        ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views)
 
-        all_labels = labels.repeat(len(views))
+        all_labels = labels.repeat(n_views)
         all_feats = torch.cat(feats)
         class_loss, hits, count = self.readout.loss_and_hits(all_feats, all_labels)
         with torch.no_grad():
-            z_all = torch.stack(zs).float()
+            z_all = z.unflatten(0, (n_views, -1)).float()
             z_std = F.normalize(z_all, dim=-1).std(dim=1).mean()
             z_norm = z_all.norm(dim=-1).mean()
         metrics = {

@@ -3,7 +3,8 @@
 Both keep a running correlation matrix C of the online projections: the spectral predictor
 builds W_p from it, the MLP predictor tracks it only to report the spectrum. Every
 predictor has the same interface: ``observe(zs)`` once per training step with the detached
-projections of all views, ``forward(z) -> (p, p_sqrt)`` and ``spectrum()``.
+projections of all views, ``forward(z) -> (p, p_sqrt)`` for the projections of one view,
+``predict_views(z, n_views)`` for all views of a step concatenated, and ``spectrum()``.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ class RunningCorrelation(nn.Module):
         self.register_buffer("C", torch.zeros(dim, dim, dtype=torch.float32))
 
     @torch.no_grad()
-    def update(self, zs: Sequence[torch.Tensor]) -> None:
+    def update(self, zs: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """``zs``: the views' projections, as a (views, B, d) tensor or a list of (B, d)."""
         with _no_autocast(self.C):
-            z = torch.stack([v.detach().float() for v in zs])  # (views, B, d)
+            z = zs.detach().float() if isinstance(zs, torch.Tensor) else torch.stack([v.detach().float() for v in zs])
             grams = torch.bmm(z.transpose(1, 2), z)  # (views, d, d)
             batch = z.new_full((1,), z.shape[1])
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -78,6 +80,10 @@ class MLPPredictor(nn.Module):
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.net(z), None
+
+    def predict_views(self, z: torch.Tensor, n_views: int) -> tuple[torch.Tensor, None]:
+        """Each view through the MLP on its own (its BatchNorm sees one view at a time)."""
+        return torch.cat([self.net(view) for view in z.chunk(n_views)]), None
 
     @torch.no_grad()
     def spectrum(self) -> torch.Tensor:
@@ -142,22 +148,28 @@ class SpectralPredictor(nn.Module):
         return torch.nan_to_num(s, nan=0.0).clamp(0.0, 1e6)
 
     def matrix(self, power: float = 1.0) -> torch.Tensor:
-        """W_p ** power as an explicit matrix (for analysis and tests)."""
+        """W_p ** power as an explicit matrix (for analysis and tests; ``forward`` builds its own)."""
         if not self._decomposed:
             self.decompose()
         u = self.eigvecs
         return (u * self.scaled_eigvals().pow(self.alpha * power)) @ u.T
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``p = z W_p`` and, for the IsoLoss, ``p_sqrt = z W_p^(1/2)``, in float32 (rows are
+        independent, so ``z`` may hold any number of views)."""
         if not self._decomposed:  # e.g. validation before the first training step
             self.decompose()
         with _no_autocast(z):
             u = self.eigvecs
             s = self.scaled_eigvals()
-            zu = z.float() @ u
-            p = (zu * s.pow(self.alpha)) @ u.T
-            p_sqrt = (zu * s.pow(self.alpha / 2)) @ u.T if self.with_sqrt else None
+            z = z.float()
+            p = z @ ((u * s.pow(self.alpha)) @ u.T)
+            p_sqrt = z @ ((u * s.pow(self.alpha / 2)) @ u.T) if self.with_sqrt else None
         return p, p_sqrt
+
+    def predict_views(self, z: torch.Tensor, n_views: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All views in one product with W_p (the rows do not interact)."""
+        return self(z)
 
     def spectrum(self) -> torch.Tensor:
         """Eigenvalues of C (not normalised) in descending order, from the last decomposition."""
@@ -171,20 +183,27 @@ class SpectralPredictor(nn.Module):
 
 
 def observe_and_predict(
-    predictor: MLPPredictor | SpectralPredictor, zs: Sequence[torch.Tensor], per_view: bool = False
-) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(p, p_sqrt)`` of every view, after feeding the detached views to ``predictor.observe``.
+    predictor: MLPPredictor | SpectralPredictor, z: torch.Tensor, n_views: int, per_view: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(p, p_sqrt)`` of all views, after feeding the detached views to ``predictor.observe``.
 
-    By default all views update C first and one decomposition serves them all. With
-    ``per_view`` each view updates C and is predicted from the decomposition that follows its
-    own update, the reference's order (one ``eigh`` per view): view 1 then sees a C without
-    view 2's Gram matrix, which matters with the no-EMA ``dp_tau`` of 0.5.
+    ``z`` holds the projections of ``n_views`` views of equal size concatenated in view order
+    (view-major, as ``torch.cat`` of the views gives); ``p`` and ``p_sqrt`` come in the same
+    order. By default all views update C first and one decomposition serves them all, in one
+    product for all views. With ``per_view`` each view updates C and is predicted from the
+    decomposition that follows its own update, the reference's order (one ``eigh`` per view):
+    view 1 then sees a C without view 2's Gram matrix, which matters with the no-EMA
+    ``dp_tau`` of 0.5.
     """
+    if z.shape[0] % n_views:
+        raise ValueError(f"{z.shape[0]} projections cannot be {n_views} views of equal size")
     if not per_view:
-        predictor.observe([z.detach() for z in zs])
-        return [predictor(z) for z in zs]
-    out = []
-    for z in zs:
-        predictor.observe([z.detach()])
-        out.append(predictor(z))
-    return out
+        predictor.observe(z.detach().unflatten(0, (n_views, -1)))
+        return predictor.predict_views(z, n_views)
+    ps, p_sqrts = [], []
+    for view in z.chunk(n_views):
+        predictor.observe(view.detach()[None])
+        p, p_sqrt = predictor(view)
+        ps.append(p)
+        p_sqrts.append(p_sqrt)
+    return torch.cat(ps), None if p_sqrts[0] is None else torch.cat(p_sqrts)

@@ -30,8 +30,9 @@ class StopGradTarget(nn.Module):
 
     has_copy = False
 
-    def forward(self, views: Sequence[torch.Tensor], online_zs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [z.detach() for z in online_zs]
+    def forward(self, views: Sequence[torch.Tensor], online_z: torch.Tensor) -> torch.Tensor:
+        """``online_z``: the online projections of all views, concatenated in view order."""
+        return online_z.detach()
 
     def update(self, online_params: Sequence[torch.Tensor], tau: float) -> None:
         """Nothing to update: the target is the online network."""
@@ -53,8 +54,10 @@ class EMATarget(nn.Module):
         self.net.requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, views: Sequence[torch.Tensor], online_zs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [self.net(v) for v in views]
+    def forward(self, views: Sequence[torch.Tensor], online_z: torch.Tensor) -> torch.Tensor:
+        """The copy's projections of each view (one view at a time, as the online network saw
+        them), concatenated in view order."""
+        return torch.cat([self.net(v) for v in views])
 
     @torch.no_grad()
     def update(self, online_params: Sequence[torch.Tensor], tau: float) -> None:

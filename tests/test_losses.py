@@ -141,20 +141,51 @@ def test_select_loss() -> None:
             select_loss(iso, use_l2, iso_tangent=True)
 
 
-def test_symmetric_loss_sums_ordered_pairs_and_no_gradient_reaches_target() -> None:
-    gen = torch.Generator().manual_seed(0)
-    zs = [torch.randn(4, 6, generator=gen, requires_grad=True) for _ in range(3)]
-    ps = [z * 2 for z in zs]
-    targets = [torch.randn(4, 6, generator=gen, requires_grad=True) for _ in range(3)]
-    total = symmetric_loss(cosine_loss, zs, ps, [None] * 3, targets)
-    expected = sum(cosine_loss(None, ps[a], None, targets[b]) for a in range(3) for b in range(3) if a != b)
-    torch.testing.assert_close(total, expected)
+@pytest.mark.parametrize("n_views", [2, 3, 4])
+@pytest.mark.parametrize("loss_fn", [cosine_loss, iso_cosine_loss, iso_euclidean_loss])
+def test_symmetric_loss_sums_ordered_pairs_and_no_gradient_reaches_target(n_views: int, loss_fn) -> None:
+    """One call per shift of the concatenated views gives the sum over every ordered pair of
+    views, value and gradient, of one call per pair."""
+    gen = torch.Generator().manual_seed(n_views)
+    zs = [torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(n_views)]
+    w = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    targets = [torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(n_views)]
+
+    z = torch.cat(zs)
+    z_t = torch.cat(targets)
+    total = symmetric_loss(loss_fn, z, z @ w, z @ (w / 2), z_t, n_views)
+    (grad,) = torch.autograd.grad(total, z, retain_graph=True)
+
+    z_ref = [v.detach().clone().requires_grad_() for v in zs]
+    expected = sum(
+        loss_fn(z_ref[a], z_ref[a] @ w, z_ref[a] @ (w / 2), targets[b])
+        for a in range(n_views)
+        for b in range(n_views)
+        if a != b
+    )
+    expected.backward()
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, torch.cat([v.grad for v in z_ref]).to(grad.dtype), rtol=1e-5, atol=1e-6)
+    assert grad.abs().sum() > 0
     total.backward()
     assert all(t.grad is None for t in targets)
-    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in zs)
 
 
-def test_symmetric_loss_needs_two_views() -> None:
-    z = torch.randn(2, 3)
-    with pytest.raises(ValueError):
-        symmetric_loss(cosine_loss, [z], [z], [None], [z])
+def test_symmetric_loss_pairs_view_a_with_view_b() -> None:
+    """With two views the prediction of view 1 meets the target of view 2 and vice versa."""
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # view 1: e1, view 2: e2
+    z_t = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # target of view 1: e2, of view 2: e1
+    # Each prediction points at the other view's target: both pairs have cosine 1.
+    assert symmetric_loss(cosine_loss, z, z, None, z_t, 2).item() == pytest.approx(0.0, abs=1e-6)
+    # Against its own view's target each pair would have cosine 0 (loss 2 each).
+    assert symmetric_loss(cosine_loss, z, z, None, z_t.roll(1, 0), 2).item() == pytest.approx(4.0)
+
+
+def test_symmetric_loss_needs_two_views_of_equal_size() -> None:
+    z = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="two views"):
+        symmetric_loss(cosine_loss, z, z, None, z, 1)
+    with pytest.raises(ValueError, match="equal size"):
+        symmetric_loss(cosine_loss, z, z, None, z, 4)
+    with pytest.raises(ValueError, match="one target per row"):
+        symmetric_loss(cosine_loss, z, z, None, z[:4], 2)

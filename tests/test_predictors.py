@@ -103,19 +103,42 @@ def test_per_view_order_predicts_each_view_from_the_c_after_its_own_update() -> 
     the default order predicts both from C after both."""
     views = _views(6)
     per_view = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
-    outputs = observe_and_predict(per_view, views, per_view=True)
+    p, p_sqrt = observe_and_predict(per_view, torch.cat(views), 2, per_view=True)
     reference = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
-    for z, (p, p_sqrt) in zip(views, outputs):
+    for z, p_view, p_sqrt_view in zip(views, p.chunk(2), p_sqrt.chunk(2)):
         reference.observe([z])
-        torch.testing.assert_close(p, z @ reference.matrix(), atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(p_sqrt, z @ reference.matrix(0.5), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p_view, z @ reference.matrix(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(p_sqrt_view, z @ reference.matrix(0.5), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(per_view.corr.C, reference.corr.C, atol=0, rtol=0)
 
     once = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
-    together = observe_and_predict(once, views)
+    together, _ = observe_and_predict(once, torch.cat(views), 2)
     torch.testing.assert_close(once.corr.C, reference.corr.C, atol=1e-6, rtol=1e-6)  # same C at the end
-    torch.testing.assert_close(together[1][0], outputs[1][0], atol=1e-5, rtol=1e-4)  # view 2 agrees
-    assert not torch.allclose(together[0][0], outputs[0][0], atol=1e-3)  # view 1 does not
+    torch.testing.assert_close(together[32:], p[32:], atol=1e-5, rtol=1e-4)  # view 2 agrees
+    assert not torch.allclose(together[:32], p[:32], atol=1e-3)  # view 1 does not
+
+
+def test_all_views_at_once_equal_one_view_at_a_time() -> None:
+    """``predict_views`` on the concatenated views gives each view's own prediction: the
+    spectral predictor in one product, the MLP with BatchNorm statistics per view."""
+    views = _views(7, n=3)
+    spectral = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True)
+    mlp = MLPPredictor(8, 16)
+    for pred in (spectral, mlp):
+        p, p_sqrt = observe_and_predict(pred, torch.cat(views), 3)
+        for view, p_view in zip(views, p.chunk(3)):
+            torch.testing.assert_close(p_view, pred(view)[0], atol=1e-5, rtol=1e-4)
+        if pred is spectral:
+            torch.testing.assert_close(p_sqrt, torch.cat(views) @ pred.matrix(0.5), atol=1e-5, rtol=1e-4)
+        else:
+            assert p_sqrt is None
+    # The MLP's BatchNorm normalises each view with its own statistics: shifting one view
+    # leaves the prediction of the others unchanged.
+    shifted = [views[0] + 5.0, views[1], views[2]]
+    p_shifted, _ = observe_and_predict(mlp, torch.cat(shifted), 3)
+    torch.testing.assert_close(p_shifted[32:], mlp.predict_views(torch.cat(views), 3)[0][32:])
+    with pytest.raises(ValueError, match="3 views of equal size"):
+        observe_and_predict(spectral, torch.randn(10, 8), 3)
 
 
 def test_bad_arguments() -> None:

@@ -30,8 +30,10 @@ def test_ema_update_formula_and_no_gradients() -> None:
     target.update(list(online.parameters()), tau=0.9)
     for t, b, o in zip(target.net.parameters(), before, online.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
-    out = target([torch.randn(5, 3)], [])
-    assert not out[0].requires_grad
+    views = [torch.randn(5, 3), torch.randn(5, 3)]
+    out = target(views, torch.empty(0))
+    assert out.shape == (10, 2) and not out.requires_grad
+    torch.testing.assert_close(out, torch.cat([target.net(v) for v in views]))
 
 
 def test_ema_with_tau_one_keeps_and_tau_zero_copies() -> None:
@@ -49,10 +51,9 @@ def test_ema_with_tau_one_keeps_and_tau_zero_copies() -> None:
 def test_stop_gradient_target_is_the_online_network() -> None:
     online = nn.Linear(3, 2)
     views = [torch.randn(4, 3), torch.randn(4, 3)]
-    zs = [online(v) for v in views]
+    z = torch.cat([online(v) for v in views])
     target = StopGradTarget()
-    targets = target(views, zs)
-    for z, t in zip(zs, targets):
-        torch.testing.assert_close(t, z.detach())
-        assert not t.requires_grad
+    z_t = target(views, z)
+    torch.testing.assert_close(z_t, z.detach())
+    assert not z_t.requires_grad
     assert not StopGradTarget.has_copy and len(list(target.parameters())) == 0

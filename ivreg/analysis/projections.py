@@ -71,9 +71,10 @@ def batch_geometry(method: Any, view1: torch.Tensor, view2: torch.Tensor) -> dic
     # the checkpoint's C so that every batch starts from the C the run ended with.
     predictor = method.predictor
     saved = {k: v.clone() for k, v in predictor.state_dict().items()}
-    (p1, _), _ = observe_and_predict(predictor, zs)
+    p, _ = observe_and_predict(predictor, torch.cat(zs), n_views=2)
     predictor.load_state_dict(saved)
     z1, z2 = zs
+    p1 = p[: len(z1)]
     norm = z1.norm(dim=-1)
     bulk = norm < norm.quantile(BULK_QUANTILE)
     unit = torch.nn.functional.normalize(z1[bulk], dim=-1)
