@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ivreg.config import COMPILE_MODES  # noqa: E402
+from ivreg.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
 from ivreg.data.augment import ViewSpec, build_view_transform, load_view_specs  # noqa: E402
 from ivreg.data.batched_aug import build_batched_views  # noqa: E402
 
@@ -343,6 +343,7 @@ def build_step_run(
     compile_aug: str = "auto",
     compile_model: bool = False,
     compile_mode: str = "default",
+    compile_scope: str = "modules",
 ) -> Any:
     """One method's shipped CIFAR config as a one-epoch run of ``n_steps`` training steps on
     synthetic 32x32 images (device-resident pipeline, no validation, no files)."""
@@ -361,6 +362,7 @@ def build_step_run(
         f"++performance.compile_augmentation={compile_aug}",
         f"++performance.compile={compile_model}",
         f"++performance.compile_mode={compile_mode}",
+        f"++performance.compile_scope={compile_scope}",
         "max_epochs=1",
         "scheduler.warmup_epochs=0",
         "checkpoint.enabled=False",
@@ -395,12 +397,22 @@ def bench_steps(
     profile_dir: Path | None = None,
     compile_model: bool = False,
     compile_mode: str = "default",
+    compile_scope: str = "modules",
 ) -> dict[str, Any]:
     """Steps/s and peak memory of one method's full training step (Lightning, resident data);
     with ``profile`` also kernel launches and host syncs per step."""
     dev = torch.device(device)
     run = build_step_run(
-        method, device, batch_size, warmup + steps, backbone, precision, compile_aug, compile_model, compile_mode
+        method,
+        device,
+        batch_size,
+        warmup + steps,
+        backbone,
+        precision,
+        compile_aug,
+        compile_model,
+        compile_mode,
+        compile_scope,
     )
     timer = _StepTimer(warmup, steps, dev, profile=profile)
     run.trainer.callbacks.append(timer.callback)
@@ -415,7 +427,7 @@ def bench_steps(
         "images_per_s": timer.steps * batch_size / seconds if seconds > 0 else float("nan"),
         "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "augmentation_compiled": bool(run.datamodule.compile_augmentation),
-        "model_compiled": compile_model and compile_mode,
+        "model_compiled": compile_model and f"{compile_scope}, {compile_mode}",
     }
     result.update(timer.report(profile_dir, method) if profile else {})
     return result
@@ -432,7 +444,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"[steps] {args.device}: {backbone}, batch {batch}, {steps} timed steps after {warmup}, precision {precision}, "
         f"compile_augmentation={args.compile_aug}, compile={args.compile}"
-        + (f" (mode {args.compile_mode})" if args.compile else "")
+        + (f" ({args.compile_scope}, mode {args.compile_mode})" if args.compile else "")
         + (" (profiled: timings include the profiler)" if profile else "")
     )
     results = {}
@@ -450,6 +462,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
             args.trace_dir,
             compile_model=args.compile,
             compile_mode=args.compile_mode,
+            compile_scope=args.compile_scope,
         )
         mem = f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
         epoch = 50000 // batch / r["steps_per_s"]
@@ -462,7 +475,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"  {method:<18} {r['steps_per_s']:8.2f} steps/s  {r['images_per_s']:9.0f} images/s  "
             f"(a CIFAR-10 epoch: {epoch:6.1f} s){mem}  [{r['precision']}, aug compiled: "
-            f"{r['augmentation_compiled']}, backbone+projector compiled: {r['model_compiled']}]{extra}",
+            f"{r['augmentation_compiled']}, compiled: {r['model_compiled']}]{extra}",
             flush=True,
         )
         results[method] = r
@@ -605,7 +618,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-aug", choices=["auto", "True", "False"], default="auto", help="performance.compile_augmentation"
     )
     steps.add_argument(
-        "--compile", action="store_true", help="performance.compile=True: torch.compile backbone and projector"
+        "--compile", action="store_true", help="performance.compile=True (what it compiles: --compile-scope)"
+    )
+    steps.add_argument(
+        "--compile-scope",
+        default="modules",
+        choices=COMPILE_SCOPES,
+        help="performance.compile_scope: backbone and projector (modules) or the whole forward step (step)",
     )
     steps.add_argument(
         "--compile-mode",

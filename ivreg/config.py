@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "performance": {
         "channels_last": "auto",
         "compile": False,
+        "compile_scope": "modules",
         "compile_mode": "default",
         "compile_augmentation": "auto",
     },
@@ -148,6 +149,10 @@ LR_SCALINGS = ("linear", "none")
 # removes the per-kernel launch cost that bounds a ResNet-18 step on a fast GPU.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# What performance.compile compiles: "modules" (backbone, projector and EMA copy, one graph
+# each per call) or "step" (the training step's whole forward pass, two graphs split at the
+# eigendecomposition, and their backward passes).
+COMPILE_SCOPES = ("modules", "step")
 LR_REFERENCE_BATCH = 256
 
 
@@ -224,6 +229,10 @@ def validate(cfg: DictConfig) -> None:
         )
     mode = cfg.performance.get("compile_mode", "default")
     _require(mode in COMPILE_MODES, f"performance.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    scope = cfg.performance.get("compile_scope", "modules")
+    _require(
+        scope in COMPILE_SCOPES, f"performance.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}"
+    )
 
 
 def method_label(cfg: Mapping) -> str:

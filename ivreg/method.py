@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -31,7 +31,7 @@ from ivreg.data.datasets import dataset_info
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.optim import build_optimizer, build_scheduler, trainable_params
-from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, spectrum_metrics
+from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, observe_views, spectrum_metrics
 from ivreg.readout import OnlineReadout
 from ivreg.targets import EMATarget, StopGradTarget, cosine_tau
 
@@ -109,6 +109,7 @@ class SSLMethod(L.LightningModule):
         self._grad_stats: torch.Tensor | None = None
         # Set by apply_performance_options when the compiled modules replay CUDA graphs.
         self.cudagraph_steps = False
+        self._compiled_step: Callable[..., Any] | None = None
 
     # ----------------------------------------------------------------------------- steps
     def online_parameters(self) -> list[nn.Parameter]:
@@ -121,13 +122,40 @@ class SSLMethod(L.LightningModule):
 
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
+        loss, metrics = self.step_fn(views, labels)
+        self._record(metrics)
+        return loss
+
+    @property
+    def step_fn(self) -> Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """``forward_step``, or its ``torch.compile``d version (``performance.compile=step``)."""
+        return self._compiled_step if self._compiled_step is not None else self.forward_step
+
+    def compile_step(self, **compile_kwargs: Any) -> None:
+        """Run ``forward_step`` through ``torch.compile`` from now on: the whole forward pass of
+        a training step (both views through backbone and projector, the EMA target, predictor,
+        loss, readouts and metrics) becomes two graphs, split at the update of C and its
+        eigendecomposition (eager: they may all-reduce and they check for errors on the host),
+        and AOTAutograd compiles their backward passes as well."""
+        self._compiled_step = torch.compile(self.forward_step, **compile_kwargs)
+
+    def forward_step(
+        self, views: list[torch.Tensor], labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss to minimise and this step's metrics (tensors), without touching the trainer,
+        so that it can be compiled as a whole."""
         n_views = len(views)
         # Each view through backbone and projector on its own (their BatchNorm statistics are
         # per view, as in the reference); from there on, the views travel concatenated in view
         # order, so the predictor, the loss and the readout cost one set of ops for all views.
         feats = [self.backbone(v) for v in views]
         z = torch.cat([self.projector(f) for f in feats])
-        p, p_sqrt = observe_and_predict(self.predictor, z, n_views, per_view=self.decompose_per_view)
+        if self.decompose_per_view:
+            p, p_sqrt = observe_and_predict(self.predictor, z, n_views, per_view=True)
+        else:  # observe_and_predict's default order, spelled out so that a compiled step
+            # splits its graph here (observe_views runs eager) and not inside a nested frame
+            observe_views(self.predictor, z, n_views)
+            p, p_sqrt = self.predictor.predict_views(z, n_views)
         z_t = self.target(views, z)
         ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views)
 
@@ -158,8 +186,7 @@ class SSLMethod(L.LightningModule):
             class_loss = class_loss + random_loss
             metrics["train_hits_random"] = random_hits.float()
         self.nonfinite_steps += (~torch.isfinite(ssl_loss)).long()
-        self._record(metrics)
-        return ssl_loss + class_loss
+        return ssl_loss + class_loss, metrics
 
     # ------------------------------------------------------------------ lazy metric sums
     def _record(self, metrics: dict[str, torch.Tensor]) -> None:

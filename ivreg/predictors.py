@@ -126,17 +126,16 @@ class SpectralPredictor(nn.Module):
     def decompose(self) -> None:
         with _no_autocast(self.corr.C):
             try:
-                s, u = torch.linalg.eigh(self.corr.C)
+                # Into the same buffers every step: a compiled step replayed as CUDA graphs
+                # reads them at fixed addresses. Predictions made from an earlier decomposition
+                # (with ``per_view``) are safe: their backward keeps W_p, not these buffers.
+                torch.linalg.eigh(self.corr.C, out=(self.eigvals, self.eigvecs))
             except RuntimeError as exc:  # LAPACK refuses matrices holding NaN or inf
                 raise TrainingError(
                     "the eigendecomposition of the projection correlation matrix C failed "
                     f"({str(exc).splitlines()[0]}); the projections have become NaN or infinite. "
                     "The last checkpoint from a finite epoch is kept; try a lower optimizer.lr or precision=32."
                 ) from exc
-        # New tensors, not in-place copies: predictions made from the previous decomposition
-        # (the views before this one, with ``observe_and_predict(per_view=True)``) still need
-        # it for their backward pass.
-        self.eigvals, self.eigvecs = s, u
         self._decomposed = True
 
     def scaled_eigvals(self) -> torch.Tensor:
@@ -182,6 +181,17 @@ class SpectralPredictor(nn.Module):
         self._decomposed = False  # C changed: decompose again before the next prediction
 
 
+@torch.compiler.disable  # eager inside a compiled step: C may be all-reduced and eigh checks on the host
+def observe_views(predictor: MLPPredictor | SpectralPredictor, z: torch.Tensor, n_views: int) -> None:
+    """``predictor.observe`` of the detached projections ``z`` of ``n_views`` views of equal
+    size concatenated in view order. Called from a compiled step, this is where the step's
+    forward graph splits in two (``SSLMethod.forward_step`` calls it directly, so that all that
+    follows it is one graph)."""
+    if z.shape[0] % n_views:
+        raise ValueError(f"{z.shape[0]} projections cannot be {n_views} views of equal size")
+    predictor.observe(z.detach().unflatten(0, (n_views, -1)))
+
+
 def observe_and_predict(
     predictor: MLPPredictor | SpectralPredictor, z: torch.Tensor, n_views: int, per_view: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -195,14 +205,14 @@ def observe_and_predict(
     view 1 then sees a C without view 2's Gram matrix, which matters with the no-EMA
     ``dp_tau`` of 0.5.
     """
+    if not per_view:
+        observe_views(predictor, z, n_views)
+        return predictor.predict_views(z, n_views)
     if z.shape[0] % n_views:
         raise ValueError(f"{z.shape[0]} projections cannot be {n_views} views of equal size")
-    if not per_view:
-        predictor.observe(z.detach().unflatten(0, (n_views, -1)))
-        return predictor.predict_views(z, n_views)
     ps, p_sqrts = [], []
     for view in z.chunk(n_views):
-        predictor.observe(view.detach()[None])
+        observe_views(predictor, view, 1)
         p, p_sqrt = predictor(view)
         ps.append(p)
         p_sqrts.append(p_sqrt)

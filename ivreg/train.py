@@ -205,8 +205,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: PretrainDataModule, on_gpu: bool) -> None:
     """channels_last memory format (default on GPUs, where cuDNN's convolutions prefer it),
     ``torch.compile`` of the batched augmentation (default on GPUs, where eager it is launch
-    bound) and optional ``torch.compile`` of the backbone and projector (and the EMA copy of
-    both) with ``performance.compile_mode``, in place so checkpoint keys do not change."""
+    bound) and optional ``torch.compile`` with ``performance.compile_mode``: of the backbone and
+    projector (and the EMA copy of both) in place, so checkpoint keys do not change, or with
+    ``performance.compile_scope=step`` of the training step's forward pass as a whole."""
     perf = cfg.performance
     channels_last = on_gpu if str(perf.channels_last) == "auto" else bool(perf.channels_last)
     compile_aug = perf.get("compile_augmentation", "auto")
@@ -216,10 +217,13 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
         datamodule.channels_last = True
     if perf.compile:
         mode = str(perf.get("compile_mode", "default"))
-        model.backbone.compile(mode=mode)
-        model.projector.compile(mode=mode)
-        if model.target.has_copy:
-            model.target.net.compile(mode=mode)
+        if perf.get("compile_scope", "modules") == "step":
+            model.compile_step(mode=mode)
+        else:
+            model.backbone.compile(mode=mode)
+            model.projector.compile(mode=mode)
+            if model.target.has_copy:
+                model.target.net.compile(mode=mode)
         model.cudagraph_steps = mode in CUDAGRAPH_COMPILE_MODES
 
 

@@ -38,6 +38,7 @@ def main() -> None:
         "max_epochs=1",
         "scheduler.name=none",
         "++limit_train_batches=3",
+        *sys.argv[5:],  # more overrides
     ]
     run = build_run(compose(str(CIFAR_CONFIGS), config, overrides))
     run.trainer.callbacks.append(SaveRankState(out))

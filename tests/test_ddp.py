@@ -10,11 +10,18 @@ import torch
 from .conftest import ROOT
 
 
-@pytest.mark.parametrize("config", ["isoloss.yaml"])
-def test_ddp_ranks_share_the_correlation_matrix(config: str, image_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("config", "extra"),
+    [
+        ("isoloss.yaml", []),
+        # the compiled step (sync BatchNorm inside its graphs, C's all-reduce between them)
+        ("isoloss-noema.yaml", ["++performance.compile=True", "++performance.compile_scope=step"]),
+    ],
+)
+def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], image_data, tmp_path: Path) -> None:
     train, val = image_data
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), config],
+        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), config, *extra],
         capture_output=True,
         text=True,
         timeout=900,

@@ -121,3 +121,69 @@ def test_scheduler_steps_every_group_from_its_own_base_lr() -> None:
         build_scheduler("warmup_cosine", opt, steps_per_epoch=10, max_epochs=1, warmup_epochs=10)
     with pytest.raises(ConfigError, match="unknown scheduler"):
         build_scheduler("step", opt, steps_per_epoch=10, max_epochs=1)
+
+
+def _lars_net() -> nn.Module:
+    """Convolutions in channels_last (as on GPUs), BatchNorm vectors, a linear layer."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+    )
+    return net.to(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("exclude", [True, False])
+def test_lars_flat_update_matches_reference_with_channels_last_and_two_groups(exclude: bool) -> None:
+    torch.manual_seed(1)
+    net = _lars_net()
+    ssl, clf = list(net[:3].parameters()), list(net[4].parameters())
+    assert ssl[0].is_contiguous(memory_format=torch.channels_last) and not ssl[0].is_contiguous()
+    opt = build_optimizer("lars", ssl, clf, 0.3, 0.1, 1e-4, {"eta": 0.02, "exclude_bias_n_norm": exclude})
+    refs = [[p.detach().clone() for p in ps] for ps in (ssl, clf)]
+    bufs = [[None] * len(ps) for ps in (ssl, clf)]
+    for _ in range(3):
+        net.zero_grad()
+        net(torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last)).square().mean().backward()
+        grads = [[p.grad.clone() for p in ps] for ps in (ssl, clf)]
+        opt.step()
+        for i, (lr, wd) in enumerate(((0.3, 1e-4), (0.1, 0.0))):
+            refs[i] = _reference_lars_step(refs[i], grads[i], bufs[i], lr, wd, 0.02, False, exclude)
+    for ps, ref in zip((ssl, clf), refs):
+        for p, r in zip(ps, ref):
+            torch.testing.assert_close(p.detach(), r, atol=1e-6, rtol=1e-5)
+
+
+def test_lars_resumes_from_its_state_dict_exactly() -> None:
+    """Momentum buffers saved and loaded continue the run bit for bit; a tensor without a
+    gradient keeps its value and its buffer."""
+    import io
+
+    torch.manual_seed(2)
+    nets = [_lars_net(), _lars_net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [LARS(net.parameters(), lr=0.2, weight_decay=1e-4, exclude_bias_n_norm=True) for net in nets]
+    xs = [torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last) for _ in range(5)]
+
+    def step(i: int, x: torch.Tensor, freeze_last: bool = False) -> None:
+        nets[i].zero_grad(set_to_none=True)
+        nets[i](x).square().mean().backward()
+        if freeze_last:
+            nets[i][4].bias.grad = None
+        opts[i].step()
+
+    for x in xs[:2]:
+        step(0, x)
+        step(1, x)
+    saved = io.BytesIO()
+    torch.save(opts[1].state_dict(), saved)
+    saved.seek(0)
+    opts[1] = LARS(nets[1].parameters(), lr=0.2, weight_decay=1e-4, exclude_bias_n_norm=True)
+    opts[1].load_state_dict(torch.load(saved))
+    bias, buf = nets[0][4].bias.detach().clone(), opts[0].state[nets[0][4].bias]["momentum_buffer"].clone()
+    step(0, xs[2], freeze_last=True)
+    step(1, xs[2], freeze_last=True)
+    assert torch.equal(nets[0][4].bias, bias) and torch.equal(opts[0].state[nets[0][4].bias]["momentum_buffer"], buf)
+    for x in xs[3:]:
+        step(0, x)
+        step(1, x)
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)

@@ -134,7 +134,9 @@ def extract_features(
     feats, labels = [], []
     try:
         for images, y in loader:
-            feats.append(backbone(images.to(device, non_blocking=True)).float())
+            # A copy, not the output itself: a backbone compiled with CUDA graphs
+            # (performance.compile_mode=reduce-overhead) reuses its output memory on the next call.
+            feats.append(backbone(images.to(device, non_blocking=True)).to(torch.float32, copy=True))
             labels.append(torch.as_tensor(y).to(device))
     finally:
         backbone.train(was_training)
