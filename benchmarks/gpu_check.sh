@@ -17,9 +17,12 @@
 #             and BYOL (bf16), on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
 #             stopped after 9, 9 and 8 epochs; one file per run in $OUT holds its log, its
 #             epochs.csv and, for the DirectPred-family runs, the projection geometry of the
-#             last checkpoint. ACCURACY_RUNS="method:epochs:precision[:seed] ..." chooses other
-#             runs (seed 5 where none is given), e.g. a seed sweep of IsoLoss without EMA:
+#             last checkpoint. ACCURACY_RUNS="method:epochs:precision[:seed[:pipeline[:compile]]] ..."
+#             chooses other runs (seed 5, pipeline auto, eager where not given; compile is
+#             scope-mode), e.g. a seed sweep of IsoLoss without EMA:
 #             ACCURACY_RUNS="isoloss-noema:9:bf16:1 isoloss-noema:9:bf16:2 isoloss-noema:9:bf16:3"
+#             or the fast path against the worker pipeline, as the speed issue asks:
+#             ACCURACY_RUNS="byol:4:bf16:5:resident:step-reduce-overhead byol:4:bf16:5:workers"
 # Everything lands in at most 5 + (number of runs) files under $OUT, each written as it goes,
 # so a run cut off by a time limit still returns what it measured.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
@@ -68,13 +71,19 @@ for section in $SECTIONS; do
         ;;
     accuracy)
         for spec in ${ACCURACY_RUNS:-isoloss-noema:9:16 byol:8:bf16 isoloss-noema:9:bf16}; do
-            IFS=: read -r method epochs precision seed <<< "$spec"
+            IFS=: read -r method epochs precision seed pipeline compiled <<< "$spec"
             seed=${seed:-5}
-            log="$OUT/${method}_${precision}_seed$seed.txt"
+            pipeline=${pipeline:-auto}
+            compiled=${compiled:-eager}
+            compile_flags=""
+            if [ "$compiled" != eager ]; then  # scope-mode, e.g. step-reduce-overhead
+                compile_flags="--compile ++performance.compile_scope=${compiled%%-*} ++performance.compile_mode=${compiled#*-}"
+            fi
+            log="$OUT/${method}_${precision}_seed${seed}_${pipeline}_${compiled}.txt"
             python3 benchmarks/cifar10_short.py --method "$method" --stop-after "$epochs" \
-                --precision "$precision" --seed "$seed" --archive "$ARCHIVE" --cache "$CACHE" --workers 12 \
-                --out "$RUNS" ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$log"
-            run_dir=$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}"_* | tail -1)  # the newest: this one
+                --precision "$precision" --seed "$seed" --pipeline "$pipeline" --archive "$ARCHIVE" --cache "$CACHE" \
+                --workers 12 --out "$RUNS" $compile_flags ${EXTRA_ARGS:-} 2>&1 | quiet | tee "$log"
+            run_dir=$(ls -d "$RUNS"/cifar10_short_"${method}_${precision}_${pipeline}"_* | tail -1)  # the newest: this one
             { echo "== $run_dir/epochs.csv"; cat "$run_dir/epochs.csv"; } >>"$log" 2>&1
             case $method in  # bulk collapse, outliers' share of C, float16 margins
             isoloss* | directpred*)
