@@ -23,11 +23,14 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
+from torch._dynamo.exc import TorchDynamoException
+from torch._inductor.exc import InductorError
 from torchmetrics.classification import MulticlassAccuracy
 
 from ivreg.backbones import build_backbone
 from ivreg.config import lr_scale, uses_ema
 from ivreg.data.datasets import dataset_info
+from ivreg.errors import TrainingError
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.optim import build_optimizer, build_scheduler, trainable_params
@@ -122,7 +125,14 @@ class SSLMethod(L.LightningModule):
 
     def training_step(self, batch: tuple[list[torch.Tensor], torch.Tensor], batch_idx: int) -> torch.Tensor:
         views, labels = batch
-        loss, metrics = self.step_fn(views, labels)
+        try:
+            loss, metrics = self.step_fn(views, labels)
+        except (TorchDynamoException, InductorError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise TrainingError(
+                f"torch.compile of the training step failed ({type(exc).__name__}: {first}); "
+                "train eagerly with performance.compile=False"
+            ) from exc
         self._record(metrics)
         return loss
 

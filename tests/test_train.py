@@ -326,3 +326,29 @@ def test_compile_scope_step_trains_with_inductor_like_eager(image_data, tmp_path
 def test_unknown_compile_scope_is_refused(image_data, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="performance.compile_scope must be one of modules, step"):
         build_run(_one_epoch_cfg("byol.yaml", image_data, tmp_path, "++performance.compile_scope=everything"))
+
+
+def test_a_failing_compiler_is_named(image_data, tmp_path: Path) -> None:
+    """A compiler failure stops the run with an error that says how to train without it."""
+    run = build_run(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path))
+
+    def failing_backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no C compiler found")
+
+    torch._dynamo.reset()
+    run.model.compile_step(backend=failing_backend)
+    with pytest.raises(TrainingError, match=r"torch.compile of the training step failed .*performance.compile=False"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+
+
+def test_nonfinite_projections_in_a_compiled_step_give_the_eager_error(image_data, tmp_path: Path) -> None:
+    """The eigendecomposition's error passes through the compiled step unchanged (it runs eager
+    between the step's two graphs), so a diverged run reads the same in both modes."""
+    run = build_run(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path))
+    torch._dynamo.reset()
+    run.model.compile_step(backend=lambda gm, example_inputs: gm.forward)
+    with torch.no_grad():
+        run.model.projector[0].weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="NaN or infinite") as raised:
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert "torch.compile" not in str(raised.value)
