@@ -344,6 +344,7 @@ def build_step_run(
     compile_model: bool = False,
     compile_mode: str = "default",
     compile_scope: str = "modules",
+    batch_views: str = "auto",
 ) -> Any:
     """One method's shipped CIFAR config as a one-epoch run of ``n_steps`` training steps on
     synthetic 32x32 images (device-resident pipeline, no validation, no files)."""
@@ -363,6 +364,7 @@ def build_step_run(
         f"++performance.compile={compile_model}",
         f"++performance.compile_mode={compile_mode}",
         f"++performance.compile_scope={compile_scope}",
+        f"++performance.batch_views={batch_views}",
         "max_epochs=1",
         "scheduler.warmup_epochs=0",
         "checkpoint.enabled=False",
@@ -398,6 +400,7 @@ def bench_steps(
     compile_model: bool = False,
     compile_mode: str = "default",
     compile_scope: str = "modules",
+    batch_views: str = "auto",
 ) -> dict[str, Any]:
     """Steps/s and peak memory of one method's full training step (Lightning, resident data);
     with ``profile`` also kernel launches and host syncs per step."""
@@ -413,6 +416,7 @@ def bench_steps(
         compile_model,
         compile_mode,
         compile_scope,
+        batch_views,
     )
     timer = _StepTimer(warmup, steps, dev, profile=profile)
     run.trainer.callbacks.append(timer.callback)
@@ -445,6 +449,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
         f"[steps] {args.device}: {backbone}, batch {batch}, {steps} timed steps after {warmup}, precision {precision}, "
         f"compile_augmentation={args.compile_aug}, compile={args.compile}"
         + (f" ({args.compile_scope}, mode {args.compile_mode})" if args.compile else "")
+        + f", batch_views={args.batch_views}"
         + (" (profiled: timings include the profiler)" if profile else "")
     )
     results = {}
@@ -463,6 +468,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
             compile_model=args.compile,
             compile_mode=args.compile_mode,
             compile_scope=args.compile_scope,
+            batch_views=args.batch_views,
         )
         mem = f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
         epoch = 50000 // batch / r["steps_per_s"]
@@ -573,7 +579,11 @@ def run_census(args: argparse.Namespace) -> dict[str, Any]:
     )
     results = {}
     for method in args.methods or STEP_METHODS:
-        run = build_step_run(method, args.device, batch, warmup + steps, backbone, args.precision or "32", "False")
+        # all views in one pass, as on GPUs (--batch-views chooses otherwise)
+        views = "True" if args.batch_views == "auto" else args.batch_views
+        run = build_step_run(
+            method, args.device, batch, warmup + steps, backbone, args.precision or "32", "False", batch_views=views
+        )
         census = _OpCensus(run.model, warmup, steps)
         run.trainer.callbacks.append(census.callback)
         run.trainer.fit(run.model, datamodule=run.datamodule)
@@ -631,6 +641,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         choices=COMPILE_MODES,
         help="performance.compile_mode (reduce-overhead: CUDA graphs)",
+    )
+    steps.add_argument(
+        "--batch-views",
+        choices=("auto", "True", "False"),
+        default="auto",
+        help="performance.batch_views: all views in one network pass (auto: on GPUs), or one pass per view",
     )
     steps.add_argument(
         "--profile", action="store_true", help="profile the timed steps: top ops, launches and host syncs per step"

@@ -58,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "compile_scope": "modules",
         "compile_mode": "default",
         "compile_augmentation": "auto",
+        "batch_views": "auto",
     },
     "optimizer": {
         "name": "lars",
@@ -222,7 +223,7 @@ def validate(cfg: DictConfig) -> None:
     fraction = _number(cfg, "data.fraction")
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
     _require(int(cfg.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
-    for key in ("channels_last", "compile_augmentation"):
+    for key in ("channels_last", "compile_augmentation", "batch_views"):
         value = cfg.performance.get(key, "auto")
         _require(
             isinstance(value, bool) or value == "auto", f"performance.{key} must be auto, True or False, got {value!r}"

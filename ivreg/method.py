@@ -1,6 +1,6 @@
 """The pretraining LightningModule: a composition of the parts, and the step that joins them.
 
-    each view -> backbone -> feats -> projector -> z (all views concatenated)
+    views (concatenated) -> backbone -> feats -> projector -> z   # BatchNorm statistics per view
     predictor.observe(z.detach())                    # running C; eigh once per step (or per view)
     p, p_sqrt = predictor.predict_views(z)
     z_t = target(views, z)                           # EMA copy or stop-gradient online z
@@ -33,6 +33,7 @@ from ivreg.data.datasets import dataset_info
 from ivreg.errors import TrainingError
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
+from ivreg.norms import ViewGroups, follows_view_groups, run_views, share_view_groups
 from ivreg.optim import build_optimizer, build_scheduler, trainable_params
 from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, observe_views, spectrum_metrics
 from ivreg.readout import OnlineReadout
@@ -112,9 +113,26 @@ class SSLMethod(L.LightningModule):
         self._grad_stats: torch.Tensor | None = None
         # Set by apply_performance_options when the compiled modules replay CUDA graphs.
         self.cudagraph_steps = False
+        # One network call for all views, with per-view BatchNorm statistics (ivreg.norms): set
+        # by apply_performance_options (performance.batch_views); on_train_start turns it off
+        # if the BatchNorm layers were swapped (SyncBatchNorm).
+        self.view_groups = ViewGroups()
+        share_view_groups(self._view_networks(), self.view_groups)
+        self.batch_views = False
         self._compiled_step: Callable[..., Any] | None = None
 
     # ----------------------------------------------------------------------------- steps
+    def _view_networks(self) -> list[nn.Module]:
+        """The networks that see the views during training (not the readouts, whose
+        BatchNorm normalises all views together)."""
+        nets: list[nn.Module] = [self.backbone, self.projector, self.predictor, self.target]
+        return nets + ([self.random_backbone] if self.random_backbone is not None else [])
+
+    def on_train_start(self) -> None:
+        if self.batch_views and not follows_view_groups(self._view_networks(), self.view_groups):
+            # e.g. SyncBatchNorm: its statistics would span all views, so go view by view
+            self.batch_views = False
+
     def online_parameters(self) -> list[nn.Parameter]:
         """Parameters the EMA target follows, in the order of ``EMATarget.net``."""
         return list(itertools.chain(self.backbone.parameters(), self.projector.parameters()))
@@ -155,23 +173,26 @@ class SSLMethod(L.LightningModule):
         """The loss to minimise and this step's metrics (tensors), without touching the trainer,
         so that it can be compiled as a whole."""
         n_views = len(views)
-        # Each view through backbone and projector on its own (their BatchNorm statistics are
-        # per view, as in the reference); from there on, the views travel concatenated in view
-        # order, so the predictor, the loss and the readout cost one set of ops for all views.
-        feats = [self.backbone(v) for v in views]
-        z = torch.cat([self.projector(f) for f in feats])
+        # All views travel concatenated in view order: backbone and projector run once on the
+        # whole batch, their BatchNorm layers keeping per-view statistics as in the reference
+        # (ivreg.norms), and the predictor, the loss and the readout cost one set of ops for all
+        # views. Views of different sizes go one by one.
+        same_size = all(v.shape == views[0].shape for v in views)
+        inputs: torch.Tensor | list[torch.Tensor] = torch.cat(views) if same_size else list(views)
+        groups = self.view_groups if self.batch_views else None
+        feats = run_views(self.backbone, inputs, n_views, groups)
+        z = run_views(self.projector, feats, n_views, groups)
         if self.decompose_per_view:
             p, p_sqrt = observe_and_predict(self.predictor, z, n_views, per_view=True)
         else:  # observe_and_predict's default order, spelled out so that a compiled step
             # splits its graph here (observe_views runs eager) and not inside a nested frame
             observe_views(self.predictor, z, n_views)
             p, p_sqrt = self.predictor.predict_views(z, n_views)
-        z_t = self.target(views, z)
+        z_t = self.target(inputs, z, n_views, groups)
         ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views)
 
         all_labels = labels.repeat(n_views)
-        all_feats = torch.cat(feats)
-        class_loss, hits, count = self.readout.loss_and_hits(all_feats, all_labels)
+        class_loss, hits, count = self.readout.loss_and_hits(feats, all_labels)
         with torch.no_grad():
             z_all = z.unflatten(0, (n_views, -1)).float()
             z_std = F.normalize(z_all, dim=-1).std(dim=1).mean()
@@ -185,13 +206,13 @@ class SSLMethod(L.LightningModule):
             "train_count": count.float(),
         }
         if self.raw_readout is not None:
-            raw_loss, raw_hits, _ = self.raw_readout.loss_and_hits(all_feats, all_labels)
+            raw_loss, raw_hits, _ = self.raw_readout.loss_and_hits(feats, all_labels)
             class_loss = class_loss + raw_loss
             metrics["train_class_loss_raw"] = raw_loss.detach()
             metrics["train_hits_raw"] = raw_hits.float()
         if self.random_backbone is not None and self.random_readout is not None:
             with torch.no_grad():
-                random_feats = torch.cat([self.random_backbone(v) for v in views])
+                random_feats = run_views(self.random_backbone, inputs, n_views, groups)
             random_loss, random_hits, _ = self.random_readout.loss_and_hits(random_feats, all_labels)
             class_loss = class_loss + random_loss
             metrics["train_hits_random"] = random_hits.float()
@@ -265,6 +286,7 @@ class SSLMethod(L.LightningModule):
         return cosine_tau(self.global_step, int(self.trainer.estimated_stepping_batches), self.base_tau, self.final_tau)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.view_groups.count = 1  # in case a failed step left it set
         self._mark_cudagraph_step()
 
     def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ivreg.norms import ViewGroups, run_views
+
 
 def cosine_tau(step: int, total_steps: int, base_tau: float, final_tau: float) -> float:
     """tau(k) = final - (final - base) (cos(pi k / K) + 1) / 2: base at k=0, final at k=K."""
@@ -30,7 +32,13 @@ class StopGradTarget(nn.Module):
 
     has_copy = False
 
-    def forward(self, views: Sequence[torch.Tensor], online_z: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        views: torch.Tensor | Sequence[torch.Tensor],
+        online_z: torch.Tensor,
+        n_views: int,
+        groups: ViewGroups | None = None,
+    ) -> torch.Tensor:
         """``online_z``: the online projections of all views, concatenated in view order."""
         return online_z.detach()
 
@@ -54,10 +62,16 @@ class EMATarget(nn.Module):
         self.net.requires_grad_(False)
 
     @torch.no_grad()
-    def forward(self, views: Sequence[torch.Tensor], online_z: torch.Tensor) -> torch.Tensor:
-        """The copy's projections of each view (one view at a time, as the online network saw
-        them), concatenated in view order."""
-        return torch.cat([self.net(v) for v in views])
+    def forward(
+        self,
+        views: torch.Tensor | Sequence[torch.Tensor],
+        online_z: torch.Tensor,
+        n_views: int,
+        groups: ViewGroups | None = None,
+    ) -> torch.Tensor:
+        """The copy's projections of all views, concatenated in view order, with per-view
+        BatchNorm statistics as the online network had them (see ``ivreg.norms.run_views``)."""
+        return run_views(self.net, views if isinstance(views, torch.Tensor) else list(views), n_views, groups)
 
     @torch.no_grad()
     def update(self, online_params: Sequence[torch.Tensor], tau: float) -> None:

@@ -203,7 +203,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
 
 
 def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: PretrainDataModule, on_gpu: bool) -> None:
-    """channels_last memory format (default on GPUs, where cuDNN's convolutions prefer it),
+    """channels_last memory format (default on GPUs, where cuDNN's convolutions prefer it), all
+    views in one network pass (default on GPUs, where it saves launches; on the CPU the
+    per-view BatchNorm's copies cost more than they save),
     ``torch.compile`` of the batched augmentation (default on GPUs, where eager it is launch
     bound) and optional ``torch.compile`` with ``performance.compile_mode``: of the backbone and
     projector (and the EMA copy of both) in place, so checkpoint keys do not change, or with
@@ -215,6 +217,8 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
     if channels_last:
         model.to(memory_format=torch.channels_last)
         datamodule.channels_last = True
+    batch_views = perf.get("batch_views", "auto")
+    model.batch_views = on_gpu if str(batch_views) == "auto" else bool(batch_views)
     if perf.compile:
         mode = str(perf.get("compile_mode", "default"))
         if perf.get("compile_scope", "modules") == "step":

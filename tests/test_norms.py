@@ -1,4 +1,5 @@
-"""ivreg.norms: BatchNorm without the training-time num_batches_tracked increment."""
+"""ivreg.norms: BatchNorm without the training-time num_batches_tracked increment, and with
+per-view statistics for all views in one call."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ivreg.backbones import build_backbone
 from ivreg.heads import mlp
-from ivreg.norms import BatchNorm1d, BatchNorm2d
+from ivreg.norms import (
+    BatchNorm1d,
+    BatchNorm2d,
+    ViewGroups,
+    follows_view_groups,
+    run_views,
+    share_view_groups,
+)
 
 
 class _CountAdds(TorchDispatchMode):
@@ -73,3 +81,50 @@ def test_backbone_and_heads_use_them_and_keep_torchvision_keys() -> None:
     assert set(net.state_dict()) == reference
     net(torch.randn(2, 3, 32, 32))
     assert all(int(m.num_batches_tracked) == 0 for m in norms)
+
+
+def _twins(seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(seed)
+    net = build_backbone("resnet10", cifar_stem=True)
+    twin = build_backbone("resnet10", cifar_stem=True)
+    twin.load_state_dict(net.state_dict())
+    return net, twin
+
+
+@pytest.mark.parametrize("n_views", [2, 3])
+def test_all_views_in_one_call_equal_one_call_per_view(n_views: int) -> None:
+    """With view groups a ResNet on the concatenated views gives each view's features, the
+    running statistics and the weight gradients of one call per view, in view order."""
+    batched, per_view = _twins()
+    groups = ViewGroups()
+    share_view_groups([batched], groups)
+    views = [torch.randn(4, 3, 16, 16, dtype=torch.float64) + v for v in range(n_views)]  # views differ in mean
+    batched.double()
+    per_view.double()
+    out = run_views(batched, torch.cat(views), n_views, groups)
+    expected = run_views(per_view, views, n_views, None)
+    torch.testing.assert_close(out, expected)
+    assert groups.count == 1  # reset after the call
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(batched.named_parameters(), per_view.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)
+    for (name, a), b in zip(batched.named_buffers(), per_view.buffers()):
+        torch.testing.assert_close(a, b, msg=name)  # running statistics: n_views updates each
+    # Without the groups the same call would normalise all views together: different features.
+    assert not torch.allclose(batched(torch.cat(views)), expected)
+
+
+def test_view_groups_apply_in_training_only_and_are_found_or_missed() -> None:
+    net, _ = _twins(1)
+    groups = ViewGroups()
+    heads = mlp(512, 32, 8)
+    share_view_groups([net, heads], groups)
+    assert follows_view_groups([net, heads], groups) and not follows_view_groups([net], ViewGroups())
+    net.eval()
+    x = torch.randn(6, 3, 16, 16)
+    groups.count = 2
+    torch.testing.assert_close(net(x), torch.cat([net(x[:3]), net(x[3:])]))  # eval: running statistics
+    groups.count = 1
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
+    assert not follows_view_groups([net, synced], groups)  # Lightning's sync BatchNorm: view by view

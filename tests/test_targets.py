@@ -31,7 +31,7 @@ def test_ema_update_formula_and_no_gradients() -> None:
     for t, b, o in zip(target.net.parameters(), before, online.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * o)
     views = [torch.randn(5, 3), torch.randn(5, 3)]
-    out = target(views, torch.empty(0))
+    out = target(views, torch.empty(0), 2)
     assert out.shape == (10, 2) and not out.requires_grad
     torch.testing.assert_close(out, torch.cat([target.net(v) for v in views]))
 
@@ -53,7 +53,7 @@ def test_stop_gradient_target_is_the_online_network() -> None:
     views = [torch.randn(4, 3), torch.randn(4, 3)]
     z = torch.cat([online(v) for v in views])
     target = StopGradTarget()
-    z_t = target(views, z)
+    z_t = target(views, z, 2)
     torch.testing.assert_close(z_t, z.detach())
     assert not z_t.requires_grad
     assert not StopGradTarget.has_copy and len(list(target.parameters())) == 0

@@ -282,12 +282,17 @@ def _fit_recording_losses(run) -> torch.Tensor:  # type: ignore[no-untyped-def]
     return torch.stack(losses)
 
 
+@pytest.mark.parametrize("batch_views", [True, False])
 @pytest.mark.parametrize("config", ["isoloss-noema.yaml", "byol.yaml"])
-def test_compiled_step_is_two_graphs_with_the_eager_losses(config: str, image_data, tmp_path: Path) -> None:
+def test_compiled_step_is_two_graphs_with_the_eager_losses(
+    config: str, batch_views: bool, image_data, tmp_path: Path
+) -> None:
     """compile_step traces the step's forward once into two graphs (split where C is updated
     and decomposed), reuses them on every later step (no recompilation) and computes the eager
-    losses. The graphs run as traced (no inductor), so this checks the capture, quickly."""
-    eager = _fit_recording_losses(build_run(_one_epoch_cfg(config, image_data, tmp_path / "eager")))
+    losses, with all views in one pass or one pass per view. The graphs run as traced (no
+    inductor), so this checks the capture, quickly."""
+    views = f"++performance.batch_views={batch_views}"
+    eager = _fit_recording_losses(build_run(_one_epoch_cfg(config, image_data, tmp_path / "eager", views)))
     graphs: list[torch.fx.GraphModule] = []
 
     def recording_backend(gm, example_inputs):  # type: ignore[no-untyped-def]
@@ -295,14 +300,15 @@ def test_compiled_step_is_two_graphs_with_the_eager_losses(config: str, image_da
         return gm.forward
 
     torch._dynamo.reset()
-    run = build_run(_one_epoch_cfg(config, image_data, tmp_path / "compiled"))
+    run = build_run(_one_epoch_cfg(config, image_data, tmp_path / "compiled", views))
     run.model.compile_step(backend=recording_backend)
     compiled = _fit_recording_losses(run)
     assert len(eager) == len(compiled) == 6
     assert len(graphs) == 2
+    passes = 1 if batch_views else 2  # of the ResNet-10 (12 convolutions) per network
     convolutions = [sum("conv2d" in str(n.target) for n in g.graph.nodes) for g in graphs]
-    assert convolutions[0] == 2 * 12  # both views through the ResNet-10 in the first graph
-    assert convolutions[1] == (2 * 12 if config == "byol.yaml" else 0)  # the EMA copy in the second
+    assert convolutions[0] == 12 * passes  # the online backbone, in the first graph
+    assert convolutions[1] == (12 * passes if config == "byol.yaml" else 0)  # the EMA copy, in the second
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
@@ -352,3 +358,31 @@ def test_nonfinite_projections_in_a_compiled_step_give_the_eager_error(image_dat
     with pytest.raises(TrainingError, match="NaN or infinite") as raised:
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert "torch.compile" not in str(raised.value)
+
+
+@pytest.mark.parametrize("config", ["isoloss-noema.yaml", "byol.yaml"])
+def test_views_in_one_pass_train_like_views_one_by_one(config: str, image_data, tmp_path: Path) -> None:
+    """performance.batch_views (the default: one backbone, projector and EMA pass for all views,
+    BatchNorm statistics per view) trains like one pass per view, the reference's order: the
+    same losses to float rounding (only the first steps are compared; see the compiled-step
+    test for why later steps drift apart) and the same running statistics after a step."""
+    runs, losses = {}, {}
+    for batch_views in (True, False):
+        runs[batch_views] = build_run(
+            _one_epoch_cfg(
+                config, image_data, tmp_path, f"++performance.batch_views={batch_views}", name=str(batch_views)
+            )
+        )
+        losses[batch_views] = _fit_recording_losses(runs[batch_views])
+    assert runs[True].model.batch_views and not runs[False].model.batch_views
+    torch.testing.assert_close(losses[True][:3], losses[False][:3], rtol=1e-4, atol=0)
+
+
+def test_sync_batchnorm_goes_view_by_view(image_data, tmp_path: Path) -> None:
+    """BatchNorm layers swapped for SyncBatchNorm (Lightning's sync_batchnorm, on several GPUs)
+    would normalise all views together in one pass, so training starts view by view instead."""
+    run = build_run(_one_epoch_cfg("byol.yaml", image_data, tmp_path, "++performance.batch_views=True"))
+    assert run.model.batch_views
+    run.model.projector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model.projector)
+    run.model.on_train_start()
+    assert not run.model.batch_views
