@@ -187,7 +187,7 @@ class SSLMethod(L.LightningModule):
         else:  # observe_and_predict's default order, spelled out so that a compiled step
             # splits its graph here (observe_views runs eager) and not inside a nested frame
             observe_views(self.predictor, z, n_views)
-            p, p_sqrt = self.predictor.predict_views(z, n_views)
+            p, p_sqrt = self.predictor.predict_views(z, n_views, groups)
         z_t = self.target(inputs, z, n_views, groups)
         ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views)
 

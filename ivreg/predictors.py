@@ -17,6 +17,7 @@ from torch import nn
 
 from ivreg.errors import TrainingError
 from ivreg.heads import mlp
+from ivreg.norms import ViewGroups, run_views
 
 
 def _no_autocast(t: torch.Tensor) -> torch.autocast:
@@ -81,9 +82,12 @@ class MLPPredictor(nn.Module):
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
         return self.net(z), None
 
-    def predict_views(self, z: torch.Tensor, n_views: int) -> tuple[torch.Tensor, None]:
-        """Each view through the MLP on its own (its BatchNorm sees one view at a time)."""
-        return torch.cat([self.net(view) for view in z.chunk(n_views)]), None
+    def predict_views(
+        self, z: torch.Tensor, n_views: int, groups: ViewGroups | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """All views through the MLP, its BatchNorm normalising each view on its own: in one
+        call with ``groups`` (shared by its BatchNorm), else one call per view."""
+        return run_views(self.net, z, n_views, groups), None
 
     @torch.no_grad()
     def spectrum(self) -> torch.Tensor:
@@ -166,7 +170,9 @@ class SpectralPredictor(nn.Module):
             p_sqrt = z @ ((u * s.pow(self.alpha / 2)) @ u.T) if self.with_sqrt else None
         return p, p_sqrt
 
-    def predict_views(self, z: torch.Tensor, n_views: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def predict_views(
+        self, z: torch.Tensor, n_views: int, groups: ViewGroups | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """All views in one product with W_p (the rows do not interact)."""
         return self(z)
 

@@ -14,7 +14,7 @@ from .conftest import ROOT
     ("config", "extra"),
     [
         ("isoloss.yaml", []),
-        # the compiled step (sync BatchNorm inside its graphs, C's all-reduce between them)
+        # the compiled step, with C's all-reduce between its two graphs
         ("isoloss-noema.yaml", ["++performance.compile=True", "++performance.compile_scope=step"]),
     ],
 )

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from ivreg.norms import ViewGroups, share_view_groups
 from ivreg.predictors import (
     MLPPredictor,
     RunningCorrelation,
@@ -137,6 +138,11 @@ def test_all_views_at_once_equal_one_view_at_a_time() -> None:
     shifted = [views[0] + 5.0, views[1], views[2]]
     p_shifted, _ = observe_and_predict(mlp, torch.cat(shifted), 3)
     torch.testing.assert_close(p_shifted[32:], mlp.predict_views(torch.cat(views), 3)[0][32:])
+    # ... and so it does in one call with view groups
+    groups = ViewGroups()
+    share_view_groups([mlp], groups)
+    together, _ = mlp.predict_views(torch.cat(shifted), 3, groups)
+    torch.testing.assert_close(together, p_shifted)
     with pytest.raises(ValueError, match="3 views of equal size"):
         observe_and_predict(spectral, torch.randn(10, 8), 3)
 
