@@ -68,8 +68,9 @@ for section in $SECTIONS; do
                 IFS=: read -r scope mode <<< "$variant"
                 flags="--compile --compile-scope $scope --compile-mode $mode"
             fi
-            python3 benchmarks/throughput.py --section steps --device "$DEVICE" --methods isoloss-noema byol \
-                --steps 60 $flags 2>&1 | quiet | tee -a "$OUT/compile.txt"
+            # TORCH_LOGS=cudagraphs: why a graph did not run as a CUDA graph, if one did not
+            TORCH_LOGS=cudagraphs python3 benchmarks/throughput.py --section steps --device "$DEVICE" \
+                --methods isoloss-noema byol --steps 60 $flags 2>&1 | quiet | tee -a "$OUT/compile.txt"
         done
         ;;
     accuracy)

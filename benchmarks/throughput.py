@@ -422,8 +422,15 @@ def bench_steps(
     run.trainer.callbacks.append(timer.callback)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    from torch._dynamo.utils import counters
+
+    before = (counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"])
     run.trainer.fit(run.model, datamodule=run.datamodule)
     seconds = timer.end - timer.start
+    # graphs compiled in this run (the augmentation's included) and graphs that were to run as
+    # CUDA graphs but did not (the reason is logged with TORCH_LOGS=cudagraphs)
+    graphs = counters["stats"]["unique_graphs"] - before[0]
+    cudagraph_skips = counters["inductor"]["cudagraph_skips"] - before[1]
     result = {
         "method": method,
         "precision": str(run.trainer.precision),
@@ -432,6 +439,8 @@ def bench_steps(
         "peak_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
         "augmentation_compiled": bool(run.datamodule.compile_augmentation),
         "model_compiled": compile_model and f"{compile_scope}, {compile_mode}",
+        "graphs": graphs,
+        "cudagraph_skips": cudagraph_skips,
     }
     result.update(timer.report(profile_dir, method) if profile else {})
     return result
@@ -481,7 +490,8 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"  {method:<18} {r['steps_per_s']:8.2f} steps/s  {r['images_per_s']:9.0f} images/s  "
             f"(a CIFAR-10 epoch: {epoch:6.1f} s){mem}  [{r['precision']}, aug compiled: "
-            f"{r['augmentation_compiled']}, compiled: {r['model_compiled']}]{extra}",
+            f"{r['augmentation_compiled']}, compiled: {r['model_compiled']}]{extra}"
+            + (f"  graphs {r['graphs']}, CUDA-graph skips {r['cudagraph_skips']}" if r["model_compiled"] else ""),
             flush=True,
         )
         results[method] = r
