@@ -11,7 +11,10 @@
 #             op and the longest idle gaps (steps.txt; the traces in traces.tgz)
 #   compile   steps/s of IsoLoss without EMA and BYOL eager (one backbone pass per view, and
 #             one for all views) and with CUDA graphs (compile mode reduce-overhead) of backbone
-#             and projector, and of the whole forward step (compile.txt)
+#             and projector, and of the whole forward step, with the graphs compiled and any
+#             CUDA-graph skips and their reasons (compile.txt). Eight runs, most of the time
+#             compiling; not yet timed on a GPU (estimated 6-8 minutes), COMPILE_VARIANTS
+#             splits it over calls
 #   accuracy  IsoLoss without EMA in fp16 (where the reference produced NaN; epochs.csv counts
 #             the steps GradScaler skipped) and in bf16 (no GradScaler, so no skipped steps),
 #             and BYOL (bf16), on full CIFAR-10, the 20-epoch schedule with 2 warmup epochs,
