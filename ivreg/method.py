@@ -156,7 +156,7 @@ class SSLMethod(L.LightningModule):
 
     @property
     def step_fn(self) -> Callable[[list[torch.Tensor], torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
-        """``forward_step``, or its ``torch.compile``d version (``performance.compile=step``)."""
+        """``forward_step``, or its ``torch.compile``d version (``performance.compile_scope=step``)."""
         return self._compiled_step if self._compiled_step is not None else self.forward_step
 
     def compile_step(self, **compile_kwargs: Any) -> None:
@@ -173,13 +173,14 @@ class SSLMethod(L.LightningModule):
         """The loss to minimise and this step's metrics (tensors), without touching the trainer,
         so that it can be compiled as a whole."""
         n_views = len(views)
-        # All views travel concatenated in view order: backbone and projector run once on the
-        # whole batch, their BatchNorm layers keeping per-view statistics as in the reference
-        # (ivreg.norms), and the predictor, the loss and the readout cost one set of ops for all
-        # views. Views of different sizes go one by one.
-        same_size = all(v.shape == views[0].shape for v in views)
-        inputs: torch.Tensor | list[torch.Tensor] = torch.cat(views) if same_size else list(views)
-        groups = self.view_groups if self.batch_views else None
+        # With batch_views the views travel concatenated in view order: backbone and projector
+        # run once on the whole batch, their BatchNorm layers keeping per-view statistics as in
+        # the reference (ivreg.norms); otherwise (or for views of different sizes) one view at a
+        # time. From the projections on, the predictor, the loss and the readout cost one set of
+        # ops for all views.
+        batched = self.batch_views and all(v.shape == views[0].shape for v in views)
+        inputs: torch.Tensor | list[torch.Tensor] = torch.cat(views) if batched else list(views)
+        groups = self.view_groups if batched else None
         feats = run_views(self.backbone, inputs, n_views, groups)
         z = run_views(self.projector, feats, n_views, groups)
         if self.decompose_per_view:

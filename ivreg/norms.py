@@ -20,6 +20,8 @@ weights come out summed instead of being added up view by view.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -80,7 +82,7 @@ def follows_view_groups(modules: list[nn.Module], groups: ViewGroups) -> bool:
 
 
 def run_views(
-    module: nn.Module, views: torch.Tensor | list[torch.Tensor], n_views: int, groups: ViewGroups | None
+    module: nn.Module, views: torch.Tensor | Sequence[torch.Tensor], n_views: int, groups: ViewGroups | None
 ) -> torch.Tensor:
     """``module`` on every view, outputs concatenated in view order.
 

@@ -151,11 +151,14 @@ class SpectralPredictor(nn.Module):
         return torch.nan_to_num(s, nan=0.0).clamp(0.0, 1e6)
 
     def matrix(self, power: float = 1.0) -> torch.Tensor:
-        """W_p ** power as an explicit matrix (for analysis and tests; ``forward`` builds its own)."""
+        """W_p ** power as an explicit matrix."""
         if not self._decomposed:
             self.decompose()
+        return self._matrix(self.scaled_eigvals(), power)
+
+    def _matrix(self, scaled: torch.Tensor, power: float) -> torch.Tensor:
         u = self.eigvecs
-        return (u * self.scaled_eigvals().pow(self.alpha * power)) @ u.T
+        return (u * scaled.pow(self.alpha * power)) @ u.T
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``p = z W_p`` and, for the IsoLoss, ``p_sqrt = z W_p^(1/2)``, in float32 (rows are
@@ -163,11 +166,10 @@ class SpectralPredictor(nn.Module):
         if not self._decomposed:  # e.g. validation before the first training step
             self.decompose()
         with _no_autocast(z):
-            u = self.eigvecs
-            s = self.scaled_eigvals()
+            scaled = self.scaled_eigvals()
             z = z.float()
-            p = z @ ((u * s.pow(self.alpha)) @ u.T)
-            p_sqrt = z @ ((u * s.pow(self.alpha / 2)) @ u.T) if self.with_sqrt else None
+            p = z @ self._matrix(scaled, 1.0)
+            p_sqrt = z @ self._matrix(scaled, 0.5) if self.with_sqrt else None
         return p, p_sqrt
 
     def predict_views(
@@ -193,9 +195,13 @@ def observe_views(predictor: MLPPredictor | SpectralPredictor, z: torch.Tensor, 
     size concatenated in view order. Called from a compiled step, this is where the step's
     forward graph splits in two (``SSLMethod.forward_step`` calls it directly, so that all that
     follows it is one graph)."""
+    _check_views(z, n_views)
+    predictor.observe(z.detach().unflatten(0, (n_views, -1)))
+
+
+def _check_views(z: torch.Tensor, n_views: int) -> None:
     if z.shape[0] % n_views:
         raise ValueError(f"{z.shape[0]} projections cannot be {n_views} views of equal size")
-    predictor.observe(z.detach().unflatten(0, (n_views, -1)))
 
 
 def observe_and_predict(
@@ -214,8 +220,7 @@ def observe_and_predict(
     if not per_view:
         observe_views(predictor, z, n_views)
         return predictor.predict_views(z, n_views)
-    if z.shape[0] % n_views:
-        raise ValueError(f"{z.shape[0]} projections cannot be {n_views} views of equal size")
+    _check_views(z, n_views)
     ps, p_sqrts = [], []
     for view in z.chunk(n_views):
         observe_views(predictor, view, 1)

@@ -71,7 +71,7 @@ class EMATarget(nn.Module):
     ) -> torch.Tensor:
         """The copy's projections of all views, concatenated in view order, with per-view
         BatchNorm statistics as the online network had them (see ``ivreg.norms.run_views``)."""
-        return run_views(self.net, views if isinstance(views, torch.Tensor) else list(views), n_views, groups)
+        return run_views(self.net, views, n_views, groups)
 
     @torch.no_grad()
     def update(self, online_params: Sequence[torch.Tensor], tau: float) -> None:
