@@ -211,14 +211,17 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
     projector (and the EMA copy of both) in place, so checkpoint keys do not change, or with
     ``performance.compile_scope=step`` of the training step's forward pass as a whole."""
     perf = cfg.performance
-    channels_last = on_gpu if str(perf.channels_last) == "auto" else bool(perf.channels_last)
-    compile_aug = perf.get("compile_augmentation", "auto")
-    datamodule.compile_augmentation = on_gpu if str(compile_aug) == "auto" else bool(compile_aug)
-    if channels_last:
+
+    def switch(key: str) -> bool:
+        """An auto/True/False option: auto means on with a GPU."""
+        value = perf.get(key, "auto")
+        return on_gpu if str(value) == "auto" else bool(value)
+
+    datamodule.compile_augmentation = switch("compile_augmentation")
+    if switch("channels_last"):
         model.to(memory_format=torch.channels_last)
         datamodule.channels_last = True
-    batch_views = perf.get("batch_views", "auto")
-    model.batch_views = on_gpu if str(batch_views) == "auto" else bool(batch_views)
+    model.batch_views = switch("batch_views")
     if perf.compile:
         mode = str(perf.get("compile_mode", "default"))
         if perf.get("compile_scope", "modules") == "step":
