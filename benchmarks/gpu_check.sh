@@ -9,6 +9,10 @@
 #             run of each: kernel launches and host syncs per step, top CUDA ops, and from its
 #             trace (benchmarks/trace_gaps.py) the GPU's busy share, launches per top-level CPU
 #             op and the longest idle gaps (steps.txt; the traces in traces.tgz)
+#   eigh      milliseconds per eigendecomposition of a 256x256 correlation matrix (the
+#             spectral predictor's once per step; the issue measured 5 ms for eigh on the H100):
+#             cuSOLVER and MAGMA, float32 and float64, on the host with the copies, and the
+#             products-only Newton-Schulz alternative with its error (eigh.txt; seconds)
 #   compile   steps/s of IsoLoss without EMA and BYOL eager (one backbone pass per view, and
 #             one for all views) and with CUDA graphs (compile mode reduce-overhead) of backbone
 #             and projector, and of the whole forward step, with the graphs compiled and any
@@ -26,7 +30,7 @@
 #             ACCURACY_RUNS="isoloss-noema:9:bf16:1 isoloss-noema:9:bf16:2 isoloss-noema:9:bf16:3"
 #             or the fast path against the worker pipeline, as the speed issue asks:
 #             ACCURACY_RUNS="byol:4:bf16:5:resident:step-reduce-overhead byol:4:bf16:5:workers"
-# Everything lands in at most 5 + (number of runs) files under $OUT, each written as it goes,
+# Everything lands in at most 6 + (number of runs) files under $OUT, each written as it goes,
 # so a run cut off by a time limit still returns what it measured.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
 #   SECTIONS="steps" bash benchmarks/gpu_check.sh
@@ -56,6 +60,9 @@ for section in $SECTIONS; do
         # GPU busy share, launches per top-level CPU op, longest idle gaps; the traces come back too
         python3 benchmarks/trace_gaps.py "$RUNS"/traces/trace_*.json --steps 20 2>&1 | tee -a "$OUT/steps.txt"
         tar czf "$OUT/traces.tgz" -C "$RUNS/traces" .
+        ;;
+    eigh)
+        python3 benchmarks/throughput.py --section eigh --device "$DEVICE" 2>&1 | quiet | tee "$OUT/eigh.txt"
         ;;
     compile)
         # eager, one backbone pass per view (the reference's way) and one pass for all views

@@ -609,11 +609,107 @@ def run_census(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def correlation_matrix(dim: int, decay: float, n: int = 4096, seed: int = 0) -> torch.Tensor:
+    """A float32 correlation matrix ``Z^T Z / n`` of ``n`` projections whose spectrum falls as
+    ``k ** -decay`` (``decay`` 0: flat, as IsoLoss keeps it; 2: steep, condition about
+    ``dim ** 2``, as DirectPred's early spectra), in a random basis."""
+    gen = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    scales = torch.arange(1, dim + 1, dtype=torch.float64).pow(-decay / 2)
+    z = torch.randn(n, dim, generator=gen, dtype=torch.float64) * scales @ basis.T
+    return (z.T @ z / n).float()
+
+
+def newton_schulz_sqrt(a: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The square root of a symmetric positive semi-definite ``a`` from matrix products alone
+    (coupled Newton-Schulz, scaled by the Frobenius norm so that it converges): a candidate
+    for an eigendecomposition-free W_p, timed and checked here, not used by the library."""
+    norm = torch.linalg.matrix_norm(a)
+    eye = torch.eye(len(a), dtype=a.dtype, device=a.device)
+    y, z = a / norm, eye
+    for _ in range(iterations):
+        t = 1.5 * eye - 0.5 * (z @ y)
+        y, z = y @ t, t @ z
+    return y * norm.sqrt()
+
+
+def bench_eigh(device: str, dim: int = 256, repeats: int = 50) -> dict[str, Any]:
+    """Milliseconds per decomposition of a (dim, dim) correlation matrix, as the spectral
+    predictor needs once per step, on ``device``: ``torch.linalg.eigh`` in float32 (the step's
+    call) and float64, with MAGMA instead of cuSOLVER on CUDA, and on the host with the copies
+    both ways. Each call is timed to the end of its result (the step reads the decomposition
+    after a host-side error check, so it waits for it too). Also the products-only alternative:
+    W_p = (C / s_max)^(1/2) by Newton-Schulz (s_max from ``eigvalsh`` stands in for a power
+    iteration) and its largest relative error against the eigh-built W_p."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    spectra = {"steep": correlation_matrix(dim, 2.0), "flat": correlation_matrix(dim, 0.0)}
+    result: dict[str, Any] = {"device": str(dev), "dim": dim, "ms": {}, "newton_schulz": {}}
+
+    def timed(label: str, run: Callable[[], Any]) -> None:
+        run()  # warm-up: workspaces, libraries
+        seconds = _time_runs(run, repeats, dev)
+        result["ms"][label] = 1000 * statistics.median(seconds)
+
+    c32 = spectra["steep"].to(dev)
+    c64 = c32.double()
+    timed(f"eigh float32 ({dev.type})", lambda: torch.linalg.eigh(c32))
+    timed(f"eigh float64 ({dev.type})", lambda: torch.linalg.eigh(c64))
+    if cuda:
+        library = torch.backends.cuda.preferred_linalg_library()
+        try:
+            torch.backends.cuda.preferred_linalg_library("magma")
+            timed("eigh float32 (cuda, magma)", lambda: torch.linalg.eigh(c32))
+        except RuntimeError as exc:  # a build without MAGMA
+            print(f"  (no MAGMA: {str(exc).splitlines()[0]})")
+        finally:
+            torch.backends.cuda.preferred_linalg_library(library)
+
+        def on_host() -> None:
+            s, u = torch.linalg.eigh(c32.cpu())
+            s.to(dev, non_blocking=True), u.to(dev, non_blocking=True)
+
+        timed("eigh float32 (host, copies both ways)", on_host)
+
+    def eigh_sqrt(c: torch.Tensor) -> torch.Tensor:
+        s, u = torch.linalg.eigh(c)
+        return (u * (s.clamp_min(0) / s.max()).sqrt()) @ u.T
+
+    for name, c in spectra.items():
+        for dtype in (torch.float32, torch.float64):
+            c_dev = c.to(dev, dtype)
+            scaled = c_dev / torch.linalg.eigvalsh(c_dev.double()).max().to(dtype)
+            reference = eigh_sqrt(c.double()).to(dev)
+            row = {}
+            for iterations in (10, 20, 30):
+                error = newton_schulz_sqrt(scaled, iterations).double().sub(reference).norm() / reference.norm()
+                row[iterations] = float(error)
+            result["newton_schulz"][f"{name}, {str(dtype).removeprefix('torch.')}"] = row
+            if name == "steep":
+                timed(
+                    f"newton-schulz 30 iterations {str(dtype).removeprefix('torch.')} ({dev.type})",
+                    lambda scaled=scaled: newton_schulz_sqrt(scaled, 30),
+                )
+    return result
+
+
+def run_eigh(args: argparse.Namespace) -> dict[str, Any]:
+    result = bench_eigh(args.device, repeats=args.eigh_repeats)
+    print(f"[eigh] {result['device']}: decomposition of a {result['dim']}x{result['dim']} correlation matrix")
+    for label, ms in result["ms"].items():
+        print(f"  {label:<44} {ms:8.3f} ms")
+    print("  W_p = (C / s_max)^(1/2) by Newton-Schulz, relative error against eigh after 10 / 20 / 30 iterations:")
+    for label, errors in result["newton_schulz"].items():
+        print(f"    {label:<20} " + " / ".join(f"{e:.1e}" for e in errors.values()))
+    return result
+
+
 # Register new sections here (name -> runner); "all" runs them in this order.
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "aug": run_aug,
     "steps": run_steps,
     "census": run_census,
+    "eigh": run_eigh,
 }
 
 
@@ -664,6 +760,9 @@ def build_parser() -> argparse.ArgumentParser:
     steps.add_argument("--trace-dir", type=Path, default=None, help="with --profile: write Chrome traces here")
     census = parser.add_argument_group("census")
     census.add_argument("--census-ops", action="store_true", help="also list the ops of each phase by name")
+    parser.add_argument_group("eigh").add_argument(
+        "--eigh-repeats", type=int, default=50, help="timed decompositions per variant"
+    )
     return parser
 
 

@@ -52,6 +52,18 @@ def test_op_census_attributes_every_step_op_to_a_phase() -> None:
     assert phases["forward: backbone"]["ops"] == 12 + 9 + 4 + 1 + 12 * (2 + 1)
 
 
+def test_eigh_section_times_the_decompositions_and_checks_newton_schulz() -> None:
+    throughput = _load("throughput")
+    eigh = throughput.main(["--section", "eigh", "--device", "cpu", "--eigh-repeats", "2"])["eigh"]
+    assert set(eigh["ms"]) >= {"eigh float32 (cpu)", "eigh float64 (cpu)"}
+    assert all(ms > 0 for ms in eigh["ms"].values())
+    errors = eigh["newton_schulz"]
+    # converged to float rounding; 10 iterations are not enough for the steep spectrum
+    assert errors["steep, float64"][30] < 1e-10 and errors["steep, float32"][30] < 1e-4
+    assert errors["steep, float64"][10] > 1e-3
+    assert errors["flat, float32"][10] < 1e-5
+
+
 def test_cifar10_short_runs_on_image_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cache = tmp_path / "cifar"
     make_image_folder(cache / "train", classes=10, per_class=4)
