@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ivreg.backbones import BACKBONES
+from ivreg.backbones import check_backbone_name
 from ivreg.data.datasets import DATASETS
 from ivreg.errors import ConfigError, DataError
 
@@ -170,10 +170,7 @@ def lr_scale(cfg: Mapping, world_size: int, accumulate_grad_batches: int = 1) ->
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key that cannot work."""
     _require(cfg.method in METHODS, f"unknown method '{cfg.method}'; choose one of {list(METHODS)}")
-    _require(
-        cfg.backbone.name in BACKBONES,
-        f"unknown backbone.name '{cfg.backbone.name}'; choose one of {sorted(BACKBONES)}",
-    )
+    check_backbone_name(str(cfg.backbone.name))
     if cfg.data.dataset not in DATASETS:
         raise DataError(f"unknown data.dataset '{cfg.data.dataset}'; choose one of {sorted(DATASETS)}")
     mk = cfg.method_kwargs

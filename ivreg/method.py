@@ -27,7 +27,7 @@ from torch._dynamo.exc import TorchDynamoException
 from torch._inductor.exc import InductorError
 from torchmetrics.classification import MulticlassAccuracy
 
-from ivreg.backbones import build_backbone
+from ivreg.backbones import build_backbone, is_timm
 from ivreg.config import lr_scale, uses_ema
 from ivreg.data.datasets import dataset_info
 from ivreg.errors import TrainingError
@@ -55,14 +55,19 @@ def build_predictor(cfg: Mapping) -> MLPPredictor | SpectralPredictor:
     )
 
 
-def backbone_from_config(cfg: Mapping) -> nn.Module:
-    """The backbone a config describes; CIFAR-sized datasets get the 3x3 stem by default."""
+def backbone_kwargs(cfg: Mapping) -> dict[str, Any]:
+    """``backbone.kwargs`` with the CIFAR-stem choice made explicit for the torchvision ResNets:
+    by default, datasets of at most 32 px get the 3x3 stem."""
     kwargs = dict(cfg["backbone"].get("kwargs") or {})
-    cifar_stem = kwargs.pop("cifar_stem", None)
-    if cifar_stem is None:
+    if kwargs.get("cifar_stem") is None and not is_timm(str(cfg["backbone"]["name"])):
         size = dataset_info(cfg["data"]["dataset"]).image_size
-        cifar_stem = size is not None and size <= 32
-    return build_backbone(cfg["backbone"]["name"], cifar_stem=bool(cifar_stem), **kwargs)
+        kwargs["cifar_stem"] = size is not None and size <= 32
+    return kwargs
+
+
+def backbone_from_config(cfg: Mapping) -> nn.Module:
+    """The backbone a config describes."""
+    return build_backbone(cfg["backbone"]["name"], **backbone_kwargs(cfg))
 
 
 class SSLMethod(L.LightningModule):

@@ -20,6 +20,7 @@ weights come out summed instead of being added up view by view.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -97,3 +98,25 @@ def run_views(
         return out
     chunks = views.chunk(n_views) if isinstance(views, torch.Tensor) else views
     return torch.cat([module(chunk) for chunk in chunks])
+
+
+_UNCOUNTED = {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d}
+
+
+def uncount_batchnorms(module: nn.Module) -> nn.Module:
+    """Swap every plain ``nn.BatchNorm1d``/``2d`` inside ``module`` for this module's version,
+    with the same weights, buffers and state_dict keys (for networks built elsewhere, such as
+    timm's). Subclasses (timm's ``BatchNormAct2d`` adds an activation) are left as they are:
+    with those a step runs view by view, as ``follows_view_groups`` then says."""
+    for name, child in module.named_children():
+        swap = _UNCOUNTED.get(type(child))
+        if swap is None:
+            uncount_batchnorms(child)
+            continue
+        like = next(itertools.chain(child.parameters(), child.buffers()), None)
+        factory = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        twin = swap(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, **factory)
+        twin.load_state_dict(child.state_dict())
+        twin.train(child.training)
+        setattr(module, name, twin)
+    return module

@@ -95,6 +95,7 @@ def _cifar(overrides: list[str]):
     ("overrides", "message"),
     [
         (["method=simclr"], "unknown method 'simclr'"),
+        (["backbone.name=vgg16"], "unknown backbone.name 'vgg16'.*or timm:<model>"),
         (["momentum.base_tau=1.5"], r"momentum.base_tau must be in \[0, 1\]"),
         (["momentum.final_tau=-0.1"], r"momentum.final_tau must be in \[0, 1\]"),
         (["method_kwargs.dp_alpha=-0.5"], "dp_alpha must be >= 0"),
@@ -115,6 +116,12 @@ def _cifar(overrides: list[str]):
 def test_bad_config_values_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         prepare_config(_cifar(overrides))
+
+
+def test_an_unknown_timm_model_is_named_before_the_run() -> None:
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError, match="timm has no model 'vit_nope'"):
+        prepare_config(_cifar(["backbone.name=timm:vit_nope"]))
 
 
 def test_iso_needs_the_closed_form_predictor() -> None:

@@ -17,6 +17,7 @@ from ivreg.norms import (
     follows_view_groups,
     run_views,
     share_view_groups,
+    uncount_batchnorms,
 )
 
 
@@ -128,3 +129,23 @@ def test_view_groups_apply_in_training_only_and_are_found_or_missed() -> None:
     groups.count = 1
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
     assert not follows_view_groups([net, synced], groups)  # Lightning's sync BatchNorm: view by view
+
+
+def test_uncount_batchnorms_swaps_plain_layers_only_and_keeps_their_state() -> None:
+    class BatchNormAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: adds to the layer
+        pass
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(BatchNormAct(4), nn.BatchNorm1d(2)))
+    net[1].running_mean.uniform_()
+    net[1].weight.data.uniform_()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    uncount_batchnorms(net)
+    assert type(net[1]) is BatchNorm2d and type(net[2][0]) is BatchNormAct and type(net[2][1]) is BatchNorm1d
+    assert net.state_dict().keys() == before.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=0, atol=0)
+    groups = ViewGroups()
+    share_view_groups([net], groups)
+    assert not follows_view_groups([net], groups)  # the subclass would mix the views' statistics
+    assert follows_view_groups([net[:2]], groups)

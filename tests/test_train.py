@@ -386,3 +386,34 @@ def test_sync_batchnorm_goes_view_by_view(image_data, tmp_path: Path) -> None:
     run.model.projector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(run.model.projector)
     run.model.on_train_start()
     assert not run.model.batch_views
+
+
+@pytest.mark.parametrize(
+    ("backbone", "kwargs"),
+    [
+        ("timm:resnet10t", []),  # BatchNorm layers: per-view statistics in one pass
+        ("timm:vit_tiny_patch16_224", ["++backbone.kwargs.img_size=32", "++backbone.kwargs.patch_size=8"]),
+    ],
+)
+def test_timm_backbones_pretrain_and_load_back(backbone: str, kwargs: list[str], image_data, tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    from ivreg.checkpoints import load_backbone
+
+    extra = [f"backbone.name={backbone}", "++performance.batch_views=True", *kwargs]
+    if "vit" in backbone:
+        extra.append("++backbone.kwargs.depth=2")
+    run = pretrain(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))
+    assert run.model.batch_views  # every BatchNorm (if any) keeps per-view statistics
+    rows = _rows(tmp_path / "tiny" / "epochs.csv")
+    assert len(rows) == 1 and math.isfinite(float(rows[0]["train_neg_cos_sim"]))
+    loaded = load_backbone(tmp_path / "tiny")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), run.model.backbone.eval()(x))
+    # the offline linear evaluation rebuilds the same model from the checkpoint's config
+    from ivreg.eval.linear import linear_eval
+
+    linear = {"pretrained_feature_extractor": str(tmp_path / "tiny"), "max_epochs": 1, "accelerator": "cpu"}
+    linear |= {"precision": 32, "optimizer": {"batch_size": 16}, "checkpoint": {"dir": str(tmp_path)}}
+    linear_eval(linear | {"num_sanity_val_steps": 0, "enable_model_summary": False})
+    assert 0 <= float(_rows(tmp_path / "tiny-linear" / "epochs.csv")[0]["val_acc1"]) <= 100

@@ -35,10 +35,10 @@ from torchvision.transforms import v2
 
 from ivreg.callbacks import AtomicCheckpointIO, EpochCheckpoint, EpochSummary
 from ivreg.config import PRECISIONS, lr_scale, to_container
-from ivreg.data.datasets import Transformed, dataset_info
+from ivreg.data.datasets import Transformed
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, eval_view
-from ivreg.method import backbone_from_config
+from ivreg.method import backbone_from_config, backbone_kwargs
 from ivreg.optim import build_scheduler
 from ivreg.train import (
     build_loggers,
@@ -128,11 +128,7 @@ def resolved_backbone(pretrain_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The pretraining ``backbone`` section with the CIFAR-stem choice made explicit, so that
     evaluating on another dataset builds the same architecture."""
     backbone = copy.deepcopy(dict(pretrain_cfg["backbone"]))
-    kwargs = dict(backbone.get("kwargs") or {})
-    if kwargs.get("cifar_stem") is None:
-        size = dataset_info(str(pretrain_cfg["data"]["dataset"])).image_size
-        kwargs["cifar_stem"] = size is not None and size <= 32
-    backbone["kwargs"] = kwargs
+    backbone["kwargs"] = backbone_kwargs(pretrain_cfg)
     return backbone
 
 
