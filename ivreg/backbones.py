@@ -55,7 +55,8 @@ def check_backbone_name(name: str) -> None:
         model = name.removeprefix(TIMM_PREFIX)
         timm = _import_timm(name)
         if not timm.is_model(model):
-            close = difflib.get_close_matches(model, timm.list_models(), n=3)
+            # names that start with it (vit_small -> vit_small_patch16_224, ...), else similar ones
+            close = timm.list_models(f"{model}*")[:3] or difflib.get_close_matches(model, timm.list_models(), n=3)
             hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
             raise ConfigError(f"timm has no model '{model}' (backbone.name={name}){hint}")
     elif name not in BACKBONES:
