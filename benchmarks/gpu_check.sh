@@ -69,15 +69,20 @@ for section in $SECTIONS; do
         # (the default), against the CUDA-graph paths (compile_mode reduce-overhead) of the two
         # compile scopes, on the same machine: backbone and projector compiled as modules, and
         # the whole forward step (two graphs, split at the eigendecomposition).
-        # COMPILE_VARIANTS ("scope:mode ...", "eager" or "per-view") chooses others.
+        # COMPILE_VARIANTS ("scope:mode ...", "eager" or "per-view") chooses others; a variant
+        # may add config overrides after commas, e.g. "eager,++method_kwargs.eigh_on_host=True".
         for variant in ${COMPILE_VARIANTS:-per-view eager modules:reduce-overhead step:reduce-overhead}; do
+            IFS=, read -r base overrides <<< "$variant"
             flags=""
-            if [ "$variant" = per-view ]; then
+            if [ "$base" = per-view ]; then
                 flags="--batch-views False"
-            elif [ "$variant" != eager ]; then
-                IFS=: read -r scope mode <<< "$variant"
+            elif [ "$base" != eager ]; then
+                IFS=: read -r scope mode <<< "$base"
                 flags="--compile --compile-scope $scope --compile-mode $mode"
             fi
+            for override in ${overrides//,/ }; do
+                flags="$flags --override $override"
+            done
             # TORCH_LOGS=cudagraphs: why a graph did not run as a CUDA graph, if one did not
             TORCH_LOGS=cudagraphs python3 benchmarks/throughput.py --section steps --device "$DEVICE" \
                 --methods isoloss-noema byol --steps 60 $flags 2>&1 | quiet | tee -a "$OUT/compile.txt"

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ivreg.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
 from ivreg.data.augment import ViewSpec, build_view_transform, load_view_specs  # noqa: E402
 from ivreg.data.batched_aug import build_batched_views  # noqa: E402
+from ivreg.predictors import SpectralPredictor  # noqa: E402
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -345,9 +346,11 @@ def build_step_run(
     compile_mode: str = "default",
     compile_scope: str = "modules",
     batch_views: str = "auto",
+    extra_overrides: Sequence[str] = (),
 ) -> Any:
     """One method's shipped CIFAR config as a one-epoch run of ``n_steps`` training steps on
-    synthetic 32x32 images (device-resident pipeline, no validation, no files)."""
+    synthetic 32x32 images (device-resident pipeline, no validation, no files), with
+    ``extra_overrides`` (Hydra syntax) applied last."""
     from ivreg.config import compose
     from ivreg.train import build_run
 
@@ -375,6 +378,7 @@ def build_step_run(
         "++num_sanity_val_steps=0",
         "++enable_model_summary=False",
         "name=throughput",
+        *extra_overrides,
     ]
     run = build_run(compose(str(root / "scripts" / "pretrain" / "cifar"), f"{method}.yaml", overrides))
     run.datamodule.raw_train = _SyntheticImages(batch_size * n_steps)
@@ -401,6 +405,7 @@ def bench_steps(
     compile_mode: str = "default",
     compile_scope: str = "modules",
     batch_views: str = "auto",
+    extra_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Steps/s and peak memory of one method's full training step (Lightning, resident data);
     with ``profile`` also kernel launches and host syncs per step."""
@@ -417,6 +422,7 @@ def bench_steps(
         compile_mode,
         compile_scope,
         batch_views,
+        extra_overrides,
     )
     timer = _StepTimer(warmup, steps, dev, profile=profile)
     run.trainer.callbacks.append(timer.callback)
@@ -459,6 +465,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
         f"compile_augmentation={args.compile_aug}, compile={args.compile}"
         + (f" ({args.compile_scope}, mode {args.compile_mode})" if args.compile else "")
         + f", batch_views={args.batch_views}"
+        + "".join(f", {o}" for o in args.override)
         + (" (profiled: timings include the profiler)" if profile else "")
     )
     results = {}
@@ -478,6 +485,7 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
             compile_mode=args.compile_mode,
             compile_scope=args.compile_scope,
             batch_views=args.batch_views,
+            extra_overrides=args.override,
         )
         mem = f", peak memory {r['peak_memory_gib']:.2f} GiB" if r["peak_memory_gib"] is not None else ""
         epoch = 50000 // batch / r["steps_per_s"]
@@ -636,8 +644,9 @@ def newton_schulz_sqrt(a: torch.Tensor, iterations: int) -> torch.Tensor:
 def bench_eigh(device: str, dim: int = 256, repeats: int = 50) -> dict[str, Any]:
     """Milliseconds per decomposition of a (dim, dim) correlation matrix, as the spectral
     predictor needs once per step, on ``device``: ``torch.linalg.eigh`` in float32 (the step's
-    call) and float64, with MAGMA instead of cuSOLVER on CUDA, and on the host with the copies
-    both ways. Each call is timed to the end of its result (the step reads the decomposition
+    call) and float64, with MAGMA instead of cuSOLVER on CUDA, and the spectral predictor's
+    ``decompose`` on the device and on the host (``method_kwargs.eigh_on_host``, copies
+    included). Each call is timed to the end of its result (the step reads the decomposition
     after a host-side error check, so it waits for it too). Also the products-only alternative:
     W_p = (C / s_max)^(1/2) by Newton-Schulz (s_max from ``eigvalsh`` stands in for a power
     iteration) and its largest relative error against the eigh-built W_p."""
@@ -665,11 +674,12 @@ def bench_eigh(device: str, dim: int = 256, repeats: int = 50) -> dict[str, Any]
         finally:
             torch.backends.cuda.preferred_linalg_library(library)
 
-        def on_host() -> None:
-            s, u = torch.linalg.eigh(c32.cpu())
-            s.to(dev, non_blocking=True), u.to(dev, non_blocking=True)
-
-        timed("eigh float32 (host, copies both ways)", on_host)
+    # the spectral predictor's own call, on the device and with method_kwargs.eigh_on_host
+    for on_host in (False, True):
+        predictor = SpectralPredictor(dim, 0.5, True, 0.0, 0.5, True, eigh_on_host=on_host).to(dev)
+        predictor.corr.C.copy_(c32)
+        where = "host LAPACK + copies" if on_host else dev.type
+        timed(f"SpectralPredictor.decompose ({where})", predictor.decompose)
 
     def eigh_sqrt(c: torch.Tensor) -> torch.Tensor:
         s, u = torch.linalg.eigh(c)
@@ -697,7 +707,7 @@ def run_eigh(args: argparse.Namespace) -> dict[str, Any]:
     result = bench_eigh(args.device, repeats=args.eigh_repeats)
     print(f"[eigh] {result['device']}: decomposition of a {result['dim']}x{result['dim']} correlation matrix")
     for label, ms in result["ms"].items():
-        print(f"  {label:<44} {ms:8.3f} ms")
+        print(f"  {label:<52} {ms:8.3f} ms")
     print("  W_p = (C / s_max)^(1/2) by Newton-Schulz, relative error against eigh after 10 / 20 / 30 iterations:")
     for label, errors in result["newton_schulz"].items():
         print(f"    {label:<20} " + " / ".join(f"{e:.1e}" for e in errors.values()))
@@ -756,6 +766,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     steps.add_argument(
         "--profile", action="store_true", help="profile the timed steps: top ops, launches and host syncs per step"
+    )
+    steps.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override of the benchmarked config, e.g. ++method_kwargs.eigh_on_host=True (repeatable)",
     )
     steps.add_argument("--trace-dir", type=Path, default=None, help="with --profile: write Chrome traces here")
     census = parser.add_argument_group("census")

@@ -8,6 +8,8 @@ anything expensive happens.
 from __future__ import annotations
 
 import copy
+import difflib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "eps_iso": 0.0,
         "spectrum_tau": 0.99,
         "decompose_per_view": False,  # True: the reference's order, one eigh after each view's C update
+        "eigh_on_host": False,  # True: C's eigh by LAPACK on the host instead of cuSOLVER on the GPU
         "iso_tangent": False,  # True: cosine IsoLoss without the radial part of its gradient
         "log_eigvals": True,
         "use_l2": False,
@@ -129,6 +132,48 @@ def uses_ema(cfg: Mapping) -> bool:
     return not (float(m["base_tau"]) == 0.0 and float(m["final_tau"]) == 0.0)
 
 
+# Sections whose keys are all known here: a key outside them (a typo such as
+# ++method_kwargs.eps_isos=0.25) would otherwise be ignored without a word. It is a warning,
+# not an error, because the seed's command line accepts ++new_key=value anywhere (a key the
+# reference reads and this library does not). The top level stays open (any Lightning Trainer
+# argument may be added), as do optimizer.kwargs (checked per optimizer) and backbone.kwargs
+# (a timm model's own arguments).
+CLOSED_SECTIONS = (
+    "method_kwargs",
+    "momentum",
+    "data",
+    "performance",
+    "optimizer",
+    "scheduler",
+    "checkpoint",
+    "auto_resume",
+    "logger",
+    "readout",
+    "knn",
+    "report",
+)
+RUN_KEYS = {"data": {"num_classes"}}  # written by the run itself (train.build_run)
+
+
+class UnreadConfigKeyWarning(UserWarning):
+    """A config key that no part of the library reads (most likely a typo)."""
+
+
+def unread_keys(cfg: DictConfig) -> list[str]:
+    """One line per key of a closed section that nothing reads, with the likely intended key."""
+    lines = []
+    for section in CLOSED_SECTIONS:
+        given = cfg.get(section)
+        if not isinstance(given, DictConfig):
+            continue
+        known = set(DEFAULTS[section]) | RUN_KEYS.get(section, set())
+        for key in sorted(set(given) - known):
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"{section} takes {sorted(known)}"
+            lines.append(f"{section}.{key} is not read by ivreg and has no effect; {hint}")
+    return lines
+
+
 def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     """Defaults merged under ``cfg``, validated. Returns a new config; ``cfg`` is unchanged."""
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
@@ -139,6 +184,8 @@ def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     if "wandb" in user and isinstance(user.wandb, DictConfig):  # the seed's wandb group wins
         seed_wandb = user.pop("wandb")
         user = OmegaConf.merge(user, {"logger": {"wandb": seed_wandb}})
+    for line in unread_keys(user):
+        warnings.warn(line, UnreadConfigKeyWarning, stacklevel=2)
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), user)
     OmegaConf.set_struct(merged, False)
     validate(merged)

@@ -106,7 +106,16 @@ class SpectralPredictor(nn.Module):
     decomposes again after each view). No gradient flows into W_p.
     """
 
-    def __init__(self, dim: int, alpha: float, normalize: bool, eps_iso: float, tau: float, with_sqrt: bool):
+    def __init__(
+        self,
+        dim: int,
+        alpha: float,
+        normalize: bool,
+        eps_iso: float,
+        tau: float,
+        with_sqrt: bool,
+        eigh_on_host: bool = False,
+    ):
         super().__init__()
         if alpha < 0:
             raise ValueError(f"dp_alpha must be >= 0, got {alpha}")
@@ -121,6 +130,8 @@ class SpectralPredictor(nn.Module):
         self.register_buffer("eigvals", torch.zeros(dim), persistent=False)
         self.register_buffer("eigvecs", torch.eye(dim), persistent=False)
         self._decomposed = False
+        self.eigh_on_host = eigh_on_host
+        self._host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # C, eigvals, eigvecs
 
     def observe(self, zs: Sequence[torch.Tensor]) -> None:
         self.corr.update(zs)
@@ -133,14 +144,39 @@ class SpectralPredictor(nn.Module):
                 # Into the same buffers every step: a compiled step replayed as CUDA graphs
                 # reads them at fixed addresses. Predictions made from an earlier decomposition
                 # (with ``per_view``) are safe: their backward keeps W_p, not these buffers.
-                torch.linalg.eigh(self.corr.C, out=(self.eigvals, self.eigvecs))
-            except RuntimeError as exc:  # LAPACK refuses matrices holding NaN or inf
+                if self.eigh_on_host:
+                    self._eigh_on_host()
+                else:
+                    torch.linalg.eigh(self.corr.C, out=(self.eigvals, self.eigvecs))
+            except RuntimeError as exc:  # no convergence on C holding NaN or inf (else NaN eigenvalues:
+                # NonFiniteLossGuard stops the run)
                 raise TrainingError(
                     "the eigendecomposition of the projection correlation matrix C failed "
                     f"({str(exc).splitlines()[0]}); the projections have become NaN or infinite. "
                     "The last checkpoint from a finite epoch is kept; try a lower optimizer.lr or precision=32."
                 ) from exc
         self._decomposed = True
+
+    def _eigh_on_host(self) -> None:
+        """``eigh`` by LAPACK on the host, through page-locked copies of C and of the result.
+
+        For one small matrix, cuSOLVER's ``eigh`` on the GPU is slow (the speed issue measured
+        5 ms for 256x256 on an H100; LAPACK took 1.4 ms on this project's 2-core CPU machine,
+        ``benchmarks/throughput.py --section eigh`` compares both), and the step waits for the
+        decomposition either way (``eigh`` checks its result on the host). The copy of C
+        waits for C; the copies back are queued on the stream, so the next step's copy of C,
+        which follows them in stream order, cannot overwrite the host buffers before they are
+        read."""
+        if self._host is None or self._host[0].dtype != self.corr.C.dtype:
+            pin = self.corr.C.is_cuda
+            self._host = tuple(
+                torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in (self.corr.C, self.eigvals, self.eigvecs)
+            )
+        c, s, u = self._host
+        c.copy_(self.corr.C)
+        torch.linalg.eigh(c, out=(s, u))
+        self.eigvals.copy_(s, non_blocking=True)
+        self.eigvecs.copy_(u, non_blocking=True)
 
     def scaled_eigvals(self) -> torch.Tensor:
         """f(s), the eigenvalues W_p raises to the power alpha."""

@@ -32,11 +32,16 @@ def test_throughput_sections_run_and_report(capsys: pytest.CaptureFixture[str]) 
     assert aug["per_image"]["median"] > 0 and aug["batched"]["median"] > 0 and "compiled" not in aug
     steps = throughput.main(
         ["--section", "steps", "--device", "cpu", "--methods", "isoloss-noema", "--steps", "2", "--step-batch", "8"]
-        + ["--profile"]
+        + ["--profile", "--override", "++method_kwargs.eigh_on_host=True"]
     )["steps"]["isoloss-noema"]
     assert steps["steps_per_s"] > 0 and steps["launches_per_step"] > 100  # aten ops of a ResNet step
     out = capsys.readouterr().out
     assert "views/s" in out and "aten ops/step" in out and "aten::" in out  # the profiler's table
+    assert "++method_kwargs.eigh_on_host=True" in out
+    run = throughput.build_step_run(
+        "isoloss-noema", "cpu", 8, 1, "resnet10", "32", extra_overrides=["++method_kwargs.eigh_on_host=True"]
+    )
+    assert run.model.predictor.eigh_on_host  # the override reached the benchmarked config
 
 
 def test_op_census_attributes_every_step_op_to_a_phase() -> None:

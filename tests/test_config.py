@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ivreg.config import compose, method_label, prepare_config, uses_ema
+from ivreg.config import UnreadConfigKeyWarning, compose, method_label, prepare_config, uses_ema
 from ivreg.data.datasets import dataset_info
 from ivreg.errors import ConfigError
 from ivreg.method import SSLMethod
@@ -63,9 +63,10 @@ def test_seed_command_line_overrides() -> None:
             "method_kwargs.eps_iso=0.25",
         ],
     )
-    cfg = prepare_config(cfg)
+    with pytest.warns(UnreadConfigKeyWarning, match="method_kwargs.new_key is not read by ivreg"):
+        cfg = prepare_config(cfg)
     assert cfg.data.dataset == "cifar100" and cfg.name == "isoloss_cifar100"
-    assert cfg.method_kwargs.new_key == 3
+    assert cfg.method_kwargs.new_key == 3  # the seed's ++new_key=value still works
     assert method_label(cfg) == "IsoLoss-DirectCopy"
 
 
@@ -116,6 +117,30 @@ def _cifar(overrides: list[str]):
 def test_bad_config_values_are_named(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         prepare_config(_cifar(overrides))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("++method_kwargs.eps_isos=0.25", r"method_kwargs.eps_isos .*did you mean method_kwargs.eps_iso\?"),
+        ("++performance.compile_scopes=step", r"did you mean performance.compile_scope\?"),
+        ("++optimizer.exclude_bias_n_norm=True", r"optimizer.exclude_bias_n_norm is not read"),
+    ],
+)
+def test_keys_nothing_reads_are_named_in_a_warning(override: str, message: str) -> None:
+    with pytest.warns(UnreadConfigKeyWarning, match=message):
+        prepare_config(_cifar([override]))
+
+
+def test_shipped_configs_and_run_keys_warn_of_nothing() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreadConfigKeyWarning)
+        for path in CONFIG_FILES:
+            cfg = prepare_config(compose(str(path.parent), path.name, []))
+            cfg.data.num_classes = 10  # as build_run writes it
+            prepare_config(cfg)
 
 
 def test_an_unknown_timm_model_is_named_before_the_run() -> None:

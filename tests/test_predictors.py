@@ -175,3 +175,32 @@ def test_spectrum_metrics() -> None:
     assert m["eigval_metrics/eigval_mean"].item() == 2.0
     flat = spectrum_metrics(torch.ones(10))
     assert flat["eigval_metrics/part_ratio"].item() == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+)
+def test_eigh_on_host_gives_the_same_decomposition_into_the_same_buffers(device: str) -> None:
+    kwargs = {"alpha": 0.5, "normalize": True, "eps_iso": 0.0, "tau": 0.5, "with_sqrt": True}
+    on_device = SpectralPredictor(64, **kwargs).to(device)
+    on_host = SpectralPredictor(64, **kwargs, eigh_on_host=True).to(device)
+    addresses = (on_host.eigvals.data_ptr(), on_host.eigvecs.data_ptr())  # read by CUDA graphs
+    for step in range(3):
+        views = [v.to(device) for v in _views(step, d=64, b=128)]
+        on_device.observe(views)
+        on_host.observe(views)
+        torch.testing.assert_close(on_host.eigvals, on_device.eigvals, rtol=1e-4, atol=1e-6)
+        z = torch.randn(16, 64, device=device)
+        for mine, theirs in zip(on_host(z), on_device(z)):  # eigenvectors differ in sign only
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+    assert (on_host.eigvals.data_ptr(), on_host.eigvecs.data_ptr()) == addresses
+    assert on_host._host is not None and on_host._host[0].device.type == "cpu"
+
+
+def test_eigh_on_host_failure_gives_the_training_error() -> None:
+    from ivreg.errors import TrainingError
+
+    pred = SpectralPredictor(16, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True, eigh_on_host=True)
+    with pytest.raises(TrainingError, match="NaN or infinite"):  # LAPACK does not converge on this one
+        pred.observe([torch.full((8, 16), float("nan"))] * 2)
