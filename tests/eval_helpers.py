@@ -1,5 +1,6 @@
 """Helpers for the evaluation and analysis tests: colour-coded image folders whose classes a
-random (BatchNorm-calibrated) ResNet separates linearly, and hand-written checkpoints."""
+random (BatchNorm-calibrated) ResNet separates linearly, hand-written checkpoints, and a
+closed-loop linear probe to check that precondition."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
+from torch.nn import functional as F
 
 from ivreg.backbones import build_backbone
 from ivreg.config import DEFAULTS
@@ -100,3 +102,24 @@ def colour_checkpoint(base: Path, per_class_train: int = 40, per_class_val: int 
     net = calibrated_backbone("resnet10", folder_images(train))
     ckpt = write_checkpoint(base / "run" / "last.ckpt", pretrain_config(train, val), net)
     return train, val, ckpt
+
+
+def linear_probe_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, steps: int = 100
+) -> float:
+    """Top-1 accuracy (%) of a multinomial logistic regression on standardised features, fitted
+    with full-batch L-BFGS (deterministic, no learning rate to tune)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xs, xt = (train_x - mean) / std, (test_x - mean) / std
+    linear = nn.Linear(xs.shape[1], int(max(train_y.max(), test_y.max())) + 1)
+    opt = torch.optim.LBFGS(linear.parameters(), lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(linear(xs), train_y) + 1e-4 * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return 100.0 * (linear(xt).argmax(1) == test_y).float().mean().item()

@@ -19,11 +19,10 @@ from ivreg.errors import ConfigError
 from ivreg.eval.common import eval_data_config, eval_datasets, eval_view, extract_features
 from ivreg.eval.knn import OnlineKNN
 from ivreg.eval.linear import build_linear_run, linear_eval
-from ivreg.eval.probe import linear_probe_accuracy
 from ivreg.train import build_run
 
 from ..conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
-from ..eval_helpers import colour_checkpoint
+from ..eval_helpers import colour_checkpoint, linear_probe_accuracy
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
