@@ -157,13 +157,6 @@ def predictor_matrix(weights: torch.Tensor, alpha: float, power: float = 1.0) ->
     return (vecs * scale.unsqueeze(-2)) @ vecs.transpose(-1, -2)
 
 
-def weight_eigenvalues(weights: torch.Tensor) -> torch.Tensor:
-    """Ascending eigenvalues of ``W W^T`` (the predictor's eigenvalues are these to the power alpha)."""
-    w = weights.detach()
-    corr = w @ w.transpose(-1, -2)
-    return torch.linalg.eigvalsh(0.5 * (corr + corr.transpose(-1, -2)))
-
-
 def _apply(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Row-vector convention ``rows @ matrix^T`` over any leading batch dimensions."""
     return rows @ matrix.transpose(-1, -2)
