@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from ivreg.errors import TrainingError
@@ -64,6 +65,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def checkpoint_io(checkpoint_cfg: Any) -> AtomicCheckpointIO | AsyncCheckpointIO:
+    """Atomic writes; with ``checkpoint.async_write`` (the default) also off the training loop:
+    Lightning's ``AsyncCheckpointIO`` clones the tensors on their device (a point-in-time copy,
+    so training may go on changing the weights) and one background thread copies them to the
+    host and writes them. A synchronous write of a ResNet-18 BYOL checkpoint (181 MiB: model,
+    EMA copy, LARS state) took 0.15-0.42 s on this project's 2-core CPU machine, once per epoch.
+    The run waits for the last write when it ends (also on an error); a failed write raises at
+    the next write or at the end. A run killed while a write is in flight resumes from the
+    previous ``last.ckpt``, which the atomic rename left whole."""
+    atomic = AtomicCheckpointIO()
+    return AsyncCheckpointIO(atomic) if bool(checkpoint_cfg.get("async_write", True)) else atomic
 
 
 class EpochCheckpoint(L.Callback):

@@ -76,7 +76,13 @@ DEFAULTS: dict[str, Any] = {
         "kwargs": {},
     },
     "scheduler": {"name": "warmup_cosine", "warmup_epochs": 10, "warmup_start_lr": 3e-5, "min_lr": 0.0},
-    "checkpoint": {"enabled": True, "dir": "trained_models", "frequency": 1, "keep_every_n_epochs": 0},
+    "checkpoint": {
+        "enabled": True,
+        "dir": "trained_models",
+        "frequency": 1,
+        "keep_every_n_epochs": 0,
+        "async_write": True,  # written by a background thread (ivreg.callbacks.checkpoint_io)
+    },
     "auto_resume": {"enabled": True},
     "logger": {
         "csv": True,

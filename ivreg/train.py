@@ -27,11 +27,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ivreg.callbacks import (
-    AtomicCheckpointIO,
     EpochCheckpoint,
     EpochSummary,
     NonFiniteLossGuard,
     atomic_write_text,
+    checkpoint_io,
 )
 from ivreg.config import CUDAGRAPH_COMPILE_MODES, PRECISIONS, prepare_config, to_container
 from ivreg.data.datamodule import PretrainDataModule
@@ -259,7 +259,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
         max_epochs=int(cfg.max_epochs),
         logger=build_loggers(cfg, run_dir) or False,
         callbacks=build_callbacks(cfg, run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[checkpoint_io(cfg.checkpoint)],
         enable_checkpointing=False,  # EpochCheckpoint writes last.ckpt itself
         default_root_dir=str(run_dir),
         **hw,

@@ -29,3 +29,28 @@ def test_rows_written_before_a_column_existed_read_as_nan(tmp_path: Path) -> Non
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert math.isnan(float(rows[0]["train_z_norm"])) and float(rows[1]["train_z_norm"]) == 5.0
+
+
+def test_background_checkpoint_writes_are_point_in_time_atomic_and_report_failures(tmp_path: Path) -> None:
+    import pytest
+    import torch
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+    from omegaconf import OmegaConf
+
+    from ivreg.callbacks import AtomicCheckpointIO, checkpoint_io
+
+    assert type(checkpoint_io(OmegaConf.create({"async_write": False}))) is AtomicCheckpointIO
+    io = checkpoint_io(OmegaConf.create({}))  # the default: in the background
+    assert isinstance(io, AsyncCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
+    weight = torch.zeros(1000)
+    io.save_checkpoint({"state_dict": {"w": weight}}, tmp_path / "last.ckpt")
+    weight.add_(1.0)  # training goes on while the thread writes
+    io.teardown()  # waits for the write, as the trainer does when a run ends
+    saved = torch.load(tmp_path / "last.ckpt")
+    assert torch.equal(saved["state_dict"]["w"], torch.zeros(1000))  # the weights at save time
+    assert not list(tmp_path.glob("*.tmp"))
+
+    (tmp_path / "blocked").write_text("a file where the run folder should be")
+    with pytest.raises(OSError):  # the background failure is raised (at the next write or the end), not lost
+        io.save_checkpoint({"w": weight}, tmp_path / "blocked" / "last.ckpt")
+        io.teardown()

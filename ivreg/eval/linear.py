@@ -33,7 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 from torchvision.transforms import v2
 
-from ivreg.callbacks import AtomicCheckpointIO, EpochCheckpoint, EpochSummary
+from ivreg.callbacks import EpochCheckpoint, EpochSummary, checkpoint_io
 from ivreg.config import PRECISIONS, lr_scale, to_container
 from ivreg.data.datasets import Transformed
 from ivreg.errors import ConfigError
@@ -65,7 +65,13 @@ LINEAR_DEFAULTS: dict[str, Any] = {
         "kwargs": {"momentum": 0.9},
     },
     "scheduler": {"name": "cosine", "warmup_epochs": 0, "warmup_start_lr": 0.0, "min_lr": 0.0},
-    "checkpoint": {"enabled": True, "dir": "trained_models", "frequency": 1, "keep_every_n_epochs": 0},
+    "checkpoint": {
+        "enabled": True,
+        "dir": "trained_models",
+        "frequency": 1,
+        "keep_every_n_epochs": 0,
+        "async_write": True,
+    },
     "auto_resume": {"enabled": True},
     "logger": {
         "csv": True,
@@ -358,7 +364,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         max_epochs=int(cfg.max_epochs),
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[checkpoint_io(cfg.checkpoint)],
         enable_checkpointing=False,
         default_root_dir=str(run_dir),
         **hw,
