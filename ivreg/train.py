@@ -34,6 +34,7 @@ from ivreg.callbacks import (
     checkpoint_io,
 )
 from ivreg.config import CUDAGRAPH_COMPILE_MODES, PRECISIONS, prepare_config, to_container
+from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.method import SSLMethod
@@ -248,9 +249,8 @@ def build_run(cfg: DictConfig | dict) -> Run:
     hw = hardware_kwargs(cfg)
     run_dir = run_dir_of(cfg)
     resume_from = check_resume(cfg, run_dir)
-    datamodule = PretrainDataModule(
-        cfg.data, OmegaConf.to_object(cfg.augmentations), int(cfg.optimizer.batch_size), int(cfg.seed)
-    )
+    views = parse_view_specs(OmegaConf.to_object(cfg.augmentations))  # type: ignore[arg-type]
+    datamodule = PretrainDataModule(cfg.data, views, int(cfg.optimizer.batch_size), int(cfg.seed))
     cfg.data.num_classes = datamodule.num_classes
     model = SSLMethod(to_container(cfg))
     apply_performance_options(cfg, model, datamodule, on_gpu=hw["accelerator"] != "cpu" and torch.cuda.is_available())

@@ -45,6 +45,9 @@ class ViewSpec:
     solarization_prob: float = 0.0
     equalization_prob: float = 0.0
     horizontal_flip_prob: float = 0.5
+    # the random resized crop's resampling: pretraining's bicubic, or torchvision's default
+    # bilinear (the linear evaluation's crops)
+    rrc_interpolation: str = "bicubic"
 
 
 def load_view_specs(path: str | Path) -> list[ViewSpec]:
@@ -146,7 +149,7 @@ def _crop_op(spec: ViewSpec) -> v2.Transform:
             spec.crop_size,
             scale=(spec.crop_min_scale, spec.crop_max_scale),
             ratio=spec.ratio,
-            interpolation=v2.InterpolationMode.BICUBIC,
+            interpolation=v2.InterpolationMode(spec.rrc_interpolation),
             antialias=True,
         )
     return v2.Resize((spec.crop_size, spec.crop_size), antialias=True)

@@ -362,6 +362,8 @@ class BatchedViewAugment(nn.Module):
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}")
+        if spec.rrc_interpolation not in ("bicubic", "bilinear"):
+            raise ValueError(f"rrc_interpolation must be bicubic or bilinear, got {spec.rrc_interpolation!r}")
         if spec.blur_prob > 0 and spec.crop_size <= BLUR_KERNEL // 2:
             raise ValueError(f"crop_size {spec.crop_size} is too small for the {BLUR_KERNEL}-pixel blur")
         self.spec = spec
@@ -530,7 +532,7 @@ class BatchedViewAugment(nn.Module):
                 params["crop"],
                 spec.crop_size,
                 flip=params["flip"] if spec.horizontal_flip_prob > 0 else None,
-                interpolation="bicubic" if spec.rrc else "bilinear",
+                interpolation=spec.rrc_interpolation if spec.rrc else "bilinear",
                 value_scale=1.0 / 255.0,
             ).clamp_(0.0, 1.0)
         else:

@@ -16,7 +16,7 @@ pipeline ran.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -29,7 +29,6 @@ from ivreg.data.augment import (
     build_eval_transform,
     build_geometric_transform,
     build_view_transform,
-    parse_view_specs,
 )
 from ivreg.data.batched_aug import BatchedMultiView
 from ivreg.data.datasets import Transformed, build_dataset, dataset_info, num_classes_of, subset_fraction
@@ -59,16 +58,20 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class PretrainDataModule(L.LightningDataModule):
-    """Builds datasets and loaders from the ``data`` and ``augmentations`` config sections."""
+    """Builds datasets and loaders from the ``data`` config section and the views' specs
+    (``parse_view_specs`` of the ``augmentations`` section)."""
 
-    def __init__(self, data_cfg: Mapping, aug_cfg: list, batch_size: int, seed: int = 0):
+    def __init__(
+        self, data_cfg: Mapping, view_specs: Sequence[ViewSpec], batch_size: int, seed: int = 0, drop_last: bool = True
+    ):
         super().__init__()
         self.data_cfg = dict(data_cfg)
         self.name: str = self.data_cfg["dataset"]
         self.info = dataset_info(self.name)
-        self.view_specs: list[ViewSpec] = parse_view_specs(aug_cfg)
+        self.view_specs = list(view_specs)
         self.batch_size = batch_size
         self.seed = seed
+        self.drop_last = drop_last  # of the training batches
         self.mean = tuple(self.data_cfg.get("mean") or self.info.mean)
         self.std = tuple(self.data_cfg.get("std") or self.info.std)
         self.num_workers = int(self.data_cfg.get("num_workers", 4))
@@ -189,7 +192,7 @@ class PretrainDataModule(L.LightningDataModule):
             sampler=self._train_sampler(len(dataset)) if train else None,  # type: ignore[arg-type]
             # Its own generator: making an iterator then draws no numbers from the global RNG.
             generator=torch.Generator().manual_seed(self.seed),
-            drop_last=train,
+            drop_last=train and self.drop_last,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
@@ -199,7 +202,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.setup()
         if self.pipeline == "resident":
             n = len(self._resident["train_labels"])
-            return DeviceBatches(self._train_sampler(n), self.batch_size, True, self.device, "train_index")
+            return DeviceBatches(self._train_sampler(n), self.batch_size, self.drop_last, self.device, "train_index")
         if self.pipeline == "hybrid":
             transforms = [build_geometric_transform(s) for s in self.view_specs]
         else:

@@ -28,16 +28,15 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
-from torchvision.transforms import v2
 
 from ivreg.callbacks import EpochCheckpoint, EpochSummary, checkpoint_io
 from ivreg.config import PRECISIONS, lr_scale, to_container
-from ivreg.data.datasets import Transformed
+from ivreg.data.augment import ViewSpec
+from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
-from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, eval_view
+from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
 from ivreg.method import backbone_from_config, backbone_kwargs
 from ivreg.optim import build_scheduler
 from ivreg.train import (
@@ -53,7 +52,8 @@ LINEAR_DEFAULTS: dict[str, Any] = {
     "pretrained_feature_extractor": None,
     "finetune": False,
     "seed": 5,
-    "data": EVAL_DATA_DEFAULTS,
+    # data.pipeline: as in pretraining (auto: the training split on the GPU when it fits)
+    "data": {**EVAL_DATA_DEFAULTS, "pipeline": "auto"},
     # The training views: RandomResizedCrop(crop_size, scale=(crop_min_scale, crop_max_scale)) + flip.
     "augmentations": {"crop_min_scale": 0.08, "crop_max_scale": 1.0, "horizontal_flip_prob": 0.5},
     "optimizer": {
@@ -139,23 +139,13 @@ def resolved_backbone(pretrain_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ data
-def linear_train_transform(
-    crop_size: int,
-    mean: list[float],
-    std: list[float],
-    scale: tuple[float, float] = (0.08, 1.0),
-    flip_prob: float = 0.5,
-) -> v2.Compose:
-    """The standard linear-evaluation augmentation: random resized crop and horizontal flip."""
-    ops: list[v2.Transform] = [v2.ToImage(), v2.RandomResizedCrop(crop_size, scale=scale, antialias=True)]
-    if flip_prob > 0:
-        ops.append(v2.RandomHorizontalFlip(flip_prob))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(ops)
+class LinearDataModule(PretrainDataModule):
+    """The labelled training split through random resized crops (bilinear, torchvision's
+    default) and horizontal flips, the test split through the evaluation transform.
 
-
-class LinearDataModule(L.LightningDataModule):
-    """Labelled train split with light augmentation, test split with the evaluation transform."""
+    Pretraining's data module with that one view, so the same pipelines serve it
+    (``data.pipeline``): on a GPU the training split stays on the device as uint8 and the
+    crops are drawn there in batches, without DataLoader workers, when it fits."""
 
     def __init__(
         self,
@@ -165,35 +155,25 @@ class LinearDataModule(L.LightningDataModule):
         drop_last: bool = False,
         augmentations: Mapping[str, float] | None = None,
     ):
-        super().__init__()
-        self.data = dict(data)
-        self.augmentations = dict(augmentations or LINEAR_DEFAULTS["augmentations"])
-        self.batch_size = batch_size
-        self.seed = seed
-        self.drop_last = drop_last
-        self.train_set, self.val_set, self.num_classes = eval_datasets(self.data, seed)
-        self.num_workers = int(self.data["num_workers"])
-
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train,
-            generator=torch.Generator().manual_seed(self.seed),
-            drop_last=train and self.drop_last and len(dataset) > self.batch_size,  # type: ignore[arg-type]
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+        a = {**LINEAR_DEFAULTS["augmentations"], **(augmentations or {})}
+        view = ViewSpec(
+            crop_size=int(data["crop_size"]),
+            crop_min_scale=float(a["crop_min_scale"]),
+            crop_max_scale=float(a["crop_max_scale"]),
+            color_jitter_prob=0.0,
+            grayscale_prob=0.0,
+            horizontal_flip_prob=float(a["horizontal_flip_prob"]),
+            rrc_interpolation="bilinear",
         )
+        super().__init__(data, [view], batch_size, seed, drop_last=drop_last)
 
-    def train_dataloader(self) -> DataLoader:
-        d, a = self.data, self.augmentations
-        scale = (float(a["crop_min_scale"]), float(a["crop_max_scale"]))
-        transform = linear_train_transform(int(d["crop_size"]), d["mean"], d["std"], scale, a["horizontal_flip_prob"])
-        return self._loader(Transformed(self.train_set, transform), train=True)
+    def prepare_raw(self) -> None:
+        if self.raw_train is None:
+            self.raw_train, self.raw_val, self._num_classes = eval_datasets(self.data_cfg, self.seed)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(eval_view(self.val_set, self.data), train=False)
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = super().on_after_batch_transfer(batch, dataloader_idx)
+        return (images[0] if isinstance(images, list) else images), labels  # the one view
 
 
 # ----------------------------------------------------------------------------------- model
@@ -347,11 +327,16 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         augmentations=OmegaConf.to_object(cfg.augmentations),  # type: ignore[arg-type]
     )
     cfg.data = {**data, "num_classes": datamodule.num_classes}
+    on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
+    datamodule.compile_augmentation = on_gpu  # as pretraining's default: eager it is launch bound
+    datamodule.channels_last = on_gpu
 
     run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
     resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS)
     model = LinearEvalModule(to_container(cfg))
     model.backbone.load_state_dict(pretrained.state_dict())
+    if on_gpu:
+        model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
     write_run_config(cfg, run_dir)
 
     callbacks: list[L.Callback] = [LinearEpochSummary(run_dir)]

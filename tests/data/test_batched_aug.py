@@ -572,11 +572,32 @@ def test_bad_inputs_raise_value_error(images, message: str) -> None:
         aug(images)
 
 
+def test_linear_evaluation_view_is_a_bilinear_crop_and_flip_like_torchvision() -> None:
+    """The linear evaluation's training view: RandomResizedCrop with torchvision's default
+    (bilinear) resampling and a flip, no colour ops."""
+    spec = ViewSpec(crop_size=24, color_jitter_prob=0.0, grayscale_prob=0.0, rrc_interpolation="bilinear")
+    aug = ba.BatchedViewAugment(spec, CIFAR_MEAN, CIFAR_STD)
+    u8 = smooth_images(16, 32, seed=3)
+    params = aug.sample_params(16, 32, 32, generator=torch.Generator().manual_seed(4))
+    assert params["flip"].any() and not params["flip"].all()
+    expected = []
+    for i in range(16):
+        top, left, h, w = params["crop"][i].tolist()
+        x = TF.resized_crop(u8[i].float() / 255, top, left, h, w, [24, 24], antialias=True)  # bilinear
+        x = TF.horizontal_flip(x.clamp(0, 1)) if params["flip"][i] else x.clamp(0, 1)
+        expected.append(TF.normalize(x, list(CIFAR_MEAN), list(CIFAR_STD)))
+    torch.testing.assert_close(aug.apply_params(u8, params), torch.stack(expected), rtol=0, atol=1e-4)
+    per_image = build_view_transform(spec, CIFAR_MEAN, CIFAR_STD).transforms[1]
+    assert per_image.interpolation == v2.InterpolationMode.BILINEAR
+
+
 def test_bad_construction_raises_value_error() -> None:
     with pytest.raises(ValueError, match="mean and std"):
         ba.BatchedViewAugment(CIFAR_SPECS[0], (0.5, 0.5), (0.5, 0.5))
     with pytest.raises(ValueError, match="too small"):
         ba.BatchedViewAugment(ViewSpec(crop_size=5, blur_prob=0.5), CIFAR_MEAN, CIFAR_STD)
+    with pytest.raises(ValueError, match="rrc_interpolation must be bicubic or bilinear"):
+        ba.BatchedViewAugment(ViewSpec(crop_size=24, rrc_interpolation="nearest"), CIFAR_MEAN, CIFAR_STD)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

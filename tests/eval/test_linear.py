@@ -58,16 +58,23 @@ class _BackboneModeProbe(L.Callback):
 
     def __init__(self) -> None:
         self.modes: list[bool] = []
+        self.batch_shapes: list[tuple[int, ...]] = []
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         pl_module.train()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batch_shapes.append(tuple(batch[0].shape))
         self.modes.append(pl_module.backbone.training)
         self.modes.extend(m.training for m in pl_module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-def test_linear_probe_on_separable_features_is_accurate_and_leaves_the_backbone_alone(colour_ckpt, tmp_path):
+@pytest.mark.parametrize("pipeline", ["workers", "resident"])
+def test_linear_probe_on_separable_features_is_accurate_and_leaves_the_backbone_alone(
+    pipeline: str, colour_ckpt, tmp_path
+):
+    """With either pipeline: per-image crops in DataLoader workers, or (as on a GPU) the
+    training split held as one uint8 tensor and cropped in batches."""
     before = {k: v.clone() for k, v in load_backbone(colour_ckpt).state_dict().items()}
     assert any("running_mean" in k and v.abs().sum() > 0 for k, v in before.items())  # calibrated, not 0/1
 
@@ -82,12 +89,14 @@ def test_linear_probe_on_separable_features_is_accurate_and_leaves_the_backbone_
     vx, vy = extract_features(net, eval_view(val, data))
     assert linear_probe_accuracy(tx, ty, vx, vy) >= 95.0
 
-    run = build_linear_run(_linear_cfg(colour_ckpt, tmp_path, epochs=4))
+    run = build_linear_run({**_linear_cfg(colour_ckpt, tmp_path, epochs=4), "data": {"pipeline": pipeline}})
     probe = _BackboneModeProbe()
     run.trainer.callbacks.append(probe)
     run.trainer.fit(run.model, datamodule=run.datamodule)
 
     assert probe.modes and not any(probe.modes), "the frozen backbone (or a BatchNorm) was in training mode"
+    assert run.datamodule.pipeline == pipeline
+    assert probe.batch_shapes and all(shape[1:] == (3, 32, 32) for shape in probe.batch_shapes)  # one view
     rows = _rows(tmp_path / "lin" / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == list(range(4))
     final = float(rows[-1]["val_acc1"])
