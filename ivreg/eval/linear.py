@@ -170,6 +170,8 @@ class LinearDataModule(PretrainDataModule):
     def prepare_raw(self) -> None:
         if self.raw_train is None:
             self.raw_train, self.raw_val, self._num_classes = eval_datasets(self.data_cfg, self.seed)
+            # a split smaller than one batch still trains (fine-tuning drops partial batches)
+            self.drop_last = self.drop_last and len(self.raw_train) > self.batch_size  # type: ignore[arg-type]
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels = super().on_after_batch_transfer(batch, dataloader_idx)
