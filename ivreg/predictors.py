@@ -148,8 +148,9 @@ class SpectralPredictor(nn.Module):
                     self._eigh_on_host()
                 else:
                     torch.linalg.eigh(self.corr.C, out=(self.eigvals, self.eigvecs))
-            except RuntimeError as exc:  # no convergence on C holding NaN or inf (else NaN eigenvalues:
-                # NonFiniteLossGuard stops the run)
+            except RuntimeError as exc:
+                # eigh fails to converge on some C holding NaN or inf; on others it returns NaN
+                # eigenvalues, and NonFiniteLossGuard stops the run
                 raise TrainingError(
                     "the eigendecomposition of the projection correlation matrix C failed "
                     f"({str(exc).splitlines()[0]}); the projections have become NaN or infinite. "
@@ -167,7 +168,7 @@ class SpectralPredictor(nn.Module):
         waits for C; the copies back are queued on the stream, so the next step's copy of C,
         which follows them in stream order, cannot overwrite the host buffers before they are
         read."""
-        if self._host is None or self._host[0].dtype != self.corr.C.dtype:
+        if self._host is None:
             pin = self.corr.C.is_cuda
             self._host = tuple(
                 torch.empty(t.shape, dtype=t.dtype, pin_memory=pin) for t in (self.corr.C, self.eigvals, self.eigvecs)
