@@ -30,7 +30,10 @@
 #             ACCURACY_RUNS="isoloss-noema:9:bf16:1 isoloss-noema:9:bf16:2 isoloss-noema:9:bf16:3"
 #             or the fast path against the worker pipeline, as the speed issue asks:
 #             ACCURACY_RUNS="byol:4:bf16:5:resident:step-reduce-overhead byol:4:bf16:5:workers"
-# Everything lands in at most 6 + (number of runs) files under $OUT, each written as it goes,
+#   linear    main_linear.py for 2 epochs on the newest pretraining run (run it after accuracy,
+#             or set LINEAR_CKPT), the training split on the GPU against per-image crops in
+#             DataLoader workers (linear.txt)
+# Everything lands in at most 7 + (number of runs) files under $OUT, each written as it goes,
 # so a run cut off by a time limit still returns what it measured.
 #   OUT=/tmp/gpu ARCHIVE=../shared/data/cifar10-jpeg.tar.xz bash benchmarks/gpu_check.sh
 #   SECTIONS="steps" bash benchmarks/gpu_check.sh
@@ -111,8 +114,21 @@ for section in $SECTIONS; do
             esac
         done
         ;;
+    linear)
+        # main_linear.py on the newest pretraining run under $RUNS (the accuracy section's
+        # last, or LINEAR_CKPT): 2 epochs with the training split on the GPU (resident) and
+        # with per-image crops in 12 DataLoader workers; epochs.csv holds the epoch times
+        ckpt=${LINEAR_CKPT:-$(ls -td "$RUNS"/cifar10_short_* 2>/dev/null | head -1)}
+        for pipeline in resident workers; do
+            rm -rf "$RUNS/linear/linear-$pipeline"
+            python3 main_linear.py pretrained_feature_extractor="$ckpt" max_epochs=2 data.pipeline=$pipeline \
+                data.num_workers=12 checkpoint.dir="$RUNS/linear" name="linear-$pipeline" \
+                ${LINEAR_ARGS:-} 2>&1 | quiet | tee -a "$OUT/linear.txt"
+            { echo "== linear-$pipeline/epochs.csv"; cat "$RUNS/linear/linear-$pipeline/epochs.csv"; } >>"$OUT/linear.txt" 2>&1
+        done
+        ;;
     *)
-        echo "unknown section $section (aug, steps, compile, accuracy)" >&2
+        echo "unknown section $section (aug, steps, eigh, compile, accuracy, linear)" >&2
         ;;
     esac
     echo "[$section: $(($(date +%s) - start)) s]" | tee -a "$OUT/gpu.txt"
