@@ -16,7 +16,7 @@ pipeline ran.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -232,6 +232,22 @@ class PretrainDataModule(L.LightningDataModule):
             self._generator_epoch = epoch
         return self._generator
 
+    def _eval_view(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images that have the crop size through the evaluation transform (which for
+        them is only the normalisation)."""
+        mean, std = self._val_norm
+        return self._memory_format([(images.float().div_(255) - mean) / std])[0]
+
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The labelled images of a device-resident split (``train`` or ``val``) through the
+        evaluation transform, in order and in batches, without DataLoader workers (for the
+        online kNN); None when that split is not on the device at the crop size."""
+        images, labels = self._resident.get(f"{split}_images"), self._resident.get(f"{split}_labels")
+        if images is None or labels is None or tuple(images.shape[-2:]) != (self.crop_size, self.crop_size):
+            return None
+        labelled = torch.nonzero(labels >= 0).flatten()  # STL-10's unlabelled images have label -1
+        return ((self._eval_view(images[index]), labels[index]) for index in labelled.split(max(int(batch_size), 1)))
+
     def _memory_format(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.channels_last:
             return views
@@ -245,9 +261,7 @@ class PretrainDataModule(L.LightningDataModule):
             return self._memory_format(views), self._resident["train_labels"][index]
         if isinstance(batch, dict) and "val_index" in batch:
             index = batch["val_index"]
-            images = self._resident["val_images"][index].float().div_(255)
-            mean, std = self._val_norm
-            return self._memory_format([(images - mean) / std])[0], self._resident["val_labels"][index]
+            return self._eval_view(self._resident["val_images"][index]), self._resident["val_labels"][index]
         if self.pipeline == "hybrid" and isinstance(batch, (list, tuple)) and isinstance(batch[0], list):
             crops, labels = batch
             gen = self._epoch_generator()

@@ -7,7 +7,7 @@ config, so that ``pretrained_feature_extractor=<ckpt>`` alone is enough; every n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -114,26 +114,31 @@ def default_device(accelerator: str = "auto") -> torch.device:
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
-    dataset: Dataset,
+    dataset: Dataset | Iterable[tuple[torch.Tensor, Any]],
     batch_size: int = 256,
     num_workers: int = 0,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 features and labels of every item of ``dataset`` (already transformed), in order,
-    on ``device`` (default: the backbone's). The backbone runs in eval mode; its mode is restored."""
+    """Float32 features and labels of every item, in order, on ``device`` (default: the
+    backbone's). ``dataset`` is a Dataset of transformed images (read by a DataLoader) or
+    already an iterable of ``(images, labels)`` batches (such as a device-resident split's,
+    ``PretrainDataModule.eval_batches``). The backbone runs in eval mode; its mode is restored."""
     device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    if isinstance(dataset, Dataset):
+        batches: Iterable[tuple[torch.Tensor, Any]] = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
+    else:
+        batches = dataset
     was_training = backbone.training
     backbone.eval()
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-    )
     feats, labels = [], []
     try:
-        for images, y in loader:
+        for images, y in batches:
             # A copy, not the output itself: a backbone compiled with CUDA graphs
             # (performance.compile_mode=reduce-overhead) reuses its output memory on the next call.
             feats.append(backbone(images.to(device, non_blocking=True)).to(torch.float32, copy=True))

@@ -276,7 +276,10 @@ class OnlineKNN(L.Callback):
 
     Uses the data module's raw (non-augmented) train and validation sets
     (``raw_train``, ``raw_val``, ``crop_size``, ``mean``, ``std``) through the evaluation
-    transform. Runs on global rank 0 only: the other processes would repeat the same work.
+    transform, read by DataLoader workers, or, where the pipeline keeps a split on the device
+    (``data.pipeline=resident``), that split's tensors there (``eval_batches``): on a GPU this
+    avoids decoding both splits again every epoch. Runs on global rank 0 only: the other
+    processes would repeat the same work.
     """
 
     def __init__(
@@ -308,13 +311,14 @@ class OnlineKNN(L.Callback):
         transform = build_eval_transform(dm.crop_size, dm.mean, dm.std)
         workers = int(getattr(dm, "num_workers", 0))
         backbone = pl_module.backbone
+        feats = []
         with trainer.precision_plugin.forward_context():
-            train_x, train_y = extract_features(
-                backbone, Transformed(labelled_only(dm.raw_train), transform), self.batch_size, workers
-            )
-            test_x, test_y = extract_features(
-                backbone, Transformed(labelled_only(dm.raw_val), transform), self.batch_size, workers
-            )
+            for split, raw in (("train", dm.raw_train), ("val", dm.raw_val)):
+                # the split's images on the device when the pipeline keeps them there, else workers
+                resident = dm.eval_batches(split, self.batch_size) if hasattr(dm, "eval_batches") else None
+                source = resident if resident is not None else Transformed(labelled_only(raw), transform)
+                feats.append(extract_features(backbone, source, self.batch_size, workers))
+        (train_x, train_y), (test_x, test_y) = feats
         num_classes = getattr(dm, "num_classes", None)
         (result,) = knn_accuracy(
             train_x, train_y, test_x, test_y, [self.k], [self.temperature], self.distance, num_classes

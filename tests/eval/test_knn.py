@@ -95,3 +95,35 @@ def test_run_knn_on_a_checkpoint_finds_the_colour_classes(tmp_path):
     assert out.read_text().splitlines()[0] == "checkpoint,dataset,k,temperature,distance,acc1,acc5"
     with pytest.raises(ConfigError, match="k=37 is larger than the feature bank"):
         run_knn({"pretrained_feature_extractor": str(ckpt), "k": [37], "accelerator": "cpu"})
+
+
+def test_online_knn_reads_device_resident_splits_like_the_dataset_path(image_data, tmp_path):
+    """With data.pipeline=resident the online kNN takes both splits' tensors from the device
+    (no DataLoader, no decoding); the features equal those of the evaluation transform."""
+    from ivreg.config import compose
+    from ivreg.data.augment import build_eval_transform
+    from ivreg.data.datasets import Transformed
+    from ivreg.eval.common import extract_features
+    from ivreg.train import build_run
+
+    from ..conftest import CIFAR_CONFIGS, tiny_overrides
+
+    train, val = image_data
+    knn = ["++knn.enabled=True", "++knn.k=5", "++data.pipeline=resident", "max_epochs=1", "scheduler.warmup_epochs=0"]
+    run = build_run(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", tiny_overrides(train, val, tmp_path) + knn))
+    dm = run.datamodule
+    calls: list[str] = []
+    eval_batches = dm.eval_batches
+    dm.eval_batches = lambda split, size: calls.append(split) or eval_batches(split, size)
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert dm.pipeline == "resident" and calls == ["train", "val"]
+    assert 0.0 <= float(run.trainer.callback_metrics["val_knn_acc1"]) <= 100.0
+
+    backbone = run.model.backbone
+    transform = build_eval_transform(dm.crop_size, dm.mean, dm.std)
+    for split, raw in (("train", dm.raw_train), ("val", dm.raw_val)):
+        on_device = extract_features(backbone, eval_batches(split, 7))
+        from_files = extract_features(backbone, Transformed(raw, transform), batch_size=7)
+        assert len(on_device[1]) == len(raw)
+        torch.testing.assert_close(on_device[1], from_files[1])
+        torch.testing.assert_close(on_device[0], from_files[0], rtol=1e-4, atol=1e-5)
