@@ -67,17 +67,21 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def checkpoint_io(checkpoint_cfg: Any) -> AtomicCheckpointIO | AsyncCheckpointIO:
-    """Atomic writes; with ``checkpoint.async_write`` (the default) also off the training loop:
-    Lightning's ``AsyncCheckpointIO`` clones the tensors on their device (a point-in-time copy,
-    so training may go on changing the weights) and one background thread copies them to the
-    host and writes them. A synchronous write of a ResNet-18 BYOL checkpoint (181 MiB: model,
-    EMA copy, LARS state) took 0.15-0.42 s on this project's 2-core CPU machine, once per epoch.
-    The run waits for the last write when it ends (also on an error); a failed write raises at
-    the next write or at the end. A run killed while a write is in flight resumes from the
-    previous ``last.ckpt``, which the atomic rename left whole."""
+def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | AsyncCheckpointIO:
+    """Atomic writes; with ``checkpoint.async_write`` (``auto``: on a GPU) also off the training
+    loop: Lightning's ``AsyncCheckpointIO`` clones the tensors on their device (a point-in-time
+    copy, so training may go on changing the weights) and one background thread copies them to
+    the host and writes them. A synchronous write of a ResNet-18 BYOL checkpoint (181 MiB:
+    model, EMA copy, LARS state) took 0.15-0.42 s on this project's 2-core CPU machine, once per
+    epoch, time a GPU would stand idle. On the CPU the writer thread would compete with the
+    training threads for the same cores, so ``auto`` writes there synchronously. The run waits
+    for the last write when it ends (also on an error); a failed write raises at the next write
+    or at the end. A run killed while a write is in flight resumes from the previous
+    ``last.ckpt``, which the atomic rename left whole."""
     atomic = AtomicCheckpointIO()
-    return AsyncCheckpointIO(atomic) if bool(checkpoint_cfg.get("async_write", True)) else atomic
+    value = checkpoint_cfg.get("async_write", "auto")
+    in_background = on_gpu if str(value) == "auto" else bool(value)
+    return AsyncCheckpointIO(atomic) if in_background else atomic
 
 
 class EpochCheckpoint(L.Callback):

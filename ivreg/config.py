@@ -81,7 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "dir": "trained_models",
         "frequency": 1,
         "keep_every_n_epochs": 0,
-        "async_write": True,  # written by a background thread (ivreg.callbacks.checkpoint_io)
+        "async_write": "auto",  # auto: by a background thread on a GPU (ivreg.callbacks.checkpoint_io)
     },
     "auto_resume": {"enabled": True},
     "logger": {
@@ -273,11 +273,10 @@ def validate(cfg: DictConfig) -> None:
     fraction = _number(cfg, "data.fraction")
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
     _require(int(cfg.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
-    for key in ("channels_last", "compile_augmentation", "batch_views"):
-        value = cfg.performance.get(key, "auto")
-        _require(
-            isinstance(value, bool) or value == "auto", f"performance.{key} must be auto, True or False, got {value!r}"
-        )
+    switches = [f"performance.{key}" for key in ("channels_last", "compile_augmentation", "batch_views")]
+    for key in [*switches, "checkpoint.async_write"]:
+        value = OmegaConf.select(cfg, key, default="auto")
+        _require(isinstance(value, bool) or value == "auto", f"{key} must be auto, True or False, got {value!r}")
     mode = cfg.performance.get("compile_mode", "default")
     _require(mode in COMPILE_MODES, f"performance.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     scope = cfg.performance.get("compile_scope", "modules")

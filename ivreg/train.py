@@ -253,13 +253,14 @@ def build_run(cfg: DictConfig | dict) -> Run:
     datamodule = PretrainDataModule(cfg.data, views, int(cfg.optimizer.batch_size), int(cfg.seed))
     cfg.data.num_classes = datamodule.num_classes
     model = SSLMethod(to_container(cfg))
-    apply_performance_options(cfg, model, datamodule, on_gpu=hw["accelerator"] != "cpu" and torch.cuda.is_available())
+    on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
+    apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)
     write_run_config(cfg, run_dir)
     trainer = L.Trainer(
         max_epochs=int(cfg.max_epochs),
         logger=build_loggers(cfg, run_dir) or False,
         callbacks=build_callbacks(cfg, run_dir),
-        plugins=[checkpoint_io(cfg.checkpoint)],
+        plugins=[checkpoint_io(cfg.checkpoint, on_gpu)],
         enable_checkpointing=False,  # EpochCheckpoint writes last.ckpt itself
         default_root_dir=str(run_dir),
         **hw,

@@ -39,8 +39,10 @@ def test_background_checkpoint_writes_are_point_in_time_atomic_and_report_failur
 
     from ivreg.callbacks import AtomicCheckpointIO, checkpoint_io
 
-    assert type(checkpoint_io(OmegaConf.create({"async_write": False}))) is AtomicCheckpointIO
-    io = checkpoint_io(OmegaConf.create({}))  # the default: in the background
+    assert type(checkpoint_io(OmegaConf.create({"async_write": False}), on_gpu=True)) is AtomicCheckpointIO
+    assert type(checkpoint_io(OmegaConf.create({}), on_gpu=False)) is AtomicCheckpointIO  # auto: sync on the CPU
+    io = checkpoint_io(OmegaConf.create({}), on_gpu=True)  # auto: in the background on a GPU
+    assert type(checkpoint_io(OmegaConf.create({"async_write": True}), on_gpu=False)) is AsyncCheckpointIO
     assert isinstance(io, AsyncCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
     weight = torch.zeros(1000)
     io.save_checkpoint({"state_dict": {"w": weight}}, tmp_path / "last.ckpt")

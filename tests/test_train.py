@@ -167,8 +167,9 @@ class _KillAtEpoch(L.Callback):
 
 
 def test_killed_run_resumes_to_the_same_weights(image_data, tmp_path: Path) -> None:
-    """3 epochs straight == 2 epochs, a kill, and a resumed third epoch (EMA, LARS, C, BN)."""
-    extra = ("max_epochs=3", "++data.fraction=0.5")
+    """3 epochs straight == 2 epochs, a kill, and a resumed third epoch (EMA, LARS, C, BN),
+    with the checkpoints written by the background thread that GPU runs use."""
+    extra = ("max_epochs=3", "++data.fraction=0.5", "++checkpoint.async_write=True")
     straight = pretrain(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="straight"))
 
     interrupted = build_run(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="killed"))

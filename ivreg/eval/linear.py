@@ -70,7 +70,7 @@ LINEAR_DEFAULTS: dict[str, Any] = {
         "dir": "trained_models",
         "frequency": 1,
         "keep_every_n_epochs": 0,
-        "async_write": True,
+        "async_write": "auto",
     },
     "auto_resume": {"enabled": True},
     "logger": {
@@ -351,7 +351,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         max_epochs=int(cfg.max_epochs),
         logger=loggers or False,
         callbacks=callbacks,
-        plugins=[checkpoint_io(cfg.checkpoint)],
+        plugins=[checkpoint_io(cfg.checkpoint, on_gpu)],
         enable_checkpointing=False,
         default_root_dir=str(run_dir),
         **hw,
