@@ -69,12 +69,13 @@ class _BackboneModeProbe(L.Callback):
         self.modes.extend(m.training for m in pl_module.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
-@pytest.mark.parametrize("pipeline", ["workers", "resident"])
+@pytest.mark.parametrize("pipeline", ["workers", "hybrid", "resident"])
 def test_linear_probe_on_separable_features_is_accurate_and_leaves_the_backbone_alone(
     pipeline: str, colour_ckpt, tmp_path
 ):
-    """With either pipeline: per-image crops in DataLoader workers, or (as on a GPU) the
-    training split held as one uint8 tensor and cropped in batches."""
+    """With each pipeline: per-image crops in DataLoader workers, crops in workers and the
+    normalisation batched, or (as on a GPU) the training split held as one uint8 tensor and
+    cropped in batches."""
     before = {k: v.clone() for k, v in load_backbone(colour_ckpt).state_dict().items()}
     assert any("running_mean" in k and v.abs().sum() > 0 for k, v in before.items())  # calibrated, not 0/1
 
