@@ -142,6 +142,8 @@ def test_shipped_configs_and_run_keys_warn_of_nothing() -> None:
             cfg = prepare_config(compose(str(path.parent), path.name, []))
             cfg.data.num_classes = 10  # as build_run writes it
             prepare_config(cfg)
+            for logger in sorted(p.stem for p in (path.parent / "logger").glob("*.yaml")):
+                prepare_config(compose(str(path.parent), path.name, [f"logger={logger}"]))
 
 
 def test_an_unknown_timm_model_is_named_before_the_run() -> None:
