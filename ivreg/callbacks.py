@@ -17,6 +17,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
+from ivreg.config import auto_switch
 from ivreg.errors import TrainingError
 
 # epochs.csv column -> logged metric name
@@ -79,9 +80,7 @@ def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | Asy
     or at the end. A run killed while a write is in flight resumes from the previous
     ``last.ckpt``, which the atomic rename left whole."""
     atomic = AtomicCheckpointIO()
-    value = checkpoint_cfg.get("async_write", "auto")
-    in_background = on_gpu if str(value) == "auto" else bool(value)
-    return AsyncCheckpointIO(atomic) if in_background else atomic
+    return AsyncCheckpointIO(atomic) if auto_switch(checkpoint_cfg.get("async_write", "auto"), on_gpu) else atomic
 
 
 class EpochCheckpoint(L.Callback):

@@ -131,6 +131,11 @@ def _number(cfg: DictConfig, key: str) -> float:
         raise ConfigError(f"{key} must be a number, got {value!r}") from None
 
 
+def auto_switch(value: Any, on_gpu: bool) -> bool:
+    """The value of an auto/True/False option (validated by ``validate``): auto means on with a GPU."""
+    return on_gpu if str(value) == "auto" else bool(value)
+
+
 def uses_ema(cfg: Mapping) -> bool:
     """False for the ``*-noema`` configs (base_tau = final_tau = 0): the target is the online
     network under stop-gradient."""

@@ -33,7 +33,7 @@ from ivreg.callbacks import (
     atomic_write_text,
     checkpoint_io,
 )
-from ivreg.config import CUDAGRAPH_COMPILE_MODES, PRECISIONS, prepare_config, to_container
+from ivreg.config import CUDAGRAPH_COMPILE_MODES, PRECISIONS, auto_switch, prepare_config, to_container
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
@@ -214,9 +214,7 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
     perf = cfg.performance
 
     def switch(key: str) -> bool:
-        """An auto/True/False option: auto means on with a GPU."""
-        value = perf.get(key, "auto")
-        return on_gpu if str(value) == "auto" else bool(value)
+        return auto_switch(perf.get(key, "auto"), on_gpu)
 
     datamodule.compile_augmentation = switch("compile_augmentation")
     if switch("channels_last"):
