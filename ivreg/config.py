@@ -37,7 +37,8 @@ DEFAULTS: dict[str, Any] = {
         "eps_iso": 0.0,
         "spectrum_tau": 0.99,
         "decompose_per_view": False,  # True: the reference's order, one eigh after each view's C update
-        "eigh_on_host": False,  # True: C's eigh by LAPACK on the host instead of cuSOLVER on the GPU
+        # True: C's eigh by LAPACK on the host instead of cuSOLVER on the GPU; auto: the faster, timed
+        "eigh_on_host": "auto",
         "iso_tangent": False,  # True: cosine IsoLoss without the radial part of its gradient
         "log_eigvals": True,
         "use_l2": False,
@@ -279,7 +280,7 @@ def validate(cfg: DictConfig) -> None:
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
     _require(int(cfg.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
     switches = [f"performance.{key}" for key in ("channels_last", "compile_augmentation", "batch_views")]
-    for key in [*switches, "checkpoint.async_write"]:
+    for key in [*switches, "checkpoint.async_write", "method_kwargs.eigh_on_host"]:
         value = OmegaConf.select(cfg, key, default="auto")
         _require(isinstance(value, bool) or value == "auto", f"{key} must be auto, True or False, got {value!r}")
     mode = cfg.performance.get("compile_mode", "default")

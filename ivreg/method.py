@@ -52,7 +52,7 @@ def build_predictor(cfg: Mapping) -> MLPPredictor | SpectralPredictor:
         eps_iso=float(mk["eps_iso"]),
         tau=float(mk["dp_tau"]),
         with_sqrt=bool(mk["iso"]),
-        eigh_on_host=bool(mk.get("eigh_on_host", False)),
+        eigh_on_host=mk.get("eigh_on_host", "auto"),
     )
 
 

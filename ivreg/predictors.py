@@ -9,10 +9,13 @@ projections of all views, ``forward(z) -> (p, p_sqrt)`` for the projections of o
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from ivreg.errors import TrainingError
@@ -114,7 +117,7 @@ class SpectralPredictor(nn.Module):
         eps_iso: float,
         tau: float,
         with_sqrt: bool,
-        eigh_on_host: bool = False,
+        eigh_on_host: bool | str = "auto",
     ):
         super().__init__()
         if alpha < 0:
@@ -130,7 +133,10 @@ class SpectralPredictor(nn.Module):
         self.register_buffer("eigvals", torch.zeros(dim), persistent=False)
         self.register_buffer("eigvecs", torch.eye(dim), persistent=False)
         self._decomposed = False
-        self.eigh_on_host = eigh_on_host
+        if not (isinstance(eigh_on_host, bool) or eigh_on_host == "auto"):
+            raise ValueError(f"eigh_on_host must be auto, True or False, got {eigh_on_host!r}")
+        # None ("auto"): chosen by timing both at the first decomposition (choose_eigh_on_host)
+        self.eigh_on_host: bool | None = None if eigh_on_host == "auto" else eigh_on_host
         self._host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # C, eigvals, eigvecs
 
     def observe(self, zs: Sequence[torch.Tensor]) -> None:
@@ -144,6 +150,8 @@ class SpectralPredictor(nn.Module):
                 # Into the same buffers every step: a compiled step replayed as CUDA graphs
                 # reads them at fixed addresses. Predictions made from an earlier decomposition
                 # (with ``per_view``) are safe: their backward keeps W_p, not these buffers.
+                if self.eigh_on_host is None:
+                    self.eigh_on_host = choose_eigh_on_host(len(self.corr.C), self.corr.C.device)
                 if self.eigh_on_host:
                     self._eigh_on_host()
                 else:
@@ -162,8 +170,8 @@ class SpectralPredictor(nn.Module):
         """``eigh`` by LAPACK on the host, through page-locked copies of C and of the result.
 
         For one small matrix, cuSOLVER's ``eigh`` on the GPU is slow (the speed issue measured
-        5 ms for 256x256 on an H100; LAPACK took 1.4 ms on this project's 2-core CPU machine,
-        ``benchmarks/throughput.py --section eigh`` compares both), and the step waits for the
+        5 ms for 256x256 on an H100; LAPACK took 1.4 ms on this project's 2-core CPU machine;
+        ``choose_eigh_on_host`` picks the faster), and the step waits for the
         decomposition either way (``eigh`` checks its result on the host). The copy of C
         waits for C; the copies back are queued on the stream, so the next step's copy of C,
         which follows them in stream order, cannot overwrite the host buffers before they are
@@ -224,6 +232,53 @@ class SpectralPredictor(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
         self._decomposed = False  # C changed: decompose again before the next prediction
+
+
+def time_decompose(c: torch.Tensor, on_host: bool, repeats: int = 5) -> float:
+    """Median seconds of one ``SpectralPredictor.decompose`` of the correlation matrix ``c``
+    (on its device; with ``on_host`` through the host's LAPACK), after one warm-up call. Each
+    call is timed to the end of its result: the step waits for it too."""
+    predictor = SpectralPredictor(len(c), 0.5, True, 0.0, 0.5, True, eigh_on_host=on_host).to(c.device)
+    predictor.corr.C.copy_(c)
+    predictor.decompose()  # warm-up: workspaces, page-locked buffers, libraries
+    seconds = []
+    for _ in range(repeats):
+        if c.is_cuda:
+            torch.cuda.synchronize(c.device)
+        start = time.perf_counter()
+        predictor.decompose()
+        if c.is_cuda:
+            torch.cuda.synchronize(c.device)
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def sample_correlation(dim: int, device: torch.device | str = "cpu", seed: int = 0) -> torch.Tensor:
+    """A (dim, dim) float32 correlation matrix of 4 dim Gaussian samples: a stand-in for C
+    when timing its decomposition (C itself may still be all zeros)."""
+    z = torch.randn(4 * dim, dim, generator=torch.Generator().manual_seed(seed))
+    return (z.T @ z / len(z)).to(device)
+
+
+@torch.compiler.disable
+def choose_eigh_on_host(dim: int, device: torch.device) -> bool:
+    """``method_kwargs.eigh_on_host=auto``: whether the host's LAPACK decomposes a matrix of
+    C's size (``dim``) faster than the GPU does, timed once on a stand-in matrix (a few ms).
+
+    Which is faster depends on the machine (an H100 took 5 ms for ``eigh`` of 256x256; LAPACK
+    on a 2-core host 1.4 ms), so it is measured rather than assumed. Both give the same W_p to
+    float rounding. On the CPU there is nothing to choose. Under DDP each rank times for itself.
+    """
+    if device.type != "cuda":
+        return False
+    sample = sample_correlation(dim, device)
+    on_device, on_host = time_decompose(sample, False), time_decompose(sample, True)
+    rank_zero_info(
+        f"spectral predictor: eigh of C ({dim}x{dim}) on the {'host' if on_host < on_device else 'GPU'}: "
+        f"{1e3 * on_host:.2f} ms by host LAPACK against {1e3 * on_device:.2f} ms on the GPU, timed "
+        "(method_kwargs.eigh_on_host=True or False fixes the choice)"
+    )
+    return on_host < on_device
 
 
 @torch.compiler.disable  # eager inside a compiled step: C may be all-reduced and eigh checks on the host

@@ -109,6 +109,7 @@ def _cifar(overrides: list[str]):
         (["++performance.compile_augmentation=yes"], "performance.compile_augmentation must be auto, True or False"),
         (["++performance.batch_views=sometimes"], "performance.batch_views must be auto, True or False"),
         (["++checkpoint.async_write=later"], "checkpoint.async_write must be auto, True or False"),
+        (["++method_kwargs.eigh_on_host=gpu"], "method_kwargs.eigh_on_host must be auto, True or False"),
         (["++performance.compile_mode=fast"], "performance.compile_mode must be one of default, reduce-overhead"),
         (["++optimizer.lr_scaling=sqrt"], "optimizer.lr_scaling 'sqrt' is not supported"),
         (["++method_kwargs.iso_tangent=True", "method_kwargs.use_l2=True"], "iso_tangent=True applies to the cosine"),

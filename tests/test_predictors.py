@@ -6,7 +6,9 @@ from ivreg.predictors import (
     MLPPredictor,
     RunningCorrelation,
     SpectralPredictor,
+    choose_eigh_on_host,
     observe_and_predict,
+    sample_correlation,
     spectrum_metrics,
 )
 
@@ -183,7 +185,7 @@ def test_spectrum_metrics() -> None:
 )
 def test_eigh_on_host_gives_the_same_decomposition_into_the_same_buffers(device: str) -> None:
     kwargs = {"alpha": 0.5, "normalize": True, "eps_iso": 0.0, "tau": 0.5, "with_sqrt": True}
-    on_device = SpectralPredictor(64, **kwargs).to(device)
+    on_device = SpectralPredictor(64, **kwargs, eigh_on_host=False).to(device)
     on_host = SpectralPredictor(64, **kwargs, eigh_on_host=True).to(device)
     addresses = (on_host.eigvals.data_ptr(), on_host.eigvecs.data_ptr())  # read by CUDA graphs
     for step in range(3):
@@ -204,3 +206,66 @@ def test_eigh_on_host_failure_gives_the_training_error() -> None:
     pred = SpectralPredictor(16, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True, eigh_on_host=True)
     with pytest.raises(TrainingError, match="NaN or infinite"):  # LAPACK does not converge on this one
         pred.observe([torch.full((8, 16), float("nan"))] * 2)
+
+
+def test_auto_eigh_place_takes_the_faster_as_timed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ivreg.predictors as predictors
+
+    timings = {False: 0.005, True: 0.001}  # seconds: the H100's eigh against a host's LAPACK
+    calls: list[tuple[str, bool]] = []
+
+    def fake_time(c: torch.Tensor, on_host: bool, repeats: int = 5) -> float:
+        calls.append((c.device.type, on_host))
+        return timings[on_host]
+
+    monkeypatch.setattr(predictors, "time_decompose", fake_time)
+    monkeypatch.setattr(predictors, "sample_correlation", lambda dim, device: torch.eye(dim))  # no GPU here
+    with caplog.at_level("INFO"):
+        assert choose_eigh_on_host(8, torch.device("cuda")) is True
+    assert "(8x8) on the host: 1.00 ms by host LAPACK against 5.00 ms on the GPU" in caplog.text
+    timings[True] = 0.009
+    assert choose_eigh_on_host(8, torch.device("cuda")) is False
+    assert calls == [("cpu", False), ("cpu", True)] * 2
+
+
+def test_auto_eigh_place_on_the_cpu_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ivreg.predictors as predictors
+
+    def no_timing(*args: object, **kwargs: object) -> float:
+        raise AssertionError("nothing to time on the CPU")
+
+    monkeypatch.setattr(predictors, "time_decompose", no_timing)
+    pred = SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=False)
+    assert pred.eigh_on_host is None  # auto, the default: decided at the first decomposition
+    pred.observe(_views(0))
+    assert pred.eigh_on_host is False
+
+
+def test_time_decompose_times_both_places_on_a_sample_correlation() -> None:
+    from ivreg.predictors import time_decompose
+
+    c = sample_correlation(32)
+    torch.testing.assert_close(c, c.T)
+    assert torch.linalg.eigvalsh(c).min() > 0  # 128 samples of 32 dimensions: positive definite
+    for on_host in (False, True):
+        seconds = time_decompose(c, on_host, repeats=3)
+        assert 0 < seconds < 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_eigh_place_on_cuda_decomposes_as_the_gpu_does() -> None:
+    kwargs = {"alpha": 0.5, "normalize": True, "eps_iso": 0.0, "tau": 0.5, "with_sqrt": True}
+    auto = SpectralPredictor(64, **kwargs).cuda()
+    on_device = SpectralPredictor(64, **kwargs, eigh_on_host=False).cuda()
+    views = [v.cuda() for v in _views(0, d=64, b=128)]
+    auto.observe(views)
+    on_device.observe(views)
+    assert isinstance(auto.eigh_on_host, bool)
+    torch.testing.assert_close(auto.eigvals, on_device.eigvals, rtol=1e-4, atol=1e-6)
+
+
+def test_eigh_on_host_takes_only_auto_true_or_false() -> None:
+    with pytest.raises(ValueError, match="eigh_on_host must be auto, True or False, got 'gpu'"):
+        SpectralPredictor(8, alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=False, eigh_on_host="gpu")
