@@ -30,6 +30,10 @@
 #             ACCURACY_RUNS="isoloss-noema:9:bf16:1 isoloss-noema:9:bf16:2 isoloss-noema:9:bf16:3"
 #             or the fast path against the worker pipeline, as the speed issue asks:
 #             ACCURACY_RUNS="byol:4:bf16:5:resident:step-reduce-overhead byol:4:bf16:5:workers"
+#   cudatests the tests that need CUDA (CI has none): batched augmentation on CUDA against the
+#             CPU, eigh on the host and the timed auto choice, and one epoch of each of IsoLoss
+#             and BYOL with every GPU default (resident data, kNN on it, background checkpoints,
+#             bf16) (cudatests.txt; pytest is on the device image)
 #   linear    main_linear.py for 2 epochs on the newest pretraining run (run it after accuracy,
 #             or set LINEAR_CKPT), the training split on the GPU against per-image crops in
 #             DataLoader workers (linear.txt)
@@ -114,6 +118,10 @@ for section in $SECTIONS; do
             esac
         done
         ;;
+    cudatests)
+        python3 -m pytest -q -rs -p no:cacheprovider tests/test_predictors.py tests/data/test_batched_aug.py \
+            tests/test_train.py -k cuda 2>&1 | tee "$OUT/cudatests.txt"
+        ;;
     linear)
         # main_linear.py on the newest pretraining run under $RUNS (the accuracy section's
         # last, or LINEAR_CKPT): 2 epochs with the training split on the GPU (resident) and
@@ -128,7 +136,7 @@ for section in $SECTIONS; do
         done
         ;;
     *)
-        echo "unknown section $section (aug, steps, eigh, compile, accuracy, linear)" >&2
+        echo "unknown section $section (aug, steps, eigh, compile, accuracy, cudatests, linear)" >&2
         ;;
     esac
     echo "[$section: $(($(date +%s) - start)) s]" | tee -a "$OUT/gpu.txt"
