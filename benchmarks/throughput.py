@@ -41,6 +41,7 @@ from ivreg.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
 from ivreg.data.augment import ViewSpec, build_view_transform, load_view_specs  # noqa: E402
 from ivreg.data.batched_aug import build_batched_views  # noqa: E402
 from ivreg.predictors import time_decompose  # noqa: E402
+from ivreg.timing import synchronize, time_runs  # noqa: E402
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -70,22 +71,6 @@ class _PerImageViews(Dataset):
         return [t(image) for t in self.transforms]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_runs(run: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
-    seconds = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
-
-
 def _time_per_image(
     images: torch.Tensor,
     specs: Sequence[ViewSpec],
@@ -109,7 +94,7 @@ def _time_per_image(
                 v.to(dev, non_blocking=True)
 
     epoch()  # warm-up: starts the workers
-    return _time_runs(epoch, repeats, dev)
+    return time_runs(epoch, repeats, dev)
 
 
 def bench_augmentation(
@@ -156,12 +141,9 @@ def bench_augmentation(
                 for start in range(0, n_images, batch_size):
                     batched(on_device[start : start + batch_size], generator=generator)  # noqa: B023
 
-            _sync(dev)
-            start = time.perf_counter()
-            batched(on_device[:batch_size], generator=generator)  # warm-up (and compilation)
-            _sync(dev)
-            warmup_s = time.perf_counter() - start
-            batched_runs[label] = _time_runs(batched_epoch, repeats, dev)
+            # warm-up (and compilation)
+            (warmup_s,) = time_runs(lambda: batched(on_device[:batch_size], generator=generator), 1, dev)  # noqa: B023
+            batched_runs[label] = time_runs(batched_epoch, repeats, dev)
             if label == "compiled":
                 compile_s = warmup_s
                 if not all(view.compiled for view in batched.views):
@@ -258,7 +240,7 @@ class _StepTimer:
         class Callback(L.Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
                 if batch_idx == warmup:
-                    _sync(device)
+                    synchronize(device)
                     if profile:
                         timer.start_profiling()
                     timer.start = time.perf_counter()
@@ -266,7 +248,7 @@ class _StepTimer:
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
                 if timer.start == 0.0:
                     return
-                _sync(device)
+                synchronize(device)
                 timer.end = time.perf_counter()
                 timer.steps = batch_idx + 1 - warmup
                 if timer.steps == steps:  # the epoch-end work stays out of the profile
@@ -297,7 +279,7 @@ class _StepTimer:
 
     def stop_profiling(self) -> None:
         if self.profiler is not None and not self._profiler_stopped:
-            _sync(self.device)
+            synchronize(self.device)
             self.profiler.__exit__(None, None, None)
             self._profiler_stopped = True
         if self._warnings is not None:
@@ -657,7 +639,7 @@ def bench_eigh(device: str, dim: int = 256, repeats: int = 50) -> dict[str, Any]
 
     def timed(label: str, run: Callable[[], Any]) -> None:
         run()  # warm-up: workspaces, libraries
-        seconds = _time_runs(run, repeats, dev)
+        seconds = time_runs(run, repeats, dev)
         result["ms"][label] = 1000 * statistics.median(seconds)
 
     c32 = spectra["steep"].to(dev)

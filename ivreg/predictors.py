@@ -10,7 +10,6 @@ projections of all views, ``forward(z) -> (p, p_sqrt)`` for the projections of o
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Sequence
 
 import torch
@@ -21,6 +20,7 @@ from torch import nn
 from ivreg.errors import TrainingError
 from ivreg.heads import mlp
 from ivreg.norms import ViewGroups, run_views
+from ivreg.timing import time_runs
 
 
 def _no_autocast(t: torch.Tensor) -> torch.autocast:
@@ -241,16 +241,7 @@ def time_decompose(c: torch.Tensor, on_host: bool, repeats: int = 5) -> float:
     predictor = SpectralPredictor(len(c), 0.5, True, 0.0, 0.5, True, eigh_on_host=on_host).to(c.device)
     predictor.corr.C.copy_(c)
     predictor.decompose()  # warm-up: workspaces, page-locked buffers, libraries
-    seconds = []
-    for _ in range(repeats):
-        if c.is_cuda:
-            torch.cuda.synchronize(c.device)
-        start = time.perf_counter()
-        predictor.decompose()
-        if c.is_cuda:
-            torch.cuda.synchronize(c.device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return statistics.median(time_runs(predictor.decompose, repeats, c.device))
 
 
 def sample_correlation(dim: int, device: torch.device | str = "cpu", seed: int = 0) -> torch.Tensor:
