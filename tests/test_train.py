@@ -166,10 +166,12 @@ class _KillAtEpoch(L.Callback):
             raise KeyboardInterrupt  # as if the job had been killed here
 
 
-def test_killed_run_resumes_to_the_same_weights(image_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pipeline", ["workers", "resident"])
+def test_killed_run_resumes_to_the_same_weights(pipeline: str, image_data, tmp_path: Path) -> None:
     """3 epochs straight == 2 epochs, a kill, and a resumed third epoch (EMA, LARS, C, BN),
-    with the checkpoints written by the background thread that GPU runs use."""
-    extra = ("max_epochs=3", "++data.fraction=0.5", "++checkpoint.async_write=True")
+    with the checkpoints written by the background thread that GPU runs use, and with the
+    views made per image or batched from the images on the device (the GPU default)."""
+    extra = ("max_epochs=3", "++data.fraction=0.5", "++checkpoint.async_write=True", f"++data.pipeline={pipeline}")
     straight = pretrain(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="straight"))
 
     interrupted = build_run(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="killed"))
