@@ -4,7 +4,9 @@
 # accuracy section took 392 s with ACCURACY_RUNS="isoloss-noema:9:16 byol:8:bf16
 # isoloss-noema:3:bf16" and steps 123 s; aug had not finished after about 70 s, so split the
 # sections over calls of at most 10 minutes:
-#   aug       views/s of the per-image, batched eager and batched compiled pipelines
+#   aug       views/s of the per-image, batched eager and batched compiled pipelines; then, for
+#             datasets kept on disk (ImageNet-sized JPEGs), of per-image workers against the
+#             hybrid pipeline (workers decode and crop, colour ops batched on the GPU)
 #   steps     steps/s of BYOL and IsoLoss without EMA (the timing), then a short profiled
 #             run of each: kernel launches and host syncs per step, top CUDA ops, and from its
 #             trace (benchmarks/trace_gaps.py) the GPU's busy share, launches per top-level CPU
@@ -58,6 +60,7 @@ for section in $SECTIONS; do
     case $section in
     aug)
         python3 benchmarks/throughput.py --section aug --device "$DEVICE" 2>&1 | quiet | tee "$OUT/aug.txt"
+        python3 benchmarks/throughput.py --section hybrid --device "$DEVICE" 2>&1 | quiet | tee -a "$OUT/aug.txt"
         ;;
     steps)
         python3 benchmarks/throughput.py --section steps --device "$DEVICE" --methods byol isoloss-noema 2>&1 \

@@ -8,6 +8,9 @@ Sections (``--section all`` runs every registered one):
   (``build_view_transform``) in DataLoader workers and (b) the batched pipeline
   (``ivreg.data.batched_aug``) on ``--device``, over the same synthetic in-memory
   CIFAR-sized uint8 dataset with the CIFAR asymmetric two-view config.
+* ``hybrid``: views per second of the two pipelines for datasets kept on disk (ImageNet-sized
+  JPEGs, 224 px views): every op per image in DataLoader workers, against workers that only
+  decode, crop and flip while the colour ops run batched on ``--device``.
 * ``steps``: training steps per second of every method (the shipped CIFAR configs, full
   Lightning step with the device-resident pipeline: augmentation, forward, loss,
   backward, optimizer, EMA), and the peak device memory of each.
@@ -57,17 +60,20 @@ def synthetic_images(n_images: int, size: int = 32, seed: int = 0) -> torch.Tens
 
 
 class _PerImageViews(Dataset):
-    """Dataset returning the list of views of one image, as the training loader would."""
+    """The list of views of one image, as the training loader makes them (labels dropped):
+    ``images`` is a uint8 tensor of images or a dataset of ``(image, label)``."""
 
-    def __init__(self, images: torch.Tensor, specs: Sequence[ViewSpec]):
+    def __init__(self, images: torch.Tensor | Dataset, transforms: Sequence[Callable[[Any], torch.Tensor]]):
         self.images = images
-        self.transforms = [build_view_transform(spec, CIFAR10_MEAN, CIFAR10_STD) for spec in specs]
+        self.transforms = list(transforms)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.images)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> list[torch.Tensor]:
         image = self.images[index]
+        if isinstance(image, tuple):
+            image = image[0]
         return [t(image) for t in self.transforms]
 
 
@@ -80,8 +86,23 @@ def _time_per_image(
     dev: torch.device,
 ) -> list[float]:
     """Seconds per epoch of the per-image pipeline; the workers stop when this returns."""
+    transforms = [build_view_transform(spec, CIFAR10_MEAN, CIFAR10_STD) for spec in specs]
+    return _time_loader(_PerImageViews(images, transforms), batch_size, workers, repeats, dev)
+
+
+def _time_loader(
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    repeats: int,
+    dev: torch.device,
+    on_device: Callable[[list[torch.Tensor]], object] | None = None,
+) -> list[float]:
+    """Seconds per epoch of a DataLoader of ``dataset`` (items: lists of views), each batch's
+    views moved to ``dev`` and, if given, passed to ``on_device``; after one warm-up epoch
+    (which starts the persistent workers, and compiles what ``on_device`` compiles)."""
     loader = DataLoader(
-        _PerImageViews(images, specs),
+        dataset,
         batch_size=batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -89,11 +110,12 @@ def _time_per_image(
     )
 
     def epoch() -> None:
-        for views in loader:
-            for v in views:
-                v.to(dev, non_blocking=True)
+        for batch in loader:
+            views = [v.to(dev, non_blocking=True) for v in batch]
+            if on_device is not None:
+                on_device(views)
 
-    epoch()  # warm-up: starts the workers
+    epoch()
     return time_runs(epoch, repeats, dev)
 
 
@@ -174,11 +196,16 @@ def bench_augmentation(
     return result
 
 
+def _workers(args: argparse.Namespace) -> int:
+    """``--workers``; by default 2 on the CPU (this project's machines have 2 cores), up to 12 with a GPU."""
+    return args.workers if args.workers is not None else (2 if args.device == "cpu" else min(12, os.cpu_count() or 1))
+
+
 def run_aug(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     n_images = args.n_images or (4096 if device == "cpu" else 65536)
     batch_size = args.batch_size or 512
-    workers = args.workers if args.workers is not None else (2 if device == "cpu" else min(12, os.cpu_count() or 1))
+    workers = _workers(args)
     result = bench_augmentation(
         n_images, batch_size, device, workers, args.threads, args.repeats, compiled=not args.no_compile
     )
@@ -203,6 +230,84 @@ def run_aug(args: argparse.Namespace) -> dict[str, Any]:
     if "compile_s" in result:
         print(f"  (compilation took {result['compile_s']:.1f} s, once per run)")
     print("  speed-up = batched / per-image, medians")
+    return result
+
+
+IMAGENET_AUGMENTATIONS = Path(__file__).resolve().parents[1] / "scripts/pretrain/imagenet/augmentations/asymmetric.yaml"
+
+
+def synthetic_jpeg_folder(root: Path, n_images: int, size: tuple[int, int] = (500, 375), seed: int = 0) -> Path:
+    """An ImageFolder (two classes) of ``n_images`` JPEGs (quality 90) of ImageNet's most common
+    size, with smooth random content: decoding cost grows with the pixels and with the detail."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(n_images):
+        folder = root / f"class_{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = torch.randint(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=torch.uint8, generator=generator)
+        image = Image.fromarray(coarse.numpy()).resize(size, Image.Resampling.BICUBIC)
+        image.save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def bench_hybrid(
+    n_images: int = 512, batch_size: int = 64, device: str = "cpu", workers: int = 2, repeats: int = 2
+) -> dict[str, Any]:
+    """Views per second of the two pipelines for datasets that do not fit on the device (ImageNet
+    JPEGs of 500x375, the ImageNet asymmetric config, 224 px crops): ``workers``, every op per
+    image in DataLoader workers, against ``hybrid``, the workers only decoding, cropping and
+    flipping while the colour ops, blur and solarization run batched on ``device`` (end to end,
+    as training runs it: compiled on a GPU), and the workers' half of ``hybrid`` on its own."""
+    import tempfile
+
+    from ivreg.data.augment import build_geometric_transform
+    from ivreg.data.datasets import IMAGENET_MEAN, IMAGENET_STD, image_folder
+
+    dev = torch.device(device)
+    specs = load_view_specs(IMAGENET_AUGMENTATIONS)
+    n_views = len(specs) * n_images
+    batched = build_batched_views(specs, IMAGENET_MEAN, IMAGENET_STD).to(dev)
+    if dev.type == "cuda":  # as training does it there (performance.compile_augmentation=auto)
+        batched.compile_ops()
+    generator = torch.Generator(device=dev).manual_seed(0)
+
+    def colour_ops(crops: list[torch.Tensor]) -> None:  # the hybrid pipeline's device half
+        for view, crop in zip(batched.views, crops):
+            view(crop, generator=generator, geometric=False)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = image_folder(synthetic_jpeg_folder(Path(tmp), n_images), "train_path")
+        full = [build_view_transform(spec, IMAGENET_MEAN, IMAGENET_STD) for spec in specs]
+        geometric = [build_geometric_transform(spec) for spec in specs]
+        timed = {
+            "workers": _time_loader(_PerImageViews(folder, full), batch_size, workers, repeats, dev),
+            "hybrid": _time_loader(_PerImageViews(folder, geometric), batch_size, workers, repeats, dev, colour_ops),
+            "hybrid_workers_half": _time_loader(_PerImageViews(folder, geometric), batch_size, workers, repeats, dev),
+        }
+    result: dict[str, Any] = {"n_images": n_images, "batch_size": batch_size, "workers": workers, "device": str(dev)}
+    for label, seconds in timed.items():
+        result[label] = n_views / statistics.median(seconds)
+    result["speedup"] = result["hybrid"] / result["workers"]
+    return result
+
+
+def run_hybrid(args: argparse.Namespace) -> dict[str, Any]:
+    workers = _workers(args)
+    n_images = args.n_images or (512 if args.device == "cpu" else 4096)
+    result = bench_hybrid(n_images, args.batch_size or 64, args.device, workers, args.repeats)
+    print(
+        f"[hybrid] {result['n_images']} synthetic 500x375 JPEGs, ImageNet asymmetric config (2 views of 224 px), "
+        f"batch {result['batch_size']}, DataLoader with {workers} workers, colour ops on {result['device']}"
+    )
+    rows = [
+        ("workers: every op per image in the workers", "workers"),
+        ("hybrid: decode, crop, flip in the workers; colour ops batched", "hybrid"),
+        ("  the workers' half of hybrid alone", "hybrid_workers_half"),
+    ]
+    for label, key in rows:
+        print(f"  {label:<64} {result[key]:>9,.0f} views/s (median of {args.repeats})")
+    print(f"  hybrid / workers: {result['speedup']:.1f}x")
     return result
 
 
@@ -701,6 +806,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "steps": run_steps,
     "census": run_census,
     "eigh": run_eigh,
+    "hybrid": run_hybrid,
 }
 
 
@@ -709,9 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--section", choices=[*SECTIONS, "all"], default="all")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after a warm-up)")
-    aug = parser.add_argument_group("aug")
-    aug.add_argument("--n-images", type=int, default=None, help="default: 4096 on cpu, 65536 on cuda")
-    aug.add_argument("--batch-size", type=int, default=None, help="default: 512")
+    aug = parser.add_argument_group("aug and hybrid")
+    aug.add_argument(
+        "--n-images", type=int, default=None, help="default: 4096 on cpu, 65536 on cuda (hybrid: 512 and 4096)"
+    )
+    aug.add_argument("--batch-size", type=int, default=None, help="default: 512 (hybrid: 64)")
     aug.add_argument("--workers", type=int, default=None, help="DataLoader workers; default: 2 on cpu, <= 12 on cuda")
     aug.add_argument("--threads", type=int, default=None, help="intra-op threads of the batched run on cpu")
     aug.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd batched run")

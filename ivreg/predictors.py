@@ -238,7 +238,9 @@ def time_decompose(c: torch.Tensor, on_host: bool, repeats: int = 5) -> float:
     """Median seconds of one ``SpectralPredictor.decompose`` of the correlation matrix ``c``
     (on its device; with ``on_host`` through the host's LAPACK), after one warm-up call. Each
     call is timed to the end of its result: the step waits for it too."""
-    predictor = SpectralPredictor(len(c), 0.5, True, 0.0, 0.5, True, eigh_on_host=on_host).to(c.device)
+    predictor = SpectralPredictor(
+        len(c), alpha=0.5, normalize=True, eps_iso=0.0, tau=0.5, with_sqrt=True, eigh_on_host=on_host
+    ).to(c.device)
     predictor.corr.C.copy_(c)
     predictor.decompose()  # warm-up: workspaces, page-locked buffers, libraries
     return statistics.median(time_runs(predictor.decompose, repeats, c.device))

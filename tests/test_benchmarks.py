@@ -44,6 +44,17 @@ def test_throughput_sections_run_and_report(capsys: pytest.CaptureFixture[str]) 
     assert run.model.predictor.eigh_on_host  # the override reached the benchmarked config
 
 
+def test_hybrid_section_times_both_pipelines_on_jpeg_folders(tmp_path: Path) -> None:
+    throughput = _load("throughput")
+    folder = throughput.synthetic_jpeg_folder(tmp_path, 3, size=(40, 30))
+    assert sorted(p.name for p in folder.rglob("*.jpg")) == ["00000.jpg", "00001.jpg", "00002.jpg"]
+    args = ["--section", "hybrid", "--device", "cpu", "--n-images", "8", "--batch-size", "4", "--repeats", "1"]
+    hybrid = throughput.main([*args, "--workers", "0"])["hybrid"]
+    for key in ("workers", "hybrid", "hybrid_workers_half"):
+        assert hybrid[key] > 0
+    assert hybrid["speedup"] == pytest.approx(hybrid["hybrid"] / hybrid["workers"])
+
+
 def test_op_census_attributes_every_step_op_to_a_phase() -> None:
     throughput = _load("throughput")
     args = ["--section", "census", "--device", "cpu", "--methods", "byol", "--steps", "1", "--step-batch", "4"]
