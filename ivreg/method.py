@@ -34,7 +34,7 @@ from ivreg.errors import TrainingError
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.norms import ViewGroups, follows_view_groups, run_views, share_view_groups
-from ivreg.optim import build_optimizer, build_scheduler, trainable_params
+from ivreg.optim import build_optimizer, optimizers_with_schedule, trainable_params
 from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, observe_views, spectrum_metrics
 from ivreg.readout import OnlineReadout
 from ivreg.targets import EMATarget, StopGradTarget, cosine_tau
@@ -372,19 +372,5 @@ class SSLMethod(L.LightningModule):
             weight_decay=float(opt_cfg["weight_decay"]),
             kwargs=dict(opt_cfg.get("kwargs") or {}),
         )
-        sch_cfg = self.cfg["scheduler"]
-        max_epochs = int(self.cfg["max_epochs"])
         total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(total // max_epochs, 1)
-        scheduler = build_scheduler(
-            sch_cfg["name"],
-            optimizer,
-            steps_per_epoch=steps_per_epoch,
-            max_epochs=max_epochs,
-            warmup_epochs=float(sch_cfg.get("warmup_epochs", 10)),
-            warmup_start_lr=float(sch_cfg.get("warmup_start_lr", 3e-5)),
-            min_lr=float(sch_cfg.get("min_lr", 0.0)),
-        )
-        if scheduler is None:
-            return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_with_schedule(optimizer, self.cfg["scheduler"], total, int(self.cfg["max_epochs"]))

@@ -10,7 +10,7 @@ per parameter group. Its update is solo-learn's LARS, which the paper used.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -197,3 +197,23 @@ def build_scheduler(
         for g in optimizer.param_groups
     ]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def optimizers_with_schedule(
+    optimizer: torch.optim.Optimizer, scheduler_cfg: Mapping, total_steps: int, max_epochs: int
+) -> dict:
+    """What a ``configure_optimizers`` returns: ``optimizer`` and, unless ``scheduler.name`` is
+    ``none``, its per-step scheduler built from the ``scheduler`` config section (whose
+    warmup_epochs, warmup_start_lr and min_lr each entry point's defaults fill in)."""
+    scheduler = build_scheduler(
+        scheduler_cfg["name"],
+        optimizer,
+        steps_per_epoch=max(total_steps // max_epochs, 1),
+        max_epochs=max_epochs,
+        warmup_epochs=float(scheduler_cfg["warmup_epochs"]),
+        warmup_start_lr=float(scheduler_cfg["warmup_start_lr"]),
+        min_lr=float(scheduler_cfg["min_lr"]),
+    )
+    if scheduler is None:
+        return {"optimizer": optimizer}
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ivreg.errors import ConfigError
-from ivreg.optim import LARS, build_optimizer, build_scheduler, warmup_cosine_factor
+from ivreg.optim import LARS, build_optimizer, build_scheduler, optimizers_with_schedule, warmup_cosine_factor
 
 
 def _reference_lars_step(params, grads, bufs, lr, wd, eta, clip, exclude, momentum=0.9, eps=1e-8):
@@ -121,6 +121,22 @@ def test_scheduler_steps_every_group_from_its_own_base_lr() -> None:
         build_scheduler("warmup_cosine", opt, steps_per_epoch=10, max_epochs=1, warmup_epochs=10)
     with pytest.raises(ConfigError, match="unknown scheduler"):
         build_scheduler("step", opt, steps_per_epoch=10, max_epochs=1)
+
+
+def test_optimizers_with_schedule_reads_the_scheduler_section() -> None:
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+    section = {"name": "warmup_cosine", "warmup_epochs": 2, "warmup_start_lr": 0.1, "min_lr": 0.01}
+    out = optimizers_with_schedule(opt, section, total_steps=100, max_epochs=10)  # 10 steps per epoch
+    assert out["optimizer"] is opt and out["lr_scheduler"]["interval"] == "step"
+    sched = out["lr_scheduler"]["scheduler"]
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.55) and lrs[20] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine, towards min_lr
+    assert optimizers_with_schedule(opt, {**section, "name": "none"}, 100, 10) == {"optimizer": opt}
 
 
 def _lars_net() -> nn.Module:

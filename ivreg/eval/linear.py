@@ -38,7 +38,7 @@ from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
 from ivreg.method import backbone_from_config, backbone_kwargs
-from ivreg.optim import build_scheduler
+from ivreg.optim import optimizers_with_schedule
 from ivreg.train import (
     build_loggers,
     check_resume,
@@ -251,21 +251,8 @@ class LinearEvalModule(L.LightningModule):
                 optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=float(opt["weight_decay"]), **kwargs)
         except TypeError as exc:
             raise ConfigError(f"optimizer.kwargs {sorted(kwargs)} do not fit {opt['name']}: {exc}") from exc
-        sch = self.cfg["scheduler"]
-        max_epochs = int(self.cfg["max_epochs"])
-        steps_per_epoch = max(int(self.trainer.estimated_stepping_batches) // max_epochs, 1)
-        scheduler = build_scheduler(
-            sch["name"],
-            optimizer,
-            steps_per_epoch=steps_per_epoch,
-            max_epochs=max_epochs,
-            warmup_epochs=float(sch.get("warmup_epochs", 0)),
-            warmup_start_lr=float(sch.get("warmup_start_lr", 0.0)),
-            min_lr=float(sch.get("min_lr", 0.0)),
-        )
-        if scheduler is None:
-            return {"optimizer": optimizer}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches)
+        return optimizers_with_schedule(optimizer, self.cfg["scheduler"], total, int(self.cfg["max_epochs"]))
 
 
 # -------------------------------------------------------------------------------- callbacks
