@@ -265,7 +265,12 @@ def choose_eigh_on_host(dim: int, device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     sample = sample_correlation(dim, device)
-    on_device, on_host = time_decompose(sample, False), time_decompose(sample, True)
+    on_device = time_decompose(sample, False)
+    try:
+        on_host = time_decompose(sample, True)
+    except (RuntimeError, TrainingError) as exc:  # e.g. page-locked memory refused: auto must not fail a run
+        rank_zero_info(f"spectral predictor: eigh of C on the GPU (the host path failed: {str(exc).splitlines()[0]})")
+        return False
     rank_zero_info(
         f"spectral predictor: eigh of C ({dim}x{dim}) on the {'host' if on_host < on_device else 'GPU'}: "
         f"{1e3 * on_host:.2f} ms by host LAPACK against {1e3 * on_device:.2f} ms on the GPU, timed "

@@ -230,6 +230,23 @@ def test_auto_eigh_place_takes_the_faster_as_timed(
     assert calls == [("cpu", False), ("cpu", True)] * 2
 
 
+def test_auto_eigh_place_falls_back_to_the_gpu_when_the_host_path_fails(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ivreg.predictors as predictors
+
+    def fake_time(c: torch.Tensor, on_host: bool, repeats: int = 5) -> float:
+        if on_host:
+            raise RuntimeError("CUDA error: out of memory (pinned)\nmore lines")
+        return 0.005
+
+    monkeypatch.setattr(predictors, "time_decompose", fake_time)
+    monkeypatch.setattr(predictors, "sample_correlation", lambda dim, device: torch.eye(dim))  # no GPU here
+    with caplog.at_level("INFO"):
+        assert choose_eigh_on_host(8, torch.device("cuda")) is False
+    assert "on the GPU (the host path failed: CUDA error: out of memory (pinned))" in caplog.text
+
+
 def test_auto_eigh_place_on_the_cpu_times_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     import ivreg.predictors as predictors
 
