@@ -69,9 +69,25 @@ def test_two_epochs_write_checkpoint_metrics_and_spectrum(config: str, image_dat
 
 @pytest.mark.parametrize(
     ("overrides", "scale"),
-    [([], 1.0), (["optimizer.batch_size=64", "devices=2"], 0.5), (["++accumulate_grad_batches=4"], 4.0)],
+    [
+        ([], 1.0),
+        (["optimizer.batch_size=64", "devices=2"], 0.5),
+        # solo-learn's rule leaves gradient accumulation out ...
+        (["++accumulate_grad_batches=4"], 1.0),
+        # ... linear_accumulated counts the images per optimizer step
+        (["++accumulate_grad_batches=4", "++optimizer.lr_scaling=linear_accumulated"], 4.0),
+        (
+            [
+                "optimizer.batch_size=64",
+                "devices=2",
+                "++accumulate_grad_batches=4",
+                "++optimizer.lr_scaling=linear_accumulated",
+            ],
+            2.0,
+        ),
+    ],
 )
-def test_learning_rates_scale_with_the_images_per_optimizer_step(overrides: list[str], scale: float) -> None:
+def test_learning_rates_scale_with_the_batch_size(overrides: list[str], scale: float) -> None:
     from ivreg.config import lr_scale, prepare_config
 
     cfg = prepare_config(compose(str(CIFAR_CONFIGS), "byol.yaml", overrides))
@@ -79,6 +95,19 @@ def test_learning_rates_scale_with_the_images_per_optimizer_step(overrides: list
     assert lr_scale(cfg, world, int(cfg.accumulate_grad_batches)) == pytest.approx(scale)
     cfg.optimizer.lr_scaling = "none"
     assert lr_scale(cfg, world, int(cfg.accumulate_grad_batches)) == 1.0
+
+
+@pytest.mark.parametrize("config", ["byol.yaml", "directpred.yaml", "isoloss.yaml"])
+def test_imagenet_configs_train_at_the_reference_rates(config: str) -> None:
+    """The reference's ImageNet runs: batch 64 on 4 GPUs, 16 accumulated batches, lr 0.45 and
+    classifier_lr 0.2 as written (solo-learn scales by 64 x 4 / 256 = 1)."""
+    from ivreg.config import lr_scale, prepare_config
+
+    cfg = prepare_config(compose(str(ROOT / "scripts" / "pretrain" / "imagenet"), config, []))
+    assert int(cfg.accumulate_grad_batches) == 16 and len(cfg.devices) == 4
+    scale = lr_scale(cfg, len(cfg.devices), int(cfg.accumulate_grad_batches))
+    assert float(cfg.optimizer.lr) * scale == pytest.approx(0.45)
+    assert float(cfg.optimizer.classifier_lr) * scale == pytest.approx(0.2)
 
 
 def test_reference_order_of_decompositions_trains(image_data, tmp_path: Path) -> None:
