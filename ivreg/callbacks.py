@@ -207,18 +207,20 @@ class EpochSummary(L.Callback):
                 torch.cuda.synchronize()
             self._t_val = time.perf_counter()
 
-    @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         now = time.perf_counter()
         t_val = self._t_val or now
+        columns = self.metric_columns(trainer, pl_module)  # on every rank: it all-reduces under DDP
+        if not trainer.is_global_zero:
+            return
         row: dict[str, Any] = {
             "epoch": trainer.current_epoch,
             "step": trainer.global_step,
             "train_time_s": round(t_val - self._t_start, 3),
             "val_time_s": round(now - t_val, 3),
-            **self.metric_columns(trainer, pl_module),
+            **columns,
         }
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
         rows = self._read(self.epochs_path) + [row]

@@ -260,8 +260,9 @@ class SSLMethod(L.LightningModule):
             return self._epoch_cache[1]
         if self._metric_sums is None or self._metric_steps == 0:
             return {}
-        sums = dict(zip(self._metric_names, self._metric_sums))
-        n = self._metric_steps
+        totals = self._global_metric_sums()
+        sums = dict(zip(self._metric_names, totals[:-1]))
+        n = totals[-1].clamp_min(1)
         count = sums["train_count"].clamp_min(1)
         epoch = {
             "train_neg_cos_sim": sums["train_neg_cos_sim"] / n,
@@ -283,6 +284,17 @@ class SSLMethod(L.LightningModule):
             epoch["tau"] = torch.tensor(self._current_tau())
         self._epoch_cache = (self.current_epoch, epoch)
         return epoch
+
+    def _global_metric_sums(self) -> torch.Tensor:
+        """This epoch's metric sums and step count, summed over the DDP ranks (one all-reduce
+        per epoch; every rank must call it, as ``epoch_metrics`` does on every rank), so that
+        ``train_acc1`` and the loss means cover the global batch and not rank 0's share. The
+        gradient statistics need no reduction: DDP's gradients are the same on every rank."""
+        assert self._metric_sums is not None
+        local = torch.cat([self._metric_sums, self._metric_sums.new_tensor([self._metric_steps])])
+        if self._trainer is None or self.trainer.world_size == 1:
+            return local
+        return self.trainer.strategy.reduce(local, reduce_op="sum")
 
     def on_train_epoch_end(self) -> None:
         metrics = self.epoch_metrics()

@@ -1,5 +1,5 @@
 """Run by tests/test_ddp.py in a subprocess: Lightning's DDP launcher starts this file again
-for rank 1, so it cannot live inside pytest. Each rank saves its correlation matrix C."""
+for rank 1, so it cannot live inside pytest. Each rank saves its correlation matrix C and its epoch metrics."""
 
 import sys
 from pathlib import Path
@@ -17,6 +17,13 @@ from tests.conftest import CIFAR_CONFIGS, tiny_overrides  # noqa: E402
 class SaveRankState(L.Callback):
     def __init__(self, out: Path):
         self.out = out
+        self.metrics: dict[str, float] = {}
+        self.local: dict[str, float] = {}
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metrics = {k: float(v) for k, v in pl_module.epoch_metrics().items()}
+        local = dict(zip(pl_module._metric_names, pl_module._metric_sums.tolist()))
+        self.local = {**local, "steps": float(pl_module._metric_steps)}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.save(
@@ -25,6 +32,8 @@ class SaveRankState(L.Callback):
                 "steps": trainer.global_step,
                 "world": trainer.world_size,
                 "weight": pl_module.backbone.conv1.weight.detach().cpu(),
+                "epoch_metrics": self.metrics,
+                "local_sums": self.local,
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )

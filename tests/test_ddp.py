@@ -1,4 +1,5 @@
-"""DDP on the CPU (gloo): two processes train a few steps and hold the same C."""
+"""DDP on the CPU (gloo): two processes train a few steps, hold the same C and report the
+same epoch metrics, computed over both ranks."""
 
 import subprocess
 import sys
@@ -34,6 +35,15 @@ def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], i
     assert torch.count_nonzero(r0["C"]) > 0
     torch.testing.assert_close(r0["C"], r1["C"], rtol=0, atol=0)  # identical, not just close
     torch.testing.assert_close(r0["weight"], r1["weight"])  # DDP keeps the replicas in sync
+    # The epoch's training metrics cover both ranks' shares of the batch, not rank 0's alone.
+    m0, m1, l0, l1 = r0["epoch_metrics"], r1["epoch_metrics"], r0["local_sums"], r1["local_sums"]
+    assert l0["train_neg_cos_sim"] != l1["train_neg_cos_sim"]  # the ranks saw different images
+    for key in ("train_neg_cos_sim", "train_z_norm", "train_acc1"):
+        assert m0[key] == m1[key], key
+    loss = (l0["train_neg_cos_sim"] + l1["train_neg_cos_sim"]) / (l0["steps"] + l1["steps"])
+    assert m0["train_neg_cos_sim"] == pytest.approx(loss, rel=1e-6)
+    acc = 100 * (l0["train_hits"] + l1["train_hits"]) / (l0["train_count"] + l1["train_count"])
+    assert m0["train_acc1"] == pytest.approx(acc, rel=1e-6)
 
 
 def _correlation_worker(rank: int, world: int, port: int, out: str) -> None:
