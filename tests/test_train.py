@@ -15,6 +15,7 @@ import torch
 
 from ivreg.config import compose
 from ivreg.errors import ConfigError, DataError, TrainingError
+from ivreg.targets import cosine_tau
 from ivreg.train import build_run, pretrain
 
 from .conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
@@ -234,6 +235,19 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation(image_data, tmp_
     run.trainer.fit(run.model, datamodule=run.datamodule)
     batches = 16 // 8
     assert len(calls) == run.trainer.global_step == batches // 2
+
+
+def test_ema_update_k_uses_tau_of_step_k(image_data, tmp_path: Path) -> None:
+    """As in BYOL and solo-learn: the first update uses base_tau, the k-th (from 0) tau(k)."""
+    run = build_run(_cfg("byol.yaml", image_data, tmp_path, "max_epochs=2", "scheduler.name=none"))
+    calls: list[float] = []
+    update = run.model.target.update
+    run.model.target.update = lambda params, tau: (calls.append(tau), update(params, tau))
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    total = run.trainer.global_step
+    assert total == 2 * (48 // 8)
+    assert calls == pytest.approx([cosine_tau(k, total, 0.99, 1.0) for k in range(total)])
+    assert calls[0] == pytest.approx(0.99)
 
 
 def test_refuses_to_overwrite_a_finished_run_without_auto_resume(image_data, tmp_path: Path) -> None:
