@@ -63,6 +63,21 @@ def config_of(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     return copy.deepcopy(dict(cfg))
 
 
+def require_pretraining_config(cfg: Mapping[str, Any], path: str | Path) -> None:
+    """Raise CheckpointError unless ``cfg`` is a pretraining run's config (it names a method);
+    a linear-evaluation checkpoint holds a backbone too, but not the pretraining run's
+    augmentations, method and heads that evaluation and resumption read."""
+    if cfg.get("method"):
+        return
+    source = cfg.get("pretrained_feature_extractor")
+    if source:
+        raise CheckpointError(
+            f"{path} is a linear-evaluation checkpoint (main_linear.py); pass the pretraining run's "
+            f"checkpoint instead (this one was trained on {source})"
+        )
+    raise CheckpointError(f"the config stored in {path} names no method; it is not a pretraining checkpoint")
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
     """The resolved config a checkpoint was trained with (a plain dict)."""
     return config_of(read_checkpoint(path), path)
@@ -119,6 +134,8 @@ def load_backbone_and_config(
     # Read onto the CPU and move only the backbone: the file also holds the projector, the
     # target network and optimiser states, which need not visit the GPU.
     movable = isinstance(map_location, (str, torch.device))
+    if movable and torch.device(map_location).type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"map_location={str(map_location)!r} but no CUDA GPU is visible; use map_location='cpu'")
     ckpt = read_checkpoint(path, "cpu" if movable else map_location)
     cfg = config_of(ckpt, path)
     state = backbone_state(ckpt["state_dict"], path)

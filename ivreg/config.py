@@ -18,6 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ivreg.backbones import check_backbone_name
 from ivreg.data.datasets import DATASETS
 from ivreg.errors import ConfigError, DataError
+from ivreg.optim import OPTIMIZERS, check_schedule
 
 METHODS = ("byol", "directpred")
 
@@ -171,9 +172,28 @@ class UnreadConfigKeyWarning(UserWarning):
     """A config key that no part of the library reads (most likely a typo)."""
 
 
+# Top-level keys read outside DEFAULTS (besides Lightning Trainer arguments, passed through).
+TOP_LEVEL_KEYS = {"augmentations", "resume_from_checkpoint", "wandb", "defaults", "hydra"}
+
+
+def _top_level_known() -> set[str]:
+    import inspect
+
+    import lightning as L
+
+    return set(DEFAULTS) | TOP_LEVEL_KEYS | (set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+
+
 def unread_keys(cfg: DictConfig) -> list[str]:
-    """One line per key of a closed section that nothing reads, with the likely intended key."""
+    """One line per key that nothing reads, with the likely intended key: keys of the closed
+    sections, and top-level keys that are neither ivreg's nor a Lightning Trainer argument
+    (``++max_epoch=3`` would otherwise train for the default number of epochs in silence)."""
+    top = _top_level_known()
     lines = []
+    for key in sorted(set(cfg) - top):
+        close = difflib.get_close_matches(key, top, n=1)
+        hint = f"did you mean {close[0]}?" if close else "it is neither an ivreg key nor a Lightning Trainer argument"
+        lines.append(f"{key} is not read by ivreg and has no effect; {hint}")
     for section in CLOSED_SECTIONS:
         given = cfg.get(section)
         if not isinstance(given, DictConfig):
@@ -204,6 +224,8 @@ def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     return merged
 
 
+# method_kwargs that only the closed-form predictor (method=directpred) reads.
+CLOSED_FORM_KEYS = ("dp_alpha", "dp_normalize", "eps_iso")
 LR_SCALINGS = ("linear", "linear_accumulated", "none")
 # torch.compile's modes; "reduce-overhead" replays the compiled graphs as CUDA graphs, which
 # removes the per-kernel launch cost that bounds a ResNet-18 step on a fast GPU.
@@ -257,6 +279,13 @@ def validate(cfg: DictConfig) -> None:
         not (bool(mk.iso) and cfg.method == "byol"),
         "method_kwargs.iso=True needs the closed-form predictor: use method=directpred",
     )
+    if cfg.method == "byol":  # e.g. DirectCopy's keys on a BYOL config would train plain BYOL
+        changed = [k for k in CLOSED_FORM_KEYS if mk.get(k) != DEFAULTS["method_kwargs"][k]]
+        _require(
+            not changed,
+            f"method_kwargs {', '.join(changed)} shape the closed-form predictor, which method=byol does not "
+            "use (its predictor is learned): use a directpred or isoloss config for DirectPred/DirectCopy",
+        )
     _require(
         not bool(mk.get("iso_tangent", False)) or (bool(mk.iso) and not bool(mk.use_l2)),
         "method_kwargs.iso_tangent=True applies to the cosine IsoLoss only: set method_kwargs.iso=True "
@@ -267,12 +296,14 @@ def validate(cfg: DictConfig) -> None:
     for key in ("lr", "classifier_lr", "weight_decay"):
         value = _number(cfg, f"optimizer.{key}")
         _require(value >= 0, f"optimizer.{key} must be >= 0, got {value}")
+    _require(opt.name in OPTIMIZERS, f"unknown optimizer.name '{opt.name}'; choose one of {list(OPTIMIZERS)}")
     _require(isinstance(opt.kwargs, DictConfig), "optimizer.kwargs must be a mapping")
     _require(
         opt.get("lr_scaling", "linear") in LR_SCALINGS,
         f"optimizer.lr_scaling '{opt.get('lr_scaling')}' is not supported; choose one of {list(LR_SCALINGS)}",
     )
     _require(int(cfg.max_epochs) >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
+    check_schedule(str(cfg.scheduler.name), float(cfg.scheduler.warmup_epochs), int(cfg.max_epochs))
     _require(
         str(cfg.precision) in PRECISIONS,
         f"precision '{cfg.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",

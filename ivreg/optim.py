@@ -17,6 +17,8 @@ from torch import nn
 
 from ivreg.errors import ConfigError
 
+OPTIMIZERS = ("adamw", "lars", "sgd")
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017).
@@ -149,13 +151,28 @@ def build_optimizer(
     if name == "adamw":
         _check_kwargs(name, kwargs, {"betas", "eps"})
         return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True, **kwargs)
-    raise ConfigError(f"unknown optimizer.name '{name}'; choose one of ['adamw', 'lars', 'sgd']")
+    raise ConfigError(f"unknown optimizer.name '{name}'; choose one of {list(OPTIMIZERS)}")
 
 
 def _check_kwargs(name: str, kwargs: dict, allowed: set[str]) -> None:
     unknown = set(kwargs) - allowed
     if unknown:
         raise ConfigError(f"optimizer.kwargs {sorted(unknown)} are not options of {name}; allowed: {sorted(allowed)}")
+
+
+SCHEDULERS = ("cosine", "none", "warmup_cosine")
+
+
+def check_schedule(name: str, warmup_epochs: float, max_epochs: int) -> None:
+    """Raise ConfigError for an unknown scheduler or a warmup that leaves no cosine phase;
+    the configs call it before anything is built or written."""
+    if name not in SCHEDULERS:
+        raise ConfigError(f"unknown scheduler.name '{name}'; choose one of {list(SCHEDULERS)}")
+    if name == "warmup_cosine" and warmup_epochs >= max_epochs:
+        raise ConfigError(
+            f"scheduler.warmup_epochs ({warmup_epochs:g}) must be shorter than max_epochs ({max_epochs}); "
+            "set scheduler.warmup_epochs lower (0 for none)"
+        )
 
 
 def warmup_cosine_factor(
@@ -184,10 +201,9 @@ def build_scheduler(
     min_lr: float = 0.0,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """A per-step scheduler (``warmup_cosine``, ``cosine``) or None (``none``)."""
+    check_schedule(name, warmup_epochs, max_epochs)
     if name == "none":
         return None
-    if name not in ("warmup_cosine", "cosine"):
-        raise ConfigError(f"unknown scheduler.name '{name}'; choose one of ['cosine', 'none', 'warmup_cosine']")
     total = max(steps_per_epoch * max_epochs, 1)
     warmup = int(round(warmup_epochs * steps_per_epoch)) if name == "warmup_cosine" else 0
     if warmup >= total:

@@ -33,6 +33,7 @@ from ivreg.callbacks import (
     atomic_write_text,
     checkpoint_io,
 )
+from ivreg.checkpoints import load_config, require_pretraining_config
 from ivreg.config import CUDAGRAPH_COMPILE_MODES, PRECISIONS, auto_switch, prepare_config, to_container
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
@@ -139,6 +140,15 @@ def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise ConfigError(f"resume_from_checkpoint={path} does not exist")
+        saved = load_config(path)
+        if "method" in keys:  # a pretraining run: a linear-evaluation checkpoint would not fit
+            require_pretraining_config(saved, path)
+        diffs = _differing_keys(OmegaConf.create(saved), cfg, keys)
+        if diffs:
+            raise ConfigError(
+                f"cannot resume from {path}: its run differs from this config in {diffs}. "
+                "Resume with the config it was trained with, or start a new run without resume_from_checkpoint"
+            )
         return path
     last = run_dir / "last.ckpt"
     if not last.exists():
@@ -150,13 +160,16 @@ def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_
         )
     saved_path = run_dir / "config.yaml"
     if saved_path.exists():
-        saved = OmegaConf.load(saved_path)
-        diffs = [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+        diffs = _differing_keys(OmegaConf.load(saved_path), cfg, keys)
         if diffs:
             raise ConfigError(
                 f"cannot resume {run_dir}: its run differs in {diffs}. Choose another name=... for this config"
             )
     return last
+
+
+def _differing_keys(saved: Any, cfg: DictConfig, keys: tuple[str, ...]) -> list[str]:
+    return [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
@@ -253,8 +266,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     model = SSLMethod(to_container(cfg))
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
     apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)
-    write_run_config(cfg, run_dir)
-    trainer = L.Trainer(
+    trainer = make_trainer(
         max_epochs=int(cfg.max_epochs),
         logger=build_loggers(cfg, run_dir) or False,
         callbacks=build_callbacks(cfg, run_dir),
@@ -264,7 +276,21 @@ def build_run(cfg: DictConfig | dict) -> Run:
         **hw,
         **passthrough_trainer_kwargs(cfg),
     )
+    # Only now, with everything checked: a launch that fails must not rewrite the config of
+    # the run it would have resumed.
+    write_run_config(cfg, run_dir)
     return Run(cfg, model, datamodule, trainer, run_dir, resume_from)
+
+
+def make_trainer(**kwargs: Any) -> L.Trainer:
+    """``L.Trainer(**kwargs)``, with Lightning's refusal of a setting (``devices=0``, an
+    unknown strategy, ...) turned into a ConfigError: one line, no traceback."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**kwargs)
+    except MisconfigurationException as exc:
+        raise ConfigError(f"Lightning refused the trainer settings: {exc}") from exc
 
 
 def fit(run: Run) -> None:
@@ -276,7 +302,25 @@ def fit(run: Run) -> None:
     if run.resume_from is not None and run.trainer.is_global_zero:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    started = _TrainStarted()
+    run.trainer.callbacks.append(started)
     run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    if run.resume_from is not None and not started.started and run.trainer.is_global_zero:
+        print(
+            f"nothing to train: {run.run_dir} has finished its {run.trainer.current_epoch} epoch(s) "
+            f"(max_epochs={run.cfg.max_epochs}); raise max_epochs to train on",
+            flush=True,
+        )
+
+
+class _TrainStarted(L.Callback):
+    """Notes whether training began: Lightning skips it silently when the checkpoint a run
+    resumes from has already reached max_epochs."""
+
+    started = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = True
 
 
 def pretrain(cfg: DictConfig | dict) -> Run:

@@ -105,3 +105,9 @@ def test_cli_reports_a_bad_checkpoint_in_one_line_and_exits_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: the backbone weights in {path} do not fit a resnet18")
     assert not (tmp_path / "trained_models").exists()  # nothing written before the check
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
+def test_map_location_cuda_without_a_gpu_is_named(resnet18_ckpt):
+    with pytest.raises(CheckpointError, match="map_location='cuda' but no CUDA GPU is visible"):
+        load_backbone(resnet18_ckpt[0], map_location="cuda")

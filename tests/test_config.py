@@ -114,6 +114,13 @@ def _cifar(overrides: list[str]):
         (["++optimizer.lr_scaling=sqrt"], "optimizer.lr_scaling 'sqrt' is not supported"),
         (["++method_kwargs.iso_tangent=True", "method_kwargs.use_l2=True"], "iso_tangent=True applies to the cosine"),
         (["++method_kwargs.iso_tangent=True", "method_kwargs.iso=False"], "iso_tangent=True applies to the cosine"),
+        (["optimizer.name=adam"], "unknown optimizer.name 'adam'"),
+        (["max_epochs=5"], r"scheduler.warmup_epochs \(10\) must be shorter than max_epochs \(5\)"),
+        (["scheduler.name=step"], "unknown scheduler.name 'step'"),
+        (
+            ["method=byol", "method_kwargs.iso=False", "method_kwargs.eps_iso=0.25"],
+            "method_kwargs eps_iso shape the closed-form predictor",
+        ),
     ],
 )
 def test_bad_config_values_are_named(overrides: list[str], message: str) -> None:
@@ -127,11 +134,21 @@ def test_bad_config_values_are_named(overrides: list[str], message: str) -> None
         ("++method_kwargs.eps_isos=0.25", r"method_kwargs.eps_isos .*did you mean method_kwargs.eps_iso\?"),
         ("++performance.compile_scopes=step", r"did you mean performance.compile_scope\?"),
         ("++optimizer.exclude_bias_n_norm=True", r"optimizer.exclude_bias_n_norm is not read"),
+        ("++max_epoch=3", r"max_epoch is not read by ivreg .*did you mean max_epochs\?"),
+        ("++limit_train_batchs=3", r"did you mean limit_train_batches\?"),
     ],
 )
 def test_keys_nothing_reads_are_named_in_a_warning(override: str, message: str) -> None:
     with pytest.warns(UnreadConfigKeyWarning, match=message):
         prepare_config(_cifar([override]))
+
+
+def test_trainer_arguments_and_resume_keys_are_read() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreadConfigKeyWarning)
+        prepare_config(_cifar(["++limit_train_batches=3", "++gradient_clip_val=1.0", "++resume_from_checkpoint=null"]))
 
 
 def test_shipped_configs_and_run_keys_warn_of_nothing() -> None:

@@ -258,6 +258,34 @@ def test_refuses_to_overwrite_a_finished_run_without_auto_resume(image_data, tmp
         build_run(_cfg("byol.yaml", image_data, tmp_path))
 
 
+def test_explicit_resume_refuses_a_checkpoint_of_another_run(image_data, tmp_path: Path) -> None:
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", name="iso"))
+    ckpt = tmp_path / "iso" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"cannot resume from .*last.ckpt: its run differs .*\['method'"):
+        build_run(_cfg("byol.yaml", image_data, tmp_path, f"++resume_from_checkpoint={ckpt}", name="b"))
+    with pytest.raises(ConfigError, match=r"differs from this config in \['backbone'\]"):
+        resume = f"++resume_from_checkpoint={ckpt}"
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, resume, "backbone.name=resnet18"))
+    assert not (tmp_path / "b").exists()  # nothing written for a refused launch
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, f"++resume_from_checkpoint={ckpt}", name="c"))
+    assert run.resume_from == ckpt
+
+
+def test_a_refused_launch_leaves_the_run_it_would_resume_untouched(image_data, tmp_path: Path, capsys) -> None:
+    cfg = _cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none")
+    pretrain(cfg)
+    saved = (tmp_path / "tiny" / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="Lightning refused the trainer settings"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "devices=0", "scheduler.name=none"))
+    with pytest.raises(ConfigError, match="unknown optimizer.name 'adam'"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "optimizer.name=adam"))
+    assert (tmp_path / "tiny" / "config.yaml").read_text() == saved
+    # Launching the finished run again trains nothing and says so.
+    capsys.readouterr()
+    pretrain(cfg)
+    assert "nothing to train" in capsys.readouterr().out
+
+
 def test_nonfinite_loss_stops_with_a_clear_error(image_data, tmp_path: Path) -> None:
     run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
     with torch.no_grad():

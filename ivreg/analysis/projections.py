@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from ivreg.checkpoints import config_of, read_checkpoint, resolve_path
+from ivreg.checkpoints import config_of, read_checkpoint, require_pretraining_config, resolve_path
 from ivreg.cli import exit_on_user_error
 from ivreg.data.augment import MultiViewTransform, build_view_transform, parse_view_specs
 from ivreg.data.datasets import Transformed
@@ -58,7 +58,9 @@ def load_method(path: str | Path) -> tuple[Any, int]:
     from ivreg.method import SSLMethod
 
     ckpt = read_checkpoint(path)
-    method = SSLMethod(config_of(ckpt, path))
+    cfg = config_of(ckpt, path)
+    require_pretraining_config(cfg, path)
+    method = SSLMethod(cfg)
     method.load_state_dict(ckpt["state_dict"])
     return method, int(ckpt.get("epoch", -1))
 

@@ -7,6 +7,7 @@ dataset can feed a per-image worker pipeline or a batched one.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,7 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, lab
             f"{name} not found: expected {files}. Set data.train_path/data.val_path to the folder that "
             f"holds {_TORCHVISION_FILES[name]}/, point them at ImageFolder trees, or allow data.download=True"
         )
+    existed = root.exists()
     try:
         if name == "cifar10":
             return tvd.CIFAR10(str(root), train=train, download=download and not files.exists())
@@ -101,6 +103,8 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, lab
         split = ("train" if labelled else "train+unlabeled") if train else "test"
         return tvd.STL10(str(root), split=split, download=download and not files.exists())
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a failed check a RuntimeError
+        if not existed:  # torchvision made the folder for the download; leave no empty trace
+            shutil.rmtree(root, ignore_errors=True)
         raise DataError(
             f"{name} is not under {root} and could not be downloaded ({exc}). Without network access, "
             f"put {_TORCHVISION_FILES[name]}/ (or an ImageFolder tree) there by hand and set "

@@ -38,11 +38,12 @@ from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
 from ivreg.method import backbone_from_config, backbone_kwargs
-from ivreg.optim import optimizers_with_schedule
+from ivreg.optim import check_schedule, optimizers_with_schedule
 from ivreg.train import (
     build_loggers,
     check_resume,
     hardware_kwargs,
+    make_trainer,
     passthrough_trainer_kwargs,
     write_run_config,
 )
@@ -117,6 +118,7 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     for key in ("lr", "weight_decay", "backbone_lr_scale"):
         _check(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
     _check(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
+    check_schedule(str(merged.scheduler.name), float(merged.scheduler.warmup_epochs), int(merged.max_epochs))
     _check(
         str(merged.precision) in PRECISIONS,
         f"precision '{merged.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
@@ -294,13 +296,14 @@ class LinearRun:
 
 def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     """Read the pretraining checkpoint, resolve the data, build model, data module and trainer."""
-    from ivreg.checkpoints import load_backbone_and_config, resolve_path
+    from ivreg.checkpoints import load_backbone_and_config, require_pretraining_config, resolve_path
 
     cfg = prepare_linear_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     hw = hardware_kwargs(cfg)
     ckpt_path = resolve_path(str(cfg.pretrained_feature_extractor)).resolve()
     pretrained, pretrain_cfg = load_backbone_and_config(ckpt_path)
+    require_pretraining_config(pretrain_cfg, ckpt_path)
 
     cfg.pretrained_feature_extractor = str(ckpt_path)
     cfg.pretrain_cfg = pretrain_cfg
@@ -326,7 +329,6 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     model.backbone.load_state_dict(pretrained.state_dict())
     if on_gpu:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
-    write_run_config(cfg, run_dir)
 
     callbacks: list[L.Callback] = [LinearEpochSummary(run_dir)]
     loggers = build_loggers(cfg, run_dir)
@@ -334,7 +336,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.checkpoint.enabled:
         callbacks.append(EpochCheckpoint.from_config(cfg.checkpoint, run_dir))
-    trainer = L.Trainer(
+    trainer = make_trainer(
         max_epochs=int(cfg.max_epochs),
         logger=loggers or False,
         callbacks=callbacks,
@@ -344,6 +346,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         **hw,
         **passthrough_trainer_kwargs(cfg),
     )
+    write_run_config(cfg, run_dir)  # only once everything is checked, as in pretraining
     return LinearRun(cfg, model, datamodule, trainer, run_dir, resume_from)
 
 

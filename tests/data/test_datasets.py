@@ -37,6 +37,26 @@ def test_missing_cifar_without_download_says_what_to_set(tmp_path: Path) -> None
         build_dataset("cifar10", str(tmp_path), train=True, download=False)
 
 
+def test_a_failed_download_leaves_no_folder_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Else the next launch would report 'not an ImageFolder root' instead of a missing folder."""
+    from urllib.error import URLError
+
+    from ivreg.data import datasets
+
+    def offline(root: str, **kwargs: object) -> None:
+        Path(root).mkdir(parents=True, exist_ok=True)  # as torchvision does before fetching
+        raise URLError("no network")
+
+    monkeypatch.setattr(datasets.tvd, "CIFAR10", offline)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        build_dataset("cifar10", str(tmp_path / "nope"), train=True, download=True)
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there before is the user's: kept
+    with pytest.raises(DataError, match="could not be downloaded"):
+        build_dataset("cifar10", str(tmp_path / "mine"), train=True, download=True)
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_cifar_as_image_folders_is_accepted(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "train", classes=10, per_class=2)
     make_image_folder(tmp_path / "test", classes=10, per_class=1)

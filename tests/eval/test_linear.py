@@ -13,9 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from ivreg.analysis.projections import load_method
 from ivreg.checkpoints import load_backbone
 from ivreg.config import compose
-from ivreg.errors import ConfigError
+from ivreg.errors import CheckpointError, ConfigError
 from ivreg.eval.common import eval_data_config, eval_datasets, eval_view, extract_features
 from ivreg.eval.knn import OnlineKNN
 from ivreg.eval.linear import build_linear_run, linear_eval
@@ -223,6 +224,27 @@ def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_
     assert too_many.stderr.strip().splitlines() == [
         "error: k=49 is larger than the feature bank (48 labelled training images); choose k <= 48"
     ]
+
+    # The linear run's checkpoint holds a backbone too, but not a pretraining run: every tool
+    # that needs the pretraining config names the mistake (the backbone alone still loads).
+    linear_ckpt = run_dir / "last.ckpt"
+    assert load_backbone(linear_ckpt).num_features == load_backbone(ckpt).num_features
+    mistaken = subprocess.run(
+        [sys.executable, str(ROOT / "main_knn.py"), f"pretrained_feature_extractor={run_dir}", *common],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert mistaken.returncode == 2
+    assert mistaken.stderr.strip().splitlines() == [
+        f"error: {run_dir} is a linear-evaluation checkpoint (main_linear.py); pass the pretraining run's "
+        f"checkpoint instead (this one was trained on {ckpt})"
+    ]
+    with pytest.raises(CheckpointError, match="is a linear-evaluation checkpoint"):
+        build_linear_run({**_linear_cfg(linear_ckpt, tmp_path), "name": "lin-of-lin"})
+    with pytest.raises(CheckpointError, match="is a linear-evaluation checkpoint"):
+        load_method(linear_ckpt)
 
 
 def test_eval_data_inherits_from_pretraining_and_overrides_win():
