@@ -124,10 +124,14 @@ class NonFiniteLossGuard(L.Callback):
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         bad = int(pl_module.nonfinite_steps.item())
         if bad:
+            precision = str(trainer.precision)
+            hint = "a lower optimizer.lr" + (
+                "" if precision.startswith("32") or precision.startswith("64") else ", precision=bf16 or precision=32"
+            )
             raise TrainingError(
                 f"the SSL loss became NaN or infinite in {bad} step(s) of epoch {trainer.current_epoch} "
                 f"(global step {trainer.global_step}). The last checkpoint from a finite epoch is kept. "
-                "Try a lower optimizer.lr, precision=bf16 or precision=32."
+                f"Try {hint}."
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

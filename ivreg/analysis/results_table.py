@@ -55,6 +55,7 @@ class RunResult:
     label: str
     dataset: str
     value: float
+    seed: int | None = None  # the pretraining seed (a linear run's: its checkpoint's)
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,29 @@ def collect(
         if not math.isfinite(value):
             warn(f"skipping {run_dir}: no finite {column} in epochs.csv")
             continue
-        results.append(RunResult(run_dir, label, dataset, value))
+        results.append(RunResult(run_dir, label, dataset, value, seed_of(cfg)))
     return results
+
+
+def seed_of(cfg: Mapping[str, Any]) -> int | None:
+    source = cfg.get("pretrain_cfg") if is_linear_run(cfg) else cfg
+    seed = source.get("seed") if isinstance(source, Mapping) else None
+    return int(seed) if seed is not None else None
+
+
+def shared_seeds(results: Iterable[RunResult]) -> list[str]:
+    """One line per group cell in which several runs share a seed: their spread is not one
+    over seeds (a rerun of the same run, or runs that differ in something else)."""
+    runs: dict[tuple[str, str, int], list[RunResult]] = {}
+    for r in results:
+        if r.seed is not None:
+            runs.setdefault((r.label, r.dataset, r.seed), []).append(r)
+    return [
+        f"{len(group)} runs of {label} on {dataset} share seed {seed} "
+        f"({', '.join(str(r.run_dir) for r in group)}): the cell's ± is not a spread over seeds"
+        for (label, dataset, seed), group in runs.items()
+        if len(group) > 1
+    ]
 
 
 def summarize(results: Iterable[RunResult]) -> dict[tuple[str, str], Cell]:
@@ -205,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cells = summarize(collect(args.root, args.metric, args.kind, args.column))
+    results = collect(args.root, args.metric, args.kind, args.column)
+    for line in shared_seeds(results):
+        print(f"warning: {line}", file=sys.stderr)
+    cells = summarize(results)
     if not cells:
         raise DataError(f"no {args.kind} runs with a finite {args.column} under {args.root}")
     table = to_markdown(cells, args.digits)

@@ -24,6 +24,7 @@ from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ivreg.cli import exit_on_user_error
 from ivreg.errors import DataError
@@ -155,7 +156,8 @@ def spectrum_figure(run_dirs: Sequence[Path], normalize: str = "none", max_curve
             {"none": "eigenvalue of C", "max": "eigenvalue / largest", "sum": "eigenvalue / trace"}[normalize]
         )
         top.set_title(run_title(run_dir), fontsize=9)
-        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=top, label="epoch")
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=top, label="epoch")
+        bar.ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
 
         pr = load_part_ratio(run_dir)
         source = "epochs.csv"
@@ -163,6 +165,7 @@ def spectrum_figure(run_dirs: Sequence[Path], normalize: str = "none", max_curve
             pr, source = (epochs, participation_ratio(eig)), "from eigvals.csv"
         bottom.plot(pr[0], pr[1], marker="o" if len(pr[0]) <= 30 else None, markersize=3)
         bottom.set_xlabel("epoch")
+        bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
         bottom.set_ylabel("participation ratio")
         bottom.set_title(f"participation ratio ({source})", fontsize=9)
         bottom.set_ylim(bottom=0)

@@ -107,3 +107,17 @@ def test_run_discovery_and_errors(runs_root: Path, tmp_path: Path, capsys):
         main([str(tmp_path / "empty")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: no pretrain runs with a finite val_acc1 under")
+
+
+def test_runs_that_share_a_seed_are_named(tmp_path: Path, capsys):
+    root = tmp_path / "runs"
+    _run(root, "byol-a", {**_pretrain("byol", EMA, "cifar10"), "seed": 5}, [80])
+    _run(root, "byol-b", {**_pretrain("byol", EMA, "cifar10"), "seed": 5}, [82])
+    _run(root, "byol-c", {**_pretrain("byol", EMA, "cifar10"), "seed": 6}, [81])
+    _run(root, "iso-a", {**_pretrain("directpred", EMA, "cifar10", iso=True), "seed": 5}, [90])
+    assert main([str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "BYOL | 81.00 ± 1.00 (n=3)" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "share seed" in line]
+    assert len(warnings) == 1
+    assert "2 runs of BYOL on cifar10 share seed 5" in warnings[0] and "byol-a" in warnings[0]

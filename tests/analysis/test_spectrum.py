@@ -70,6 +70,10 @@ def test_figure_has_one_curve_per_epoch_and_the_participation_ratio(tmp_path: Pa
     assert "from eigvals.csv" in fallback.get_title()
     np.testing.assert_allclose(fallback.get_lines()[0].get_ydata(), participation_ratio(eig[:2]))
     assert len(fig.axes) == 6  # 2 x 2 panels and two colour bars
+    fig.canvas.draw()
+    for axis in (bottom.xaxis, fig.axes[4].yaxis):  # epochs are whole numbers on both axes
+        ticks = [t for t in axis.get_ticklocs() if 0 <= t <= 2]
+        assert ticks and all(float(t).is_integer() for t in ticks)
 
     capped = spectrum_figure([iso], normalize="max", max_curves=2)
     assert len(capped.axes[0].get_lines()) == 2  # first and last epoch
