@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ivreg.data.augment import (
     MultiViewTransform,
@@ -55,6 +55,21 @@ class EpochShuffleSampler(Sampler[int]):
     def __iter__(self):  # type: ignore[no-untyped-def]
         gen = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
         return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+
+
+class FixedShuffleSampler(Sampler[int]):
+    """One seeded permutation, the same every epoch: validation sees the classes mixed, so that
+    ``limit_val_batches`` evaluates a sample of every class and not the first classes of a
+    class-sorted ImageFolder (the full split's metrics do not depend on the order)."""
+
+    def __init__(self, num_samples: int, seed: int):
+        self.order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.order)
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -189,7 +204,7 @@ class PretrainDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=self._train_sampler(len(dataset)) if train else None,  # type: ignore[arg-type]
+            sampler=self._train_sampler(len(dataset)) if train else FixedShuffleSampler(len(dataset), self.seed),
             # Its own generator: making an iterator then draws no numbers from the global RNG.
             generator=torch.Generator().manual_seed(self.seed),
             drop_last=train and self.drop_last,
@@ -213,7 +228,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.setup()
         if "val_labels" in self._resident:
             n = len(self._resident["val_labels"])
-            return DeviceBatches(SequentialSampler(range(n)), self.batch_size, False, self.device, "val_index")
+            return DeviceBatches(FixedShuffleSampler(n, self.seed), self.batch_size, False, self.device, "val_index")
         if self.raw_val is None:
             return []
         transform = build_eval_transform(self.crop_size, self.mean, self.std)

@@ -3,10 +3,13 @@ model to the same accuracy (CPU, digits)."""
 
 from pathlib import Path
 
-from ivreg.config import compose
-from ivreg.train import pretrain
+import pytest
+import torch
 
-from ..conftest import ROOT
+from ivreg.config import compose
+from ivreg.train import build_run, pretrain
+
+from ..conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
 
 
 def _final_acc(pipeline: str, root: Path, compile_augmentation: bool = False) -> tuple[float, str]:
@@ -39,3 +42,22 @@ def test_resident_and_hybrid_pipelines_match_the_worker_pipeline(tmp_path: Path)
     # 2.2 points; allow three of them.
     for pipeline in ("resident", "hybrid", "resident-compiled"):
         assert abs(acc[pipeline] - acc["workers"]) <= 7.0, acc
+
+
+def _val_labels(datamodule) -> list[torch.Tensor]:
+    batches = list(datamodule.val_dataloader())
+    if datamodule.pipeline == "resident":
+        return [datamodule._resident["val_labels"][b["val_index"]].cpu() for b in batches]
+    return [labels for _, labels in batches]
+
+
+@pytest.mark.parametrize("pipeline", ["workers", "resident"])
+def test_validation_mixes_the_classes_in_one_fixed_order(pipeline: str, image_data, tmp_path: Path) -> None:
+    """With limit_val_batches a class-sorted ImageFolder must not yield a single class."""
+    train, val = image_data
+    overrides = [*tiny_overrides(train, val, tmp_path), f"++data.pipeline={pipeline}"]
+    run = build_run(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", overrides))
+    first, again = _val_labels(run.datamodule), _val_labels(run.datamodule)
+    assert [t.tolist() for t in first] == [t.tolist() for t in again]  # the same order every epoch
+    assert len(set(first[0].tolist())) == 3  # sorted, the first batch of 8 would hold classes 0 and 1 only
+    assert sorted(torch.cat(first).tolist()) == sorted([0] * 6 + [1] * 6 + [2] * 6)  # each image once
