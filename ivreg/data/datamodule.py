@@ -31,7 +31,14 @@ from ivreg.data.augment import (
     build_view_transform,
 )
 from ivreg.data.batched_aug import BatchedMultiView
-from ivreg.data.datasets import Transformed, build_dataset, dataset_info, num_classes_of, subset_fraction
+from ivreg.data.datasets import (
+    Transformed,
+    build_dataset,
+    check_same_classes,
+    dataset_info,
+    num_classes_of,
+    subset_fraction,
+)
 from ivreg.data.resident import DeviceBatches, fits_on_device, load_uint8
 from ivreg.errors import ConfigError, DataError
 
@@ -118,6 +125,7 @@ class PretrainDataModule(L.LightningDataModule):
         val_path = self.data_cfg.get("val_path")
         if val_path is not None or self.info.source == "embedded":
             self.raw_val = build_dataset(self.name, val_path, train=False, download=download)
+            check_same_classes(train, self.raw_val, self.name)
         self._num_classes = num_classes_of(train, self.name)
         if len(self.raw_train) < self.batch_size:  # type: ignore[arg-type]
             raise DataError(

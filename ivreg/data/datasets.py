@@ -57,13 +57,20 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def is_image_folder(path: Path) -> bool:
-    """True when ``path`` has class sub-folders holding image files (checks one folder)."""
+    """True when ``path`` has class sub-folders holding image files (checks one folder), also
+    in Tiny ImageNet's ``<wnid>/images/`` layout (ImageFolder walks class folders recursively).
+    Deeper trees are not accepted: a folder of splits (``train/``, ``val/``) would pass as one
+    of classes."""
     if not path.is_dir():
         return False
     for sub in sorted(path.iterdir()):
         if sub.is_dir():
-            return any(f.suffix.lower() in _IMAGE_SUFFIXES for f in sub.iterdir())
+            return _holds_images(sub) or _holds_images(sub / "images")
     return False
+
+
+def _holds_images(folder: Path) -> bool:
+    return folder.is_dir() and any(f.suffix.lower() in _IMAGE_SUFFIXES for f in folder.iterdir())
 
 
 def _checked_loader(path: str) -> Image.Image:
@@ -85,6 +92,50 @@ def image_folder(path: Path, what: str) -> tvd.ImageFolder:
             f"set data.{what} to such a folder"
         )
     return tvd.ImageFolder(str(path), loader=_checked_loader)
+
+
+class AnnotatedImages(Dataset):
+    """Tiny ImageNet's validation split as distributed: ``images/*.JPEG`` with the class of each
+    file in ``val_annotations.txt`` (file, wnid, box). ImageFolder would see one class,
+    ``images``, and every label would be 0. Classes are the sorted wnids, which is how
+    ImageFolder numbers the training split's ``<wnid>/`` folders."""
+
+    ANNOTATIONS = "val_annotations.txt"
+
+    def __init__(self, root: Path):
+        rows = [line.split("\t") for line in (root / self.ANNOTATIONS).read_text().splitlines() if line.strip()]
+        if not rows or any(len(r) < 2 for r in rows):
+            raise DataError(f"{root / self.ANNOTATIONS} is not a Tiny ImageNet annotation file (file<TAB>wnid...)")
+        self.classes = sorted({r[1] for r in rows})
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = [(str(root / "images" / r[0]), self.class_to_idx[r[1]]) for r in rows]
+        self.targets = [label for _, label in self.samples]
+
+    @staticmethod
+    def holds(root: Path) -> bool:
+        return (root / AnnotatedImages.ANNOTATIONS).is_file() and (root / "images").is_dir()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        path, label = self.samples[i]
+        return _checked_loader(path), label
+
+
+def check_same_classes(train: Dataset, val: Dataset, name: str) -> None:
+    """Raise DataError when the two splits name different classes: labels are indices into
+    each split's own sorted class list, so any difference makes val_acc1 silently wrong."""
+    a, b = getattr(train, "classes", None), getattr(val, "classes", None)
+    if a is None or b is None or list(a) == list(b):
+        return
+    only_train, only_val = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    raise DataError(
+        f"the {name} training and validation splits name different classes ({len(a)} against {len(b)}; "
+        f"only in training: {only_train[:3]}{'...' if len(only_train) > 3 else ''}, only in validation: "
+        f"{only_val[:3]}{'...' if len(only_val) > 3 else ''}); labels are positions in each split's sorted "
+        "class list, so both need the same class folders"
+    )
 
 
 def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, labelled: bool = False) -> Dataset:
@@ -159,6 +210,8 @@ def build_dataset(name: str, path: str | None, train: bool, download: bool = Fal
         if is_image_folder(root / ("train" if train else "test")):
             return image_folder(root / ("train" if train else "test"), what)
         return _torchvision_dataset(name, root, train, download, labelled)
+    if not train and AnnotatedImages.holds(root):
+        return AnnotatedImages(root)
     return image_folder(root, what)
 
 

@@ -19,6 +19,7 @@ from ivreg.data.augment import build_eval_transform
 from ivreg.data.datasets import (
     Transformed,
     build_dataset,
+    check_same_classes,
     dataset_info,
     labels_of,
     num_classes_of,
@@ -89,7 +90,9 @@ def eval_datasets(data: Mapping[str, Any], seed: int = 0) -> tuple[Dataset, Data
     train = subset_fraction(labelled_only(full_train), float(data.get("fraction", 1.0)), seed)
     if data.get("val_path") is None and dataset_info(name).source != "embedded":
         raise DataError(f"evaluation needs a test split: set data.val_path for dataset '{name}'")
-    val = labelled_only(build_dataset(name, data.get("val_path"), train=False, download=download))
+    raw_val = build_dataset(name, data.get("val_path"), train=False, download=download)
+    check_same_classes(full_train, raw_val, name)
+    val = labelled_only(raw_val)
     return train, val, num_classes
 
 

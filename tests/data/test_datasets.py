@@ -137,3 +137,47 @@ def test_stl10_pretraining_reads_unlabelled_images_evaluation_does_not(
     labelled = build_dataset("stl10", str(tmp_path), train=True, labelled=True)
     assert len(labelled) == 4 and (labelled.labels >= 0).all()
     assert len(build_dataset("stl10", str(tmp_path), train=False, labelled=True)) == 3
+
+
+def _tiny_imagenet(root: Path) -> tuple[Path, Path]:
+    """Tiny ImageNet's own layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    from PIL import Image
+
+    wnids = ["n02", "n01", "n03"]
+    for c, wnid in enumerate(wnids):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (80 * c, 0, 0)).save(folder / f"{wnid}_{i}.JPEG")
+    (root / "val" / "images").mkdir(parents=True)
+    lines = []
+    for i, wnid in enumerate(["n03", "n01", "n02", "n01"]):
+        Image.new("RGB", (8, 8), (0, 0, 0)).save(root / "val" / "images" / f"val_{i}.JPEG")
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t8\t8")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root / "train", root / "val"
+
+
+def test_tiny_imagenet_validation_split_as_distributed(tmp_path: Path) -> None:
+    from ivreg.data.datasets import check_same_classes, labels_of
+
+    train_root, val_root = _tiny_imagenet(tmp_path)
+    train = build_dataset("tinyimagenet", str(train_root), train=True)
+    val = build_dataset("tinyimagenet", str(val_root), train=False)
+    assert train.classes == val.classes == ["n01", "n02", "n03"]
+    assert labels_of(val).tolist() == [2, 0, 1, 0]  # by wnid, as ImageFolder numbers train's folders
+    image, label = val[0]
+    assert image.size == (8, 8) and label == 2
+    check_same_classes(train, val, "tinyimagenet")  # no error
+
+
+def test_splits_with_different_class_folders_are_refused(tmp_path: Path) -> None:
+    from ivreg.data.augment import parse_view_specs
+    from ivreg.data.datamodule import PretrainDataModule
+
+    make_image_folder(tmp_path / "train", classes=3, per_class=4)
+    make_image_folder(tmp_path / "val", classes=2, per_class=2)
+    views = parse_view_specs([{"crop_size": 32, "num_crops": 2}])
+    data = {"dataset": "custom", "train_path": str(tmp_path / "train"), "val_path": str(tmp_path / "val")}
+    with pytest.raises(DataError, match=r"different classes \(3 against 2; only in training: \['class_2'\]"):
+        PretrainDataModule(data, views, batch_size=4).prepare_raw()
