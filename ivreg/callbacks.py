@@ -114,15 +114,19 @@ class EpochCheckpoint(L.Callback):
 class NonFiniteLossGuard(L.Callback):
     """Stops training with a clear error when the SSL loss became NaN or infinite.
 
-    The module counts non-finite steps on the device; this reads the count every
-    ``every_n_steps`` steps and before validation, so a bad epoch is never checkpointed.
+    The module counts non-finite steps on the device; this reads the count (summed over the
+    DDP ranks) every ``every_n_steps`` steps and before validation, so a bad epoch is never
+    checkpointed and no rank stops alone while the others wait in a collective.
     """
 
     def __init__(self, every_n_steps: int = 50):
         self.every_n_steps = max(every_n_steps, 1)
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        bad = int(pl_module.nonfinite_steps.item())
+        count = pl_module.nonfinite_steps
+        if trainer.world_size > 1:  # every rank checks at the same steps, so all of them stop together
+            count = trainer.strategy.reduce(count.clone(), reduce_op="sum")
+        bad = int(count.item())
         if bad:
             precision = str(trainer.precision)
             hint = "a lower optimizer.lr" + (

@@ -111,6 +111,9 @@ class SSLMethod(L.LightningModule):
         self.final_tau = float(cfg["momentum"]["final_tau"])
         # Counted on the device; NonFiniteLossGuard reads it now and then (no per-step sync).
         self.register_buffer("nonfinite_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        # Rank-local: DDP would overwrite it with rank 0's count before every forward pass
+        # (broadcast_buffers), forgetting a NaN on another rank; the guard sums it over ranks.
+        self._ddp_params_and_buffers_to_ignore = ["nonfinite_steps"]
         self._metric_names: list[str] = []
         self._metric_sums: torch.Tensor | None = None
         self._metric_steps = 0

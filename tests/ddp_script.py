@@ -1,6 +1,7 @@
 """Run by tests/test_ddp.py in a subprocess: Lightning's DDP launcher starts this file again
 for rank 1, so it cannot live inside pytest. Each rank saves its correlation matrix C and its epoch metrics."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,14 @@ class SaveRankState(L.Callback):
         )
 
 
+class NonFiniteOnRank1(L.Callback):
+    """Counts a non-finite loss on rank 1 only, before its first forward pass."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 0:
+            pl_module.nonfinite_steps += 1
+
+
 def main() -> None:
     train, val, out, config = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     overrides = tiny_overrides(train, val, out, "ddp") + [
@@ -51,6 +60,8 @@ def main() -> None:
     ]
     run = build_run(compose(str(CIFAR_CONFIGS), config, overrides))
     run.trainer.callbacks.append(SaveRankState(out))
+    if os.environ.get("IVREG_TEST_NONFINITE_ON_RANK1"):
+        run.trainer.callbacks.append(NonFiniteOnRank1())
     run.trainer.fit(run.model, datamodule=run.datamodule)
 
 

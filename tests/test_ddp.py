@@ -46,6 +46,24 @@ def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], i
     assert m0["train_acc1"] == pytest.approx(acc, rel=1e-6)
 
 
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(image_data, tmp_path: Path) -> None:
+    """DDP broadcasts rank 0's buffers before every forward pass; the counter of non-finite
+    losses must stay rank-local and be summed when read, or rank 1's NaN is forgotten."""
+    import os
+
+    train, val = image_data
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), "isoloss.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, "IVREG_TEST_NONFINITE_ON_RANK1": "1"},
+    )
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "the SSL loss became NaN or infinite in 1 step(s) of epoch 0" in proc.stderr
+
+
 def _correlation_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
