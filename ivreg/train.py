@@ -89,9 +89,23 @@ def _world_size(devices: Any, num_nodes: int) -> int:
         n = len(devices)
     elif str(devices) in ("auto", "-1"):
         n = max(torch.cuda.device_count(), 1)
+    elif isinstance(devices, str) and "," in devices:  # "0,1": device indices, as Lightning reads them
+        n = len([d for d in devices.split(",") if d.strip()])
     else:
-        n = int(devices)
+        try:
+            n = int(devices)
+        except ValueError:
+            raise ConfigError(f"devices={devices!r} is neither a count, a list of indices nor auto") from None
     return n * num_nodes
+
+
+def images_per_step(cfg: Any) -> int:
+    """Images per optimizer step: per-device batch x devices x nodes x accumulated batches.
+    The learning rate, the step counts of the schedules and a checkpoint's position in them
+    all depend on it, so a run cannot resume under another value."""
+    world = _world_size(OmegaConf.select(cfg, "devices"), int(OmegaConf.select(cfg, "num_nodes", default=1) or 1))
+    accumulate = int(OmegaConf.select(cfg, "accumulate_grad_batches", default=1) or 1)
+    return int(OmegaConf.select(cfg, "optimizer.batch_size")) * world * accumulate
 
 
 def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -169,7 +183,13 @@ def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_
 
 
 def _differing_keys(saved: Any, cfg: DictConfig, keys: tuple[str, ...]) -> list[str]:
-    return [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+    diffs = [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+    if "method" in keys and images_per_step(saved) != images_per_step(cfg):  # a pretraining run
+        diffs.append(
+            f"images per optimizer step (batch_size x devices x nodes x accumulate_grad_batches: "
+            f"{images_per_step(saved)} then, {images_per_step(cfg)} now)"
+        )
+    return diffs
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list:

@@ -258,6 +258,18 @@ def test_refuses_to_overwrite_a_finished_run_without_auto_resume(image_data, tmp
         build_run(_cfg("byol.yaml", image_data, tmp_path))
 
 
+def test_resume_needs_the_same_images_per_optimizer_step(image_data, tmp_path: Path) -> None:
+    """The rate and the schedules' step counts depend on it (a requeue on fewer GPUs)."""
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
+    with pytest.raises(ConfigError, match=r"images per optimizer step .*: 8 then, 4 now"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "optimizer.batch_size=4"))
+    # half the batch, accumulated twice: the same optimizer steps
+    run = build_run(
+        _cfg("isoloss-noema.yaml", image_data, tmp_path, "optimizer.batch_size=4", "++accumulate_grad_batches=2")
+    )
+    assert run.resume_from == tmp_path / "tiny" / "last.ckpt"
+
+
 def test_explicit_resume_refuses_a_checkpoint_of_another_run(image_data, tmp_path: Path) -> None:
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", name="iso"))
     ckpt = tmp_path / "iso" / "last.ckpt"
@@ -276,10 +288,22 @@ def test_a_refused_launch_leaves_the_run_it_would_resume_untouched(image_data, t
     pretrain(cfg)
     saved = (tmp_path / "tiny" / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="Lightning refused the trainer settings"):
-        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "devices=0", "scheduler.name=none"))
+        build_run(
+            _cfg(
+                "isoloss-noema.yaml",
+                image_data,
+                tmp_path,
+                "max_epochs=3",
+                "++gradient_clip_algorithm=sideways",
+                "scheduler.name=none",
+            )
+        )
     with pytest.raises(ConfigError, match="unknown optimizer.name 'adam'"):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "optimizer.name=adam"))
     assert (tmp_path / "tiny" / "config.yaml").read_text() == saved
+    with pytest.raises(ConfigError, match="Lightning refused the trainer settings"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "devices=0", name="zero"))
+    assert not (tmp_path / "zero").exists()
     # Launching the finished run again trains nothing and says so.
     capsys.readouterr()
     pretrain(cfg)
@@ -530,3 +554,13 @@ def test_fast_path_trains_with_resident_data_knn_and_background_checkpoints(
     state = run.model.state_dict()
     for key in ("backbone.conv1.weight", "projector.0.weight"):
         torch.testing.assert_close(ckpt["state_dict"][key], state[key].cpu())
+
+
+def test_world_size_reads_every_form_of_devices() -> None:
+    from ivreg.train import _world_size
+
+    assert _world_size([0, 1, 2], 2) == 6
+    assert _world_size("0,1", 1) == 2
+    assert _world_size(4, 1) == 4 and _world_size("3", 1) == 3
+    with pytest.raises(ConfigError, match="devices='gpus'"):
+        _world_size("gpus", 1)
