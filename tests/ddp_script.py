@@ -20,6 +20,13 @@ class SaveRankState(L.Callback):
         self.out = out
         self.metrics: dict[str, float] = {}
         self.local: dict[str, float] = {}
+        self.val_images = 0
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val_images = 0
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
+        self.val_images += len(batch[1])
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics = {k: float(v) for k, v in pl_module.epoch_metrics().items()}
@@ -35,6 +42,8 @@ class SaveRankState(L.Callback):
                 "weight": pl_module.backbone.conv1.weight.detach().cpu(),
                 "epoch_metrics": self.metrics,
                 "local_sums": self.local,
+                "val_images": self.val_images,
+                "pipeline": trainer.datamodule.pipeline,
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )

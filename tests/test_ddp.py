@@ -17,6 +17,8 @@ from .conftest import ROOT
         ("isoloss.yaml", []),
         # the compiled step, with C's all-reduce between its two graphs
         ("isoloss-noema.yaml", ["++performance.compile=True", "++performance.compile_scope=step"]),
+        # the splits on the device: training and validation sharded by the data module itself
+        ("byol.yaml", ["++data.pipeline=resident"]),
     ],
 )
 def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], image_data, tmp_path: Path) -> None:
@@ -35,6 +37,10 @@ def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], i
     assert torch.count_nonzero(r0["C"]) > 0
     torch.testing.assert_close(r0["C"], r1["C"], rtol=0, atol=0)  # identical, not just close
     torch.testing.assert_close(r0["weight"], r1["weight"])  # DDP keeps the replicas in sync
+    # Validation: the resident pipeline shards its split without padding (18 images); Lightning
+    # pads the DataLoaders' shards to equal length (at most one image more per rank).
+    val_images = r0["val_images"] + r1["val_images"]
+    assert val_images == 18 if r0["pipeline"] == "resident" else 18 <= val_images <= 19
     # The epoch's training metrics cover both ranks' shares of the batch, not rank 0's alone.
     m0, m1, l0, l1 = r0["epoch_metrics"], r1["epoch_metrics"], r0["local_sums"], r1["local_sums"]
     assert l0["train_neg_cos_sim"] != l1["train_neg_cos_sim"]  # the ranks saw different images

@@ -69,8 +69,9 @@ class FixedShuffleSampler(Sampler[int]):
     ``limit_val_batches`` evaluates a sample of every class and not the first classes of a
     class-sorted ImageFolder (the full split's metrics do not depend on the order)."""
 
-    def __init__(self, num_samples: int, seed: int):
-        self.order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+    def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
+        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.order = order[rank::world_size]  # this rank's share, without padding
 
     def __len__(self) -> int:
         return len(self.order)
@@ -236,7 +237,12 @@ class PretrainDataModule(L.LightningDataModule):
         self.setup()
         if "val_labels" in self._resident:
             n = len(self._resident["val_labels"])
-            return DeviceBatches(FixedShuffleSampler(n, self.seed), self.batch_size, False, self.device, "val_index")
+            # Lightning shards DataLoaders across DDP ranks, not this iterable: shard it here,
+            # so that each image is validated once overall (torchmetrics sums over ranks)
+            trainer = self._trainer_or_none()
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = FixedShuffleSampler(n, self.seed, rank, world)
+            return DeviceBatches(sampler, self.batch_size, False, self.device, "val_index")
         if self.raw_val is None:
             return []
         transform = build_eval_transform(self.crop_size, self.mean, self.std)
