@@ -43,6 +43,8 @@ class SaveRankState(L.Callback):
                 "epoch_metrics": self.metrics,
                 "local_sums": self.local,
                 "val_images": self.val_images,
+                "knn_acc1": float(trainer.callback_metrics.get("val_knn_acc1", float("nan"))),
+                "knn_bank": next((cb.bank_size for cb in trainer.callbacks if hasattr(cb, "bank_size")), 0),
                 "pipeline": trainer.datamodule.pipeline,
             },
             self.out / f"rank{trainer.global_rank}.pt",

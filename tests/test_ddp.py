@@ -14,11 +14,11 @@ from .conftest import ROOT
 @pytest.mark.parametrize(
     ("config", "extra"),
     [
-        ("isoloss.yaml", []),
+        ("isoloss.yaml", ["++knn.enabled=True", "++knn.k=5"]),
         # the compiled step, with C's all-reduce between its two graphs
         ("isoloss-noema.yaml", ["++performance.compile=True", "++performance.compile_scope=step"]),
         # the splits on the device: training and validation sharded by the data module itself
-        ("byol.yaml", ["++data.pipeline=resident"]),
+        ("byol.yaml", ["++data.pipeline=resident", "++knn.enabled=True", "++knn.k=5"]),
     ],
 )
 def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], image_data, tmp_path: Path) -> None:
@@ -41,6 +41,10 @@ def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], i
     # pads the DataLoaders' shards to equal length (at most one image more per rank).
     val_images = r0["val_images"] + r1["val_images"]
     assert val_images == 18 if r0["pipeline"] == "resident" else 18 <= val_images <= 19
+    # The online kNN: each rank extracts its share, both hold the whole bank and agree.
+    if "++knn.enabled=True" in extra:
+        assert r0["knn_bank"] == r1["knn_bank"] == 48  # every labelled training image once
+        assert r0["knn_acc1"] == r1["knn_acc1"] and 0 <= r0["knn_acc1"] <= 100
     # The epoch's training metrics cover both ranks' shares of the batch, not rank 0's alone.
     m0, m1, l0, l1 = r0["epoch_metrics"], r1["epoch_metrics"], r0["local_sums"], r1["local_sums"]
     assert l0["train_neg_cos_sim"] != l1["train_neg_cos_sim"]  # the ranks saw different images

@@ -267,14 +267,17 @@ class PretrainDataModule(L.LightningDataModule):
         mean, std = self._val_norm
         return self._memory_format([(images.float().div_(255) - mean) / std])[0]
 
-    def eval_batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
+    def eval_batches(
+        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
         """The labelled images of a device-resident split (``train`` or ``val``) through the
         evaluation transform, in order and in batches, without DataLoader workers (for the
-        online kNN); None when that split is not on the device at the crop size."""
+        online kNN; under DDP ``rank``'s share, every ``world_size``-th image); None when that
+        split is not on the device at the crop size."""
         images, labels = self._resident.get(f"{split}_images"), self._resident.get(f"{split}_labels")
         if images is None or labels is None or tuple(images.shape[-2:]) != (self.crop_size, self.crop_size):
             return None
-        labelled = torch.nonzero(labels >= 0).flatten()  # STL-10's unlabelled images have label -1
+        labelled = torch.nonzero(labels >= 0).flatten()[rank::world_size]  # STL-10's unlabelled: label -1
         return ((self._eval_view(images[index]), labels[index]) for index in labelled.split(max(int(batch_size), 1)))
 
     def _memory_format(self, views: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -114,7 +114,7 @@ def test_online_knn_reads_device_resident_splits_like_the_dataset_path(image_dat
     dm = run.datamodule
     calls: list[str] = []
     eval_batches = dm.eval_batches
-    dm.eval_batches = lambda split, size: calls.append(split) or eval_batches(split, size)
+    dm.eval_batches = lambda split, size, *shard: calls.append(split) or eval_batches(split, size, *shard)
     run.trainer.fit(run.model, datamodule=run.datamodule)
     assert dm.pipeline == "resident" and calls == ["train", "val"]
     assert 0.0 <= float(run.trainer.callback_metrics["val_knn_acc1"]) <= 100.0
