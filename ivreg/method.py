@@ -324,7 +324,7 @@ class SSLMethod(L.LightningModule):
         """Reseed from (seed, epoch, rank): a resumed epoch draws the same augmentations as an
         uninterrupted one (exactly so with data.num_workers=0)."""
         seed = (int(self.cfg["seed"]) + 1_000_003 * self.current_epoch + 7919 * self.global_rank) % 2**31
-        seed_everything(seed, verbose=False)
+        seed_everything(seed, workers=True, verbose=False)  # keeps worker seeding if loaders are rebuilt
         self._metric_sums, self._metric_steps, self._epoch_cache, self._grad_stats = None, 0, None, None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -156,7 +156,11 @@ class PretrainDataModule(L.LightningDataModule):
             n = len(self.raw_train)  # type: ignore[arg-type]
             size = self.info.image_size
             estimate = None if size is None else n * 3 * size * size
-            if requested == "resident" or (estimate is not None and fits_on_device(estimate, device)):
+            fits = estimate is not None and fits_on_device(estimate, device)
+            if requested == "auto" and self._world_size() > 1:  # each GPU's free memory may differ:
+                # all ranks must run the same pipeline (they shard validation differently)
+                fits = self.trainer.strategy.reduce_boolean_decision(fits, all=True)
+            if requested == "resident" or fits:
                 try:
                     images, labels = load_uint8(self.raw_train, self.num_workers)  # type: ignore[arg-type]
                 except ValueError as exc:
@@ -184,8 +188,18 @@ class PretrainDataModule(L.LightningDataModule):
             self._resident["val_images"] = images.to(device)
             self._resident["val_labels"] = labels.to(device)
 
+    def _world_size(self) -> int:
+        trainer = self._trainer_or_none()
+        return trainer.world_size if trainer is not None else 1
+
     def setup(self, stage: str | None = None) -> None:
         self.prepare_raw()
+        world = self._world_size()
+        if len(self.raw_train) // world < self.batch_size:  # type: ignore[arg-type]
+            raise DataError(
+                f"the training set has {len(self.raw_train)} images, fewer than one batch "  # type: ignore[arg-type]
+                f"(optimizer.batch_size={self.batch_size}) for each of the {world} processes; lower the batch size"
+            )
         if self.pipeline is None:
             self.pipeline = self._choose_pipeline()
             if self.pipeline in ("hybrid", "resident"):

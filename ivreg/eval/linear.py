@@ -218,8 +218,8 @@ class LinearEvalModule(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         acc1 = multiclass_accuracy(logits.detach(), labels, self.classifier.out_features, average="micro")
         # Epoch values are batch-size-weighted means: the exact loss and accuracy of the epoch.
-        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(labels))
-        self.log("train_acc1", 100.0 * acc1, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labels))
+        self.log("train_acc1", 100.0 * acc1, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labels))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -61,3 +61,22 @@ def test_validation_mixes_the_classes_in_one_fixed_order(pipeline: str, image_da
     assert [t.tolist() for t in first] == [t.tolist() for t in again]  # the same order every epoch
     assert len(set(first[0].tolist())) == 3  # sorted, the first batch of 8 would hold classes 0 and 1 only
     assert sorted(torch.cat(first).tolist()) == sorted([0] * 6 + [1] * 6 + [2] * 6)  # each image once
+
+
+def test_a_batch_per_process_is_required(image_data) -> None:
+    """48 images on 4 processes leave 12 each: no batch of 16 (Lightning would train nothing)."""
+    from types import SimpleNamespace
+
+    from ivreg.data.augment import parse_view_specs
+    from ivreg.data.datamodule import PretrainDataModule
+    from ivreg.errors import DataError
+
+    train, val = image_data
+    data = {"dataset": "custom", "train_path": str(train), "val_path": str(val), "pipeline": "workers"}
+    dm = PretrainDataModule(data, parse_view_specs([{"crop_size": 32, "num_crops": 2}]), batch_size=16)
+    cpu = SimpleNamespace(root_device=torch.device("cpu"))
+    dm.trainer = SimpleNamespace(world_size=4, global_rank=0, is_global_zero=True, strategy=cpu)
+    with pytest.raises(DataError, match="fewer than one batch .* for each of the 4 processes"):
+        dm.setup()
+    dm.trainer = SimpleNamespace(world_size=3, global_rank=0, is_global_zero=True, strategy=cpu)
+    dm.setup()  # 16 each
