@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,24 @@ class NonFiniteLossGuard(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check(trainer, pl_module)
+
+
+class StopAllProcessesOnError(L.Callback):
+    """Under Lightning's own DDP launcher (``devices=N`` from one command) the first process
+    starts the others. When it raises (a NaN it alone saw, a full disk while it writes
+    ``epochs.csv``), Lightning kills the others only on Ctrl-C; otherwise they wait in their
+    next collective until the process group times out (30 minutes) before the run ends.
+    This kills them at once. In the other processes, and under torchrun or SLURM (whose
+    agents stop the rest themselves), the launcher has no children and this does nothing."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # _SubprocessScriptLauncher is Lightning's launcher class for this case (its public
+        # exports hold no other handle on the child processes); its kill skips finished ones
+        from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher):
+            launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 def _finite(value: Any) -> bool:

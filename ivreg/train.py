@@ -30,6 +30,7 @@ from ivreg.callbacks import (
     EpochCheckpoint,
     EpochSummary,
     NonFiniteLossGuard,
+    StopAllProcessesOnError,
     atomic_write_text,
     checkpoint_io,
 )
@@ -222,6 +223,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
+        StopAllProcessesOnError(),
         NonFiniteLossGuard(int(cfg.log_every_n_steps)),
         EpochSummary(run_dir, log_eigvals=bool(cfg.method_kwargs.log_eigvals)),
     ]

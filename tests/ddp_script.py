@@ -59,6 +59,14 @@ class NonFiniteOnRank1(L.Callback):
             pl_module.nonfinite_steps += 1
 
 
+class FailOnRank0(L.Callback):
+    """An error only the first process meets (as a full disk while it writes epochs.csv)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == 1:
+            raise OSError("No space left on device (simulated, rank 0 only)")
+
+
 def main() -> None:
     train, val, out, config = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     overrides = tiny_overrides(train, val, out, "ddp") + [
@@ -73,6 +81,8 @@ def main() -> None:
     run.trainer.callbacks.append(SaveRankState(out))
     if os.environ.get("IVREG_TEST_NONFINITE_ON_RANK1"):
         run.trainer.callbacks.append(NonFiniteOnRank1())
+    if os.environ.get("IVREG_TEST_FAIL_ON_RANK0"):
+        run.trainer.callbacks.append(FailOnRank0())
     run.trainer.fit(run.model, datamodule=run.datamodule)
 
 

@@ -56,3 +56,30 @@ def test_background_checkpoint_writes_are_point_in_time_atomic_and_report_failur
     with pytest.raises(OSError):  # the background failure is raised (at the next write or the end), not lost
         io.save_checkpoint({"w": weight}, tmp_path / "blocked" / "last.ckpt")
         io.teardown()
+
+
+def test_an_error_in_the_launching_process_kills_the_processes_it_started() -> None:
+    """With NCCL the others would otherwise wait for the process group's timeout (gloo, as in
+    tests/test_ddp.py, notices the closed connection and ends them anyway)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    from ivreg.callbacks import StopAllProcessesOnError
+
+    launcher = _SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    launcher.procs = [child]
+    try:
+        trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher))
+        StopAllProcessesOnError().on_exception(trainer, None, OSError("disk full"))
+        assert child.wait(timeout=10) != 0  # killed, not finished
+        # a process that launched nothing (a child rank, torchrun, one device) has nothing to kill
+        StopAllProcessesOnError().on_exception(
+            SimpleNamespace(strategy=SimpleNamespace(launcher=None)), None, OSError()
+        )
+    finally:
+        child.kill()

@@ -74,6 +74,25 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(image_data, tmp_path: Pat
     assert "the SSL loss became NaN or infinite in 1 step(s) of epoch 0" in proc.stderr
 
 
+def test_an_error_on_the_first_process_ends_the_others(image_data, tmp_path: Path) -> None:
+    """The error reaches the command line and no process is left behind. (With NCCL the others
+    would wait in a collective for the process group's timeout unless killed; gloo notices the
+    closed connection, so tests/test_callbacks.py checks the killing itself.)"""
+    import os
+
+    train, val = image_data
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), "isoloss.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "IVREG_TEST_FAIL_ON_RANK0": "1"},
+    )
+    assert proc.returncode != 0
+    assert "No space left on device (simulated, rank 0 only)" in proc.stderr
+
+
 def _correlation_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 

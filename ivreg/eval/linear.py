@@ -31,7 +31,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from ivreg.callbacks import EpochCheckpoint, EpochSummary, checkpoint_io
+from ivreg.callbacks import EpochCheckpoint, EpochSummary, StopAllProcessesOnError, checkpoint_io
 from ivreg.config import PRECISIONS, lr_scale, to_container
 from ivreg.data.augment import ViewSpec
 from ivreg.data.datamodule import PretrainDataModule
@@ -330,7 +330,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     if on_gpu:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
 
-    callbacks: list[L.Callback] = [LinearEpochSummary(run_dir)]
+    callbacks: list[L.Callback] = [StopAllProcessesOnError(), LinearEpochSummary(run_dir)]
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
