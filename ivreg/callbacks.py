@@ -107,9 +107,9 @@ class EpochCheckpoint(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
         if done % self.every_n_epochs == 0 or done == trainer.max_epochs:
-            trainer.save_checkpoint(self.run_dir / "last.ckpt")
+            trainer.save_checkpoint(self.run_dir / "last.ckpt", weights_only=False)  # full state, to resume
         if self.keep_every_n_epochs > 0 and done % self.keep_every_n_epochs == 0:
-            trainer.save_checkpoint(self.run_dir / f"epoch{done:04d}.ckpt")
+            trainer.save_checkpoint(self.run_dir / f"epoch{done:04d}.ckpt", weights_only=False)
 
 
 class NonFiniteLossGuard(L.Callback):

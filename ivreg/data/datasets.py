@@ -7,6 +7,7 @@ dataset can feed a per-image worker pipeline or a batched one.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,7 +155,9 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, lab
         split = ("train" if labelled else "train+unlabeled") if train else "test"
         return tvd.STL10(str(root), split=split, download=download and not files.exists())
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a failed check a RuntimeError
-        if not existed:  # torchvision made the folder for the download; leave no empty trace
+        # torchvision made the folder for the download: leave no empty trace, unless other
+        # processes of a torchrun/SLURM launch (WORLD_SIZE set) may be downloading into it too
+        if not existed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             shutil.rmtree(root, ignore_errors=True)
         raise DataError(
             f"{name} is not under {root} and could not be downloaded ({exc}). Without network access, "
