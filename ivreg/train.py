@@ -144,10 +144,13 @@ def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return {k: (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v) for k, v in out.items()}
 
 
-def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_KEYS) -> Path | None:
+def check_resume(
+    cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_KEYS, pretraining: bool = True
+) -> Path | None:
     """The checkpoint to continue from, or None for a fresh start (always with checkpoints off
     and no ``resume_from_checkpoint``). Refuses to overwrite a finished run's checkpoint when
-    auto_resume is off, or to resume a run that differs in ``keys``."""
+    auto_resume is off, or to resume a run that differs in ``keys`` or in its images per
+    optimizer step. ``pretraining``: the checkpoint must be a pretraining run's."""
     explicit = cfg.get("resume_from_checkpoint")
     if not cfg.checkpoint.enabled and not explicit:
         return None
@@ -156,7 +159,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_
         if not path.is_file():
             raise ConfigError(f"resume_from_checkpoint={path} does not exist")
         saved = load_config(path)
-        if "method" in keys:  # a pretraining run: a linear-evaluation checkpoint would not fit
+        if pretraining:  # a linear-evaluation checkpoint would not fit
             require_pretraining_config(saved, path)
         diffs = _differing_keys(OmegaConf.create(saved), cfg, keys)
         if diffs:
@@ -185,7 +188,7 @@ def check_resume(cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_
 
 def _differing_keys(saved: Any, cfg: DictConfig, keys: tuple[str, ...]) -> list[str]:
     diffs = [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
-    if "method" in keys and images_per_step(saved) != images_per_step(cfg):  # a pretraining run
+    if images_per_step(saved) != images_per_step(cfg):
         diffs.append(
             f"images per optimizer step (batch_size x devices x nodes x accumulate_grad_batches: "
             f"{images_per_step(saved)} then, {images_per_step(cfg)} now)"

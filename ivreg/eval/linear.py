@@ -324,7 +324,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     datamodule.channels_last = on_gpu
 
     run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
-    resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS)
+    resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS, pretraining=False)
     model = LinearEvalModule(to_container(cfg))
     model.backbone.load_state_dict(pretrained.state_dict())
     if on_gpu:
