@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ivreg.backbones import check_backbone_name
 from ivreg.data.datasets import DATASETS
 from ivreg.errors import ConfigError, DataError
-from ivreg.optim import OPTIMIZERS, check_schedule
+from ivreg.optim import check_optimizer, check_schedule
 
 METHODS = ("byol", "directpred")
 
@@ -296,8 +296,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("lr", "classifier_lr", "weight_decay"):
         value = _number(cfg, f"optimizer.{key}")
         _require(value >= 0, f"optimizer.{key} must be >= 0, got {value}")
-    _require(opt.name in OPTIMIZERS, f"unknown optimizer.name '{opt.name}'; choose one of {list(OPTIMIZERS)}")
     _require(isinstance(opt.kwargs, DictConfig), "optimizer.kwargs must be a mapping")
+    check_optimizer(str(opt.name), opt.kwargs)
     _require(
         opt.get("lr_scaling", "linear") in LR_SCALINGS,
         f"optimizer.lr_scaling '{opt.get('lr_scaling')}' is not supported; choose one of {list(LR_SCALINGS)}",

@@ -17,7 +17,13 @@ from torch import nn
 
 from ivreg.errors import ConfigError
 
-OPTIMIZERS = ("adamw", "lars", "sgd")
+# The options (optimizer.kwargs) each optimizer takes.
+OPTIMIZER_KWARGS: dict[str, set[str]] = {
+    "adamw": {"betas", "eps"},
+    "lars": {"momentum", "eta", "clip_lr", "exclude_bias_n_norm", "eps"},
+    "sgd": {"momentum", "nesterov", "dampening"},
+}
+OPTIMIZERS = tuple(OPTIMIZER_KWARGS)
 
 
 class LARS(torch.optim.Optimizer):
@@ -140,24 +146,28 @@ def build_optimizer(
         {"name": "classifier", "params": classifier_params, "lr": classifier_lr, "weight_decay": 0.0},
     ]
     kwargs = dict(kwargs)
+    check_optimizer(name, kwargs)
     if name == "lars":
-        allowed = {"momentum", "eta", "clip_lr", "exclude_bias_n_norm", "eps"}
-        _check_kwargs(name, kwargs, allowed)
         return LARS(groups, lr=lr, weight_decay=weight_decay, **kwargs)
     if name == "sgd":
-        _check_kwargs(name, kwargs, {"momentum", "nesterov", "dampening"})
         kwargs.setdefault("momentum", 0.9)
         return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, foreach=True, **kwargs)
-    if name == "adamw":
-        _check_kwargs(name, kwargs, {"betas", "eps"})
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True, **kwargs)
-    raise ConfigError(f"unknown optimizer.name '{name}'; choose one of {list(OPTIMIZERS)}")
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True, **kwargs)
 
 
-def _check_kwargs(name: str, kwargs: dict, allowed: set[str]) -> None:
-    unknown = set(kwargs) - allowed
+def check_optimizer(name: str, kwargs: Mapping) -> None:
+    """Raise ConfigError for an unknown optimizer or an option it does not take; the configs
+    call it before anything is built or written."""
+    if name not in OPTIMIZER_KWARGS:
+        raise ConfigError(f"unknown optimizer.name '{name}'; choose one of {list(OPTIMIZERS)}")
+    allowed = OPTIMIZER_KWARGS[name]
+    unknown = sorted(set(kwargs) - allowed)
     if unknown:
-        raise ConfigError(f"optimizer.kwargs {sorted(unknown)} are not options of {name}; allowed: {sorted(allowed)}")
+        raise ConfigError(
+            f"optimizer.kwargs {unknown} are not options of {name} (it takes {sorted(allowed)}); after "
+            "switching optimizer.name, drop the previous optimizer's options with ~optimizer.kwargs "
+            "(then ++optimizer.kwargs.<option>=... for the new one's)"
+        )
 
 
 SCHEDULERS = ("cosine", "none", "warmup_cosine")

@@ -115,6 +115,11 @@ def _cifar(overrides: list[str]):
         (["++method_kwargs.iso_tangent=True", "method_kwargs.use_l2=True"], "iso_tangent=True applies to the cosine"),
         (["++method_kwargs.iso_tangent=True", "method_kwargs.iso=False"], "iso_tangent=True applies to the cosine"),
         (["optimizer.name=adam"], "unknown optimizer.name 'adam'"),
+        (
+            ["optimizer.name=adamw"],  # isoloss.yaml's LARS options stay behind
+            r"optimizer.kwargs \['clip_lr', 'eta', 'exclude_bias_n_norm'\] are not options of adamw .*"
+            r"~optimizer.kwargs",
+        ),
         (["max_epochs=5"], r"scheduler.warmup_epochs \(10\) must be shorter than max_epochs \(5\)"),
         (["scheduler.name=step"], "unknown scheduler.name 'step'"),
         (
@@ -181,3 +186,10 @@ def test_seed_wandb_group_maps_to_logger() -> None:
     OmegaConf.set_struct(base, False)
     cfg = prepare_config(OmegaConf.merge(base, {"wandb": {"enabled": True, "project": "p"}}))
     assert cfg.logger.wandb.enabled and cfg.logger.wandb.project == "p" and "wandb" not in cfg
+
+
+def test_switching_the_optimizer_with_its_options_dropped() -> None:
+    cfg = prepare_config(_cifar(["optimizer.name=adamw", "~optimizer.kwargs"]))
+    assert cfg.optimizer.name == "adamw" and len(cfg.optimizer.kwargs) == 0
+    cfg = prepare_config(_cifar(["optimizer.name=sgd", "~optimizer.kwargs", "++optimizer.kwargs.momentum=0.8"]))
+    assert cfg.optimizer.kwargs.momentum == 0.8
