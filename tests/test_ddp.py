@@ -1,6 +1,7 @@
 """DDP on the CPU (gloo): two processes train a few steps, hold the same C and report the
 same epoch metrics, computed over both ranks."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,21 @@ import pytest
 import torch
 
 from .conftest import ROOT
+
+
+def _two_ranks(
+    image_data, tmp_path: Path, config: str, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """tests/ddp_script.py on two CPU processes (gloo); ``env`` adds its fault injections."""
+    train, val = image_data
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), config, *extra],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize(
@@ -22,14 +38,7 @@ from .conftest import ROOT
     ],
 )
 def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], image_data, tmp_path: Path) -> None:
-    train, val = image_data
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), config, *extra],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    proc = _two_ranks(image_data, tmp_path, config, *extra)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
@@ -59,17 +68,7 @@ def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], i
 def test_a_nonfinite_loss_on_one_rank_stops_every_rank(image_data, tmp_path: Path) -> None:
     """DDP broadcasts rank 0's buffers before every forward pass; the counter of non-finite
     losses must stay rank-local and be summed when read, or rank 1's NaN is forgotten."""
-    import os
-
-    train, val = image_data
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), "isoloss.yaml"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-        env={**os.environ, "IVREG_TEST_NONFINITE_ON_RANK1": "1"},
-    )
+    proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", env={"IVREG_TEST_NONFINITE_ON_RANK1": "1"})
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "the SSL loss became NaN or infinite in 1 step(s) of epoch 0" in proc.stderr
 
@@ -78,17 +77,7 @@ def test_an_error_on_the_first_process_ends_the_others(image_data, tmp_path: Pat
     """The error reaches the command line and no process is left behind. (With NCCL the others
     would wait in a collective for the process group's timeout unless killed; gloo notices the
     closed connection, so tests/test_callbacks.py checks the killing itself.)"""
-    import os
-
-    train, val = image_data
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), "isoloss.yaml"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "IVREG_TEST_FAIL_ON_RANK0": "1"},
-    )
+    proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", env={"IVREG_TEST_FAIL_ON_RANK0": "1"})
     assert proc.returncode != 0
     assert "No space left on device (simulated, rank 0 only)" in proc.stderr
 
