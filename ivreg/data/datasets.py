@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,13 +148,22 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, lab
             f"holds {_TORCHVISION_FILES[name]}/, point them at ImageFolder trees, or allow data.download=True"
         )
     existed = root.exists()
-    try:
+
+    def open_split(fetch: bool) -> Dataset:
         if name == "cifar10":
-            return tvd.CIFAR10(str(root), train=train, download=download and not files.exists())
+            return tvd.CIFAR10(str(root), train=train, download=fetch)
         if name == "cifar100":
-            return tvd.CIFAR100(str(root), train=train, download=download and not files.exists())
+            return tvd.CIFAR100(str(root), train=train, download=fetch)
         split = ("train" if labelled else "train+unlabeled") if train else "test"
-        return tvd.STL10(str(root), split=split, download=download and not files.exists())
+        return tvd.STL10(str(root), split=split, download=fetch)
+
+    fetch = download and not files.exists()
+    if fetch and int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        # torchrun/SLURM start every process at once: the first on each machine downloads,
+        # the others wait for its files instead of writing into the same folder
+        return _wait_for_download(open_split, name, root)
+    try:
+        return open_split(fetch)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a failed check a RuntimeError
         # torchvision made the folder for the download: leave no empty trace, unless other
         # processes of a torchrun/SLURM launch (WORLD_SIZE set) may be downloading into it too
@@ -164,6 +174,26 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, lab
             f"put {_TORCHVISION_FILES[name]}/ (or an ImageFolder tree) there by hand and set "
             f"data.train_path/data.val_path to it"
         ) from exc
+
+
+DOWNLOAD_WAIT_S = 3600.0  # how long the other processes of a launch wait for the download
+DOWNLOAD_POLL_S = 10.0
+
+
+def _wait_for_download(open_split: Callable[[bool], Dataset], name: str, root: Path) -> Dataset:
+    """Open the split without downloading as soon as another process has finished fetching it
+    (torchvision checks the files), or raise DataError after ``DOWNLOAD_WAIT_S``."""
+    deadline = time.monotonic() + DOWNLOAD_WAIT_S
+    while True:
+        try:
+            return open_split(False)
+        except (OSError, RuntimeError) as exc:
+            if time.monotonic() >= deadline:
+                raise DataError(
+                    f"waited {DOWNLOAD_WAIT_S:.0f} s for the process with LOCAL_RANK=0 to download {name} into "
+                    f"{root} ({exc}); put it there by hand and set data.download=False"
+                ) from exc
+        time.sleep(DOWNLOAD_POLL_S)
 
 
 class DigitsDataset(Dataset):

@@ -62,6 +62,34 @@ def test_a_failed_download_leaves_no_folder_behind(tmp_path: Path, monkeypatch: 
     assert (tmp_path / "mine").is_dir()
 
 
+def test_other_processes_wait_for_the_first_one_to_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun every process starts at once: only LOCAL_RANK 0 may download."""
+    from ivreg.data import datasets
+
+    calls: list[bool] = []
+
+    def cifar(root: str, train: bool, download: bool) -> str:
+        calls.append(download)
+        if len(calls) < 3:  # the first process is still downloading
+            raise RuntimeError("Dataset not found or corrupted")
+        return "opened"
+
+    monkeypatch.setattr(datasets.tvd, "CIFAR10", cifar)
+    monkeypatch.setattr(datasets, "DOWNLOAD_POLL_S", 0.0)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert build_dataset("cifar10", str(tmp_path / "c"), train=True, download=True) == "opened"
+    assert calls == [False, False, False]  # never downloaded itself
+    calls.clear()
+    monkeypatch.setattr(datasets, "DOWNLOAD_WAIT_S", 0.0)
+    with pytest.raises(DataError, match="waited 0 s for the process with LOCAL_RANK=0 to download cifar10"):
+        build_dataset("cifar10", str(tmp_path / "c"), train=True, download=True)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    calls.clear()
+    with pytest.raises(DataError, match="could not be downloaded"):
+        build_dataset("cifar10", str(tmp_path / "c"), train=True, download=True)
+    assert calls == [True]  # the first process downloads
+
+
 def test_cifar_as_image_folders_is_accepted(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "train", classes=10, per_class=2)
     make_image_folder(tmp_path / "test", classes=10, per_class=1)
