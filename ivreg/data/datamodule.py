@@ -128,10 +128,15 @@ class PretrainDataModule(L.LightningDataModule):
             self.raw_val = build_dataset(self.name, val_path, train=False, download=download)
             check_same_classes(train, self.raw_val, self.name)
         self._num_classes = num_classes_of(train, self.name)
-        if len(self.raw_train) < self.batch_size:  # type: ignore[arg-type]
+        self._require_a_batch(world=1)  # before the trainer exists; setup checks per process
+
+    def _require_a_batch(self, world: int) -> None:
+        n = len(self.raw_train)  # type: ignore[arg-type]
+        if n // world < self.batch_size:
+            per = f" for each of the {world} processes" if world > 1 else ""
             raise DataError(
-                f"the training set has {len(self.raw_train)} images, fewer than one batch "  # type: ignore[arg-type]
-                f"(optimizer.batch_size={self.batch_size}); lower the batch size"
+                f"the training set has {n} images, fewer than one batch (optimizer.batch_size={self.batch_size})"
+                f"{per}; lower the batch size"
             )
 
     @property
@@ -194,12 +199,7 @@ class PretrainDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_raw()
-        world = self._world_size()
-        if len(self.raw_train) // world < self.batch_size:  # type: ignore[arg-type]
-            raise DataError(
-                f"the training set has {len(self.raw_train)} images, fewer than one batch "  # type: ignore[arg-type]
-                f"(optimizer.batch_size={self.batch_size}) for each of the {world} processes; lower the batch size"
-            )
+        self._require_a_batch(self._world_size())
         if self.pipeline is None:
             self.pipeline = self._choose_pipeline()
             if self.pipeline in ("hybrid", "resident"):

@@ -73,7 +73,10 @@ def test_a_batch_per_process_is_required(image_data) -> None:
 
     train, val = image_data
     data = {"dataset": "custom", "train_path": str(train), "val_path": str(val), "pipeline": "workers"}
-    dm = PretrainDataModule(data, parse_view_specs([{"crop_size": 32, "num_crops": 2}]), batch_size=16)
+    views = parse_view_specs([{"crop_size": 32, "num_crops": 2}])
+    with pytest.raises(DataError, match=r"has 48 images, fewer than one batch \(optimizer.batch_size=64\); lower"):
+        PretrainDataModule(data, views, batch_size=64).prepare_raw()  # one process, before any trainer
+    dm = PretrainDataModule(data, views, batch_size=16)
     cpu = SimpleNamespace(root_device=torch.device("cpu"))
     dm.trainer = SimpleNamespace(world_size=4, global_rank=0, is_global_zero=True, strategy=cpu)
     with pytest.raises(DataError, match="fewer than one batch .* for each of the 4 processes"):
