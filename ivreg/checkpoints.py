@@ -126,9 +126,11 @@ def build_backbone_for(cfg: Mapping[str, Any], arch: str | None = None) -> nn.Mo
 
 
 def load_backbone_and_config(
-    path: str | Path, map_location: Any = "cpu", arch: str | None = None
+    path: str | Path, map_location: Any = "cpu", arch: str | None = None, pretraining: bool = False
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """``load_backbone`` and ``load_config`` from one read of the file."""
+    """``load_backbone`` and ``load_config`` from one read of the file. ``pretraining``: the
+    checkpoint must be a pretraining run's (``require_pretraining_config``), as the evaluation
+    tools that read its data and augmentations need."""
     import torch
 
     # Read onto the CPU and move only the backbone: the file also holds the projector, the
@@ -138,6 +140,8 @@ def load_backbone_and_config(
         raise CheckpointError(f"map_location={str(map_location)!r} but no CUDA GPU is visible; use map_location='cpu'")
     ckpt = read_checkpoint(path, "cpu" if movable else map_location)
     cfg = config_of(ckpt, path)
+    if pretraining:
+        require_pretraining_config(cfg, path)
     state = backbone_state(ckpt["state_dict"], path)
     net = build_backbone_for(cfg, arch)
     problem = _mismatch_report(net, state)

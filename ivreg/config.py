@@ -176,12 +176,17 @@ class UnreadConfigKeyWarning(UserWarning):
 TOP_LEVEL_KEYS = {"augmentations", "resume_from_checkpoint", "wandb", "defaults", "hydra"}
 
 
-def _top_level_known() -> set[str]:
+def trainer_arguments() -> set[str]:
+    """The arguments of Lightning's ``Trainer`` (top-level config keys passed through to it)."""
     import inspect
 
     import lightning as L
 
-    return set(DEFAULTS) | TOP_LEVEL_KEYS | (set(inspect.signature(L.Trainer.__init__).parameters) - {"self"})
+    return set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+
+
+def _top_level_known() -> set[str]:
+    return set(DEFAULTS) | TOP_LEVEL_KEYS | trainer_arguments()
 
 
 def unread_keys(cfg: DictConfig) -> list[str]:

@@ -14,7 +14,6 @@ With ``auto_resume.enabled`` a second launch with the same name continues from
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,14 @@ from ivreg.callbacks import (
     checkpoint_io,
 )
 from ivreg.checkpoints import load_config, require_pretraining_config
-from ivreg.config import CUDAGRAPH_COMPILE_MODES, PRECISIONS, auto_switch, prepare_config, to_container
+from ivreg.config import (
+    CUDAGRAPH_COMPILE_MODES,
+    PRECISIONS,
+    auto_switch,
+    prepare_config,
+    to_container,
+    trainer_arguments,
+)
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
@@ -138,7 +144,7 @@ def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    accepted = set(inspect.signature(L.Trainer.__init__).parameters) - MANAGED_TRAINER_KEYS - {"self"}
+    accepted = trainer_arguments() - MANAGED_TRAINER_KEYS
     out = {k: cfg[k] for k in cfg if k in accepted}
     out.setdefault("enable_progress_bar", False)  # epochs.csv and one line per epoch instead
     return {k: (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v) for k, v in out.items()}

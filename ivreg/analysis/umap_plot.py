@@ -117,12 +117,11 @@ def checkpoint_features(
     """Features, labels and class names of (a random subset of) a split, and the dataset name."""
     from torch.utils.data import Subset
 
-    from ivreg.checkpoints import load_backbone_and_config, require_pretraining_config
+    from ivreg.checkpoints import load_backbone_and_config
     from ivreg.eval.common import default_device, eval_data_config, eval_datasets, eval_view, extract_features
 
     device = default_device(accelerator)
-    backbone, pretrain_cfg = load_backbone_and_config(checkpoint, map_location=device)
-    require_pretraining_config(pretrain_cfg, checkpoint)
+    backbone, pretrain_cfg = load_backbone_and_config(checkpoint, map_location=device, pretraining=True)
     data = eval_data_config(pretrain_cfg, data_overrides)
     train, val, _ = eval_datasets(data, seed)
     dataset = train if split == "train" else val

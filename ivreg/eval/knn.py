@@ -226,7 +226,7 @@ def write_results(path: Path, results: Sequence[KNNResult], extra: Mapping[str, 
 def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     """``main_knn.py``: features of a checkpoint's backbone on the train (bank) and test splits,
     then weighted kNN for every k and temperature. Prints a table; writes ``out`` (CSV) if set."""
-    from ivreg.checkpoints import load_backbone_and_config, require_pretraining_config
+    from ivreg.checkpoints import load_backbone_and_config
 
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     cfg = OmegaConf.merge(OmegaConf.create(KNN_DEFAULTS), {k: v for k, v in user.items() if k != "hydra"})
@@ -239,8 +239,7 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     check_knn_args(ks, temps, distance, bank_size=max(ks, default=1))  # names and signs; the bank comes below
     device = default_device(str(cfg.accelerator))
 
-    backbone, pretrain_cfg = load_backbone_and_config(str(ckpt), map_location=device)
-    require_pretraining_config(pretrain_cfg, ckpt)
+    backbone, pretrain_cfg = load_backbone_and_config(str(ckpt), map_location=device, pretraining=True)
     data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]
     train, val, num_classes = eval_datasets(data, int(cfg.seed))
     check_knn_args(ks, temps, distance, bank_size=len(train))  # type: ignore[arg-type]

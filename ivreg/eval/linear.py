@@ -296,14 +296,13 @@ class LinearRun:
 
 def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     """Read the pretraining checkpoint, resolve the data, build model, data module and trainer."""
-    from ivreg.checkpoints import load_backbone_and_config, require_pretraining_config, resolve_path
+    from ivreg.checkpoints import load_backbone_and_config, resolve_path
 
     cfg = prepare_linear_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     hw = hardware_kwargs(cfg)
     ckpt_path = resolve_path(str(cfg.pretrained_feature_extractor)).resolve()
-    pretrained, pretrain_cfg = load_backbone_and_config(ckpt_path)
-    require_pretraining_config(pretrain_cfg, ckpt_path)
+    pretrained, pretrain_cfg = load_backbone_and_config(ckpt_path, pretraining=True)
 
     cfg.pretrained_feature_extractor = str(ckpt_path)
     cfg.pretrain_cfg = pretrain_cfg
