@@ -1,0 +1,129 @@
+"""The training step issues no host-device synchronisation (issue 4: "no host-device syncs in
+the step, metrics reduced lazily").
+
+On the CPU nothing synchronises, but the ATen ops that would are the same: reading a tensor on
+the host (``.item()``, ``bool(t)``, ``.tolist()`` all dispatch ``_local_scalar_dense``) and ops
+whose output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``...), which
+must copy a count to the host on a GPU. A dispatch mode records the ops of a few steps that log
+nothing, from the batch's arrival on the device (where the resident and hybrid pipelines
+augment) to the end of the EMA update. The eigendecomposition's error check stays, inside
+``linalg_eigh`` (ATen reads its ``info`` on the host; torch offers no unchecked variant).
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ivreg.config import compose
+from ivreg.train import build_run, fit
+
+from .conftest import CIFAR_CONFIGS, tiny_overrides
+
+# Ops that make the host wait for the device (or, for the data-dependent shapes, for a count).
+SYNCING_OPS = {
+    "_local_scalar_dense",
+    "item",
+    "is_nonzero",
+    "equal",
+    "nonzero",
+    "argwhere",
+    "masked_select",
+    "unique",
+    "_unique",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "_assert_scalar",
+}
+
+# Indexing with a boolean mask: the number of selected elements is copied to the host.
+MASK_INDEXING_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+class _RecordSyncs(TorchDispatchMode):
+    """Records the syncing ops dispatched while ``recording`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = False
+        self.found: list[str] = []
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if self.recording:
+            self.ops += 1
+            name = func.overloadpacket.__name__
+            if name in SYNCING_OPS or (name in MASK_INDEXING_OPS and any(_is_bool_mask(i) for i in args[1])):
+                ours = [f for f in traceback.extract_stack() if "/ivreg/" in f.filename]
+                self.found.append(f"{name} at " + " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in ours[::-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def _is_bool_mask(index: torch.Tensor | None) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype == torch.bool
+
+
+class _Window(L.Callback):
+    """Records the steps after ``first`` up to ``last``: each step from its batch on the device
+    (``on_after_batch_transfer``: the GPU augmentation of the resident and hybrid pipelines) to
+    its end, EMA update included. The DataLoader that fetches a batch (the workers pipeline's
+    per-image transforms, which run in worker processes) is left out."""
+
+    def __init__(self, datamodule: L.LightningDataModule, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.mode = _RecordSyncs()
+        transfer = datamodule.on_after_batch_transfer
+
+        def recorded_transfer(batch, dataloader_idx):  # type: ignore[no-untyped-def]
+            self.mode.recording = self.active
+            return transfer(batch, dataloader_idx)
+
+        datamodule.on_after_batch_transfer = recorded_transfer  # type: ignore[method-assign]
+        self.active = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.mode.recording = self.active
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        self.mode.recording = False
+        if batch_idx == self.first:
+            self.mode.__enter__()
+            self.active = True
+        elif batch_idx == self.last:
+            self.mode.__exit__(None, None, None)
+            self.active = False
+
+
+@pytest.mark.parametrize(
+    ("config", "pipeline", "extra"),
+    [
+        ("byol.yaml", "hybrid", []),
+        ("isoloss-noema.yaml", "resident", []),
+        ("directpred.yaml", "resident", []),
+        ("directpred-noema.yaml", "workers", ["method_kwargs.dp_alpha=1", "method_kwargs.eps_iso=0.25"]),
+    ],
+    ids=["byol", "isoloss-noema", "directpred", "directcopy-noema"],
+)
+def test_training_steps_never_wait_for_the_device(
+    config: str, pipeline: str, extra: list[str], image_data, tmp_path: Path
+) -> None:
+    train, val = image_data
+    cfg = compose(
+        str(CIFAR_CONFIGS),
+        config,
+        tiny_overrides(train, val, tmp_path)
+        + ["max_epochs=1", "scheduler.warmup_epochs=0", "++log_every_n_steps=100", f"++data.pipeline={pipeline}"]
+        + extra,
+    )
+    run = build_run(cfg)
+    window = _Window(run.datamodule, first=1, last=4)
+    run.trainer.callbacks.append(window)
+    fit(run)
+    assert window.mode.ops > 1000, "the window recorded no training steps"
+    assert window.mode.found == [], f"host syncs in the training step: {window.mode.found[:3]}"
