@@ -80,6 +80,16 @@ class FixedShuffleSampler(Sampler[int]):
         return iter(self.order)
 
 
+def seeded_sample(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
+    """The positions, in increasing order, of ``limit`` of ``n`` items drawn by ``seed``: the
+    first ``limit`` of ``FixedShuffleSampler(n, seed)``'s order, i.e. the images validation
+    sees under ``limit_val_batches``. None when ``limit`` takes everything."""
+    if limit is None or limit >= n:
+        return None
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[: max(int(limit), 0)].sort().values
+
+
 class PretrainDataModule(L.LightningDataModule):
     """Builds datasets and loaders from the ``data`` config section and the views' specs
     (``parse_view_specs`` of the ``augmentations`` section)."""
@@ -282,16 +292,21 @@ class PretrainDataModule(L.LightningDataModule):
         return self._memory_format([(images.float().div_(255) - mean) / std])[0]
 
     def eval_batches(
-        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1
+        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1, limit: int | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]] | None:
         """The labelled images of a device-resident split (``train`` or ``val``) through the
         evaluation transform, in order and in batches, without DataLoader workers (for the
-        online kNN; under DDP ``rank``'s share, every ``world_size``-th image); None when that
-        split is not on the device at the crop size."""
+        online kNN; under DDP ``rank``'s share, every ``world_size``-th image; with ``limit``,
+        the ``seeded_sample`` of that many); None when that split is not on the device at the
+        crop size."""
         images, labels = self._resident.get(f"{split}_images"), self._resident.get(f"{split}_labels")
         if images is None or labels is None or tuple(images.shape[-2:]) != (self.crop_size, self.crop_size):
             return None
-        labelled = torch.nonzero(labels >= 0).flatten()[rank::world_size]  # STL-10's unlabelled: label -1
+        labelled = torch.nonzero(labels >= 0).flatten()  # STL-10's unlabelled: label -1
+        sample = seeded_sample(len(labelled), limit, self.seed)
+        if sample is not None:
+            labelled = labelled[sample.to(labelled.device)]
+        labelled = labelled[rank::world_size]
         return ((self._eval_view(images[index]), labels[index]) for index in labelled.split(max(int(batch_size), 1)))
 
     def _memory_format(self, views: list[torch.Tensor]) -> list[torch.Tensor]:

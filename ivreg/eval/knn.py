@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
 from ivreg.data.augment import build_eval_transform
+from ivreg.data.datamodule import seeded_sample
 from ivreg.data.datasets import Transformed
 from ivreg.errors import ConfigError, DataError
 from ivreg.eval.common import (
@@ -299,6 +300,7 @@ class OnlineKNN(L.Callback):
         self.distance = distance
         self.batch_size = int(batch_size)
         self.bank_size = 0  # images in the last feature bank (all ranks')
+        self.query_size = 0  # validation images it classified
 
     def _due(self, trainer: L.Trainer) -> bool:
         done = trainer.current_epoch + 1
@@ -313,22 +315,33 @@ class OnlineKNN(L.Callback):
         transform = build_eval_transform(dm.crop_size, dm.mean, dm.std)
         workers = int(getattr(dm, "num_workers", 0))
         rank, world = trainer.global_rank, trainer.world_size
+        limits = {
+            "train": _images_seen(trainer.limit_train_batches, trainer.num_training_batches, dm, world, self.k),
+            "val": _images_seen(trainer.limit_val_batches, sum(trainer.num_val_batches), dm, world, 1),
+        }
+        seed = int(getattr(dm, "seed", 0))
         feats = []
         with trainer.precision_plugin.forward_context():
             for split, raw in (("train", dm.raw_train), ("val", dm.raw_val)):
                 # the split's images on the device when the pipeline keeps them there, else workers
-                resident = dm.eval_batches(split, self.batch_size, rank, world) if hasattr(dm, "eval_batches") else None
+                resident = (
+                    dm.eval_batches(split, self.batch_size, rank, world, limits[split])
+                    if hasattr(dm, "eval_batches")
+                    else None
+                )
                 if resident is not None:
                     source: Any = resident
                 else:
                     labelled = Transformed(labelled_only(raw), transform)
-                    source = Subset(labelled, range(rank, len(labelled), world)) if world > 1 else labelled
+                    sample = seeded_sample(len(labelled), limits[split], seed)
+                    positions = range(len(labelled)) if sample is None else sample.tolist()
+                    source = Subset(labelled, positions[rank::world]) if world > 1 or sample is not None else labelled
                 x, y = extract_features(pl_module.backbone, source, self.batch_size, workers)
                 if world > 1:
                     x, y = gather_rows(trainer.strategy, x), gather_rows(trainer.strategy, y)
                 feats.append((x, y))
         (train_x, train_y), (test_x, test_y) = feats
-        self.bank_size = len(train_x)
+        self.bank_size, self.query_size = len(train_x), len(test_x)
         num_classes = getattr(dm, "num_classes", None)
         (result,) = knn_accuracy(
             train_x, train_y, test_x, test_y, [self.k], [self.temperature], self.distance, num_classes
@@ -336,6 +349,17 @@ class OnlineKNN(L.Callback):
         # the same gathered features, so the same value, on every rank
         pl_module.log("val_knn_acc1", result.acc1)
         pl_module.log("val_knn_acc5", result.acc5)
+
+
+def _images_seen(limit: float | int, batches: float | int, dm: Any, world: int, at_least: int) -> int | None:
+    """How many images of a split the online kNN encodes: under ``limit_train_batches`` /
+    ``limit_val_batches`` as many as that loop sees per epoch (a seeded sample, the same every
+    epoch; for validation the very images it evaluated), else all (None). solo-learn's kNN,
+    built from the batches of the epoch, is limited likewise; encoding all of ImageNet after a
+    quick limited run cost more than the run."""
+    if (isinstance(limit, float) and limit == 1.0) or not math.isfinite(batches):
+        return None
+    return max(int(batches) * int(getattr(dm, "batch_size", 1)) * world, at_least)
 
 
 def gather_rows(strategy: Any, x: torch.Tensor) -> torch.Tensor:

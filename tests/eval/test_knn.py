@@ -127,3 +127,32 @@ def test_online_knn_reads_device_resident_splits_like_the_dataset_path(image_dat
         assert len(on_device[1]) == len(raw)
         torch.testing.assert_close(on_device[1], from_files[1])
         torch.testing.assert_close(on_device[0], from_files[0], rtol=1e-4, atol=1e-5)
+
+
+def test_seeded_sample_is_what_limited_validation_sees() -> None:
+    from ivreg.data.datamodule import FixedShuffleSampler, seeded_sample
+
+    sample = seeded_sample(50, 12, seed=3)
+    assert sample is not None and sample.tolist() == sorted(list(FixedShuffleSampler(50, 3))[:12])
+    assert seeded_sample(50, 50, seed=3) is None and seeded_sample(50, None, seed=3) is None
+
+
+@pytest.mark.parametrize("pipeline", ["workers", "resident"])
+def test_online_knn_encodes_only_what_limited_loops_see(pipeline: str, image_data, tmp_path) -> None:
+    """Under limit_train_batches / limit_val_batches the online kNN's bank is as many training
+    images as an epoch trains on, and its queries are the validation images validated (all of
+    both splits took longer than the limited run on ImageNet)."""
+    from ivreg.config import compose
+    from ivreg.eval.knn import OnlineKNN
+    from ivreg.train import build_run
+
+    from ..conftest import CIFAR_CONFIGS, tiny_overrides
+
+    train, val = image_data
+    extra = ["++knn.enabled=True", "++knn.k=5", f"++data.pipeline={pipeline}", "max_epochs=1"]
+    extra += ["scheduler.warmup_epochs=0", "++limit_train_batches=2", "++limit_val_batches=1"]
+    run = build_run(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", tiny_overrides(train, val, tmp_path) + extra))
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+    (knn,) = [cb for cb in run.trainer.callbacks if isinstance(cb, OnlineKNN)]
+    assert (knn.bank_size, knn.query_size) == (2 * 8, 8)
+    assert 0.0 <= float(run.trainer.callback_metrics["val_knn_acc1"]) <= 100.0
