@@ -99,6 +99,20 @@ def _check(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def linear_optimizer(opt: Mapping[str, Any], params: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """SGD or AdamW from the ``optimizer`` section; ConfigError names the options torch refuses
+    (whatever torch takes, e.g. AdamW's ``amsgrad``, passes through ``optimizer.kwargs``)."""
+    kwargs = dict(opt.get("kwargs") or {})
+    kind = torch.optim.SGD if opt["name"] == "sgd" else torch.optim.AdamW
+    try:
+        return kind(params, lr=lr, weight_decay=float(opt["weight_decay"]), **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"optimizer.kwargs {dict(sorted(kwargs.items()))} do not fit {opt['name']}: {exc} (after switching "
+            "optimizer.name, drop the previous optimizer's options with ~optimizer.kwargs)"
+        ) from exc
+
+
 def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     """Defaults merged under ``cfg`` and checked (the pretraining checkpoint is not read yet)."""
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
@@ -117,6 +131,8 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     _check(int(opt.batch_size) >= 1, f"optimizer.batch_size must be >= 1, got {opt.batch_size}")
     for key in ("lr", "weight_decay", "backbone_lr_scale"):
         _check(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
+    # its options, on a stand-in parameter, before anything is loaded or written
+    linear_optimizer(OmegaConf.to_object(opt), [{"params": [torch.zeros(1, requires_grad=True)]}], float(opt.lr))  # type: ignore[arg-type]
     _check(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
     check_schedule(str(merged.scheduler.name), float(merged.scheduler.warmup_epochs), int(merged.max_epochs))
     _check(
@@ -243,16 +259,7 @@ class LinearEvalModule(L.LightningModule):
         if self.finetune:  # the pretrained weights usually want a smaller step than the new head
             scale = float(opt.get("backbone_lr_scale", 1.0))
             params.append({"params": list(self.backbone.parameters()), "lr": lr * scale})
-        kwargs = dict(opt.get("kwargs") or {})
-        try:
-            if opt["name"] == "sgd":
-                optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                    params, lr=lr, weight_decay=float(opt["weight_decay"]), **kwargs
-                )
-            else:
-                optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=float(opt["weight_decay"]), **kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"optimizer.kwargs {sorted(kwargs)} do not fit {opt['name']}: {exc}") from exc
+        optimizer = linear_optimizer(opt, params, lr)
         total = int(self.trainer.estimated_stepping_batches)
         return optimizers_with_schedule(optimizer, self.cfg["scheduler"], total, int(self.cfg["max_epochs"]))
 

@@ -19,7 +19,7 @@ from ivreg.config import compose
 from ivreg.errors import CheckpointError, ConfigError
 from ivreg.eval.common import eval_data_config, eval_datasets, eval_view, extract_features
 from ivreg.eval.knn import OnlineKNN
-from ivreg.eval.linear import build_linear_run, linear_eval
+from ivreg.eval.linear import build_linear_run, linear_eval, linear_optimizer
 from ivreg.train import build_run
 
 from ..conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
@@ -145,6 +145,20 @@ def test_linear_run_refuses_a_missing_checkpoint_and_bad_settings(tmp_path):
         build_linear_run({"pretrained_feature_extractor": "x.ckpt", "augmentations": {"crop_min_scale": 0}})
     with pytest.raises(ConfigError, match="backbone_lr_scale must be >= 0"):
         build_linear_run({"pretrained_feature_extractor": "x.ckpt", "optimizer": {"backbone_lr_scale": -1}})
+    # optimizer options are checked with the config, before the checkpoint is read or a folder made
+    bad_options = [
+        ({"name": "sgd", "kwargs": {"betas": [0.9, 0.99]}}, "betas"),
+        ({"kwargs": {"momentum": 0.0, "nesterov": True}}, "Nesterov"),
+        ({"name": "adamw"}, "momentum.*~optimizer.kwargs"),
+    ]
+    for optimizer, message in bad_options:
+        with pytest.raises(ConfigError, match=message):
+            build_linear_run(
+                {"pretrained_feature_extractor": "x.ckpt", "optimizer": optimizer, "checkpoint": {"dir": str(tmp_path)}}
+            )
+    assert not list(tmp_path.iterdir())
+    adamw = {"name": "adamw", "weight_decay": 0.0, "kwargs": {"amsgrad": True}}  # what torch takes passes
+    assert linear_optimizer(adamw, [{"params": [torch.zeros(1, requires_grad=True)]}], 0.1).defaults["amsgrad"]
 
 
 def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_data, tmp_path):
