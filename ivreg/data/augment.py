@@ -9,9 +9,11 @@ the same distributions.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import difflib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision.transforms import v2
@@ -72,6 +74,45 @@ def _non_negative(value: object, where: str) -> float:
     return x
 
 
+# The keys of a view group and of its sections (solo-learn's names). Anything else is refused:
+# read with defaults, a misspelt key (``solarisation``, ``color_jitter.probability``) would
+# silently switch its augmentation off.
+VIEW_GROUP_KEYS: dict[str, frozenset[str]] = {
+    "rrc": frozenset({"enabled", "crop_min_scale", "crop_max_scale"}),
+    "color_jitter": frozenset({"prob", "brightness", "contrast", "saturation", "hue"}),
+    "grayscale": frozenset({"prob"}),
+    "gaussian_blur": frozenset({"prob"}),
+    "solarization": frozenset({"prob"}),
+    "equalization": frozenset({"prob"}),
+    "horizontal_flip": frozenset({"prob"}),
+}
+VIEW_GROUP_SCALARS = frozenset({"crop_size", "num_crops"})
+
+
+def _refuse_unknown(keys: Iterable[Any], known: Iterable[str], where: str) -> None:
+    known = sorted(known)
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown augmentation key {where}.{key}; {hint}known keys: {known}")
+
+
+def check_view_group(group: Any, where: str) -> None:
+    """ConfigError for a view group that is not a mapping, or that names a key the pipelines
+    do not read."""
+    if not isinstance(group, Mapping):
+        raise ConfigError(f"{where} must be a mapping of augmentation sections, got {group!r}")
+    _refuse_unknown(group, VIEW_GROUP_SCALARS | set(VIEW_GROUP_KEYS), where)
+    for section, known in VIEW_GROUP_KEYS.items():
+        value = group.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}.{section} must be a mapping with keys {sorted(known)}, got {value!r}")
+        _refuse_unknown(value, known, f"{where}.{section}")
+
+
 def parse_view_specs(aug_cfg: Sequence[Mapping]) -> list[ViewSpec]:
     """Expand the config's view groups (each ``num_crops`` times) into one spec per view."""
     if not isinstance(aug_cfg, Sequence) or isinstance(aug_cfg, (str, bytes)) or not aug_cfg:
@@ -79,6 +120,7 @@ def parse_view_specs(aug_cfg: Sequence[Mapping]) -> list[ViewSpec]:
     specs: list[ViewSpec] = []
     for i, group in enumerate(aug_cfg):
         where = f"augmentations[{i}]"
+        check_view_group(group, where)
         if "crop_size" not in group:
             raise ConfigError(f"{where}.crop_size is missing")
         rrc = group.get("rrc", {}) or {}
