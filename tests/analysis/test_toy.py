@@ -283,3 +283,40 @@ def test_cli_writes_png_and_csv(tmp_path, capsys, figure):
     assert all(np.isfinite(float(row[-1])) for row in rows[1:])
     assert f"{figure}:" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{figure}.csv", f"{figure}.png"]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_eigen_ode_matches_the_network_drift_for_cosine_rules(alpha):
+    """The cosine ODEs are a large-dimension approximation (the norms concentrate): at M=64 the
+    drift of the eigenvalues of W W^T under the batch gradient of the network's loss agrees
+    with ``eigen_ode_rhs`` to about 6%; a dropped factor or flipped sign is off by far more."""
+    generator = torch.Generator().manual_seed(3)
+    spectrum = torch.linspace(0.3, 1.5, 64, dtype=torch.float64)[None]
+    weights, basis = toy.weights_with_spectrum(spectrum, 80, generator)
+    x1 = torch.randn(20000, 80, generator=generator, dtype=torch.float64)
+    x2 = x1 + 0.1 * torch.randn(20000, 80, generator=generator, dtype=torch.float64)
+    for name in ("cos_standard", "cos_iso", "cos_nosg"):
+        w = weights.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(toy.setting_loss(w, x1, x2, toy.get_setting(name), alpha).sum(), w)
+        drift_c = -(grad[0] @ weights[0].T + weights[0] @ grad[0].T)  # d(W W^T)/dt under gradient flow
+        drift = torch.diagonal(basis[0].T @ drift_c @ basis[0])
+        ode = toy.eigen_ode_rhs(spectrum[0], name, 0.1, alpha)
+        assert float((drift - ode).norm() / ode.norm()) < 0.1, name
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_isoloss_weight_gradient_is_the_standard_p_gradient_through_the_weights(alpha):
+    """For IsoLoss dL/dW = (dL_standard/dp)^T x1: the identity of the paper, through the toy's
+    own loss (with W_p^(1/2) built from W W^T)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = 0.4 * torch.randn(1, 4, 7, generator=generator, dtype=torch.float64)
+    x1 = torch.randn(256, 7, generator=generator, dtype=torch.float64)
+    x2 = x1 + 0.1 * torch.randn(256, 7, generator=generator, dtype=torch.float64)
+    w_p = toy.predictor_matrix(weights, alpha)[0]
+    for name, standard in (("cos_iso", cosine_per_sample), ("euc_iso", euclidean_per_sample)):
+        w = weights.clone().requires_grad_(True)
+        (grad_w,) = torch.autograd.grad(toy.setting_loss(w, x1, x2, toy.get_setting(name), alpha).sum(), w)
+        p = (x1 @ weights[0].T @ w_p.T).requires_grad_(True)
+        (grad_p,) = torch.autograd.grad(standard(p, x2 @ weights[0].T).mean(), p)
+        assert (grad_p.T @ x1).abs().max() > 1e-3
+        torch.testing.assert_close(grad_w[0], grad_p.T @ x1, rtol=1e-9, atol=1e-12, msg=name)
