@@ -149,11 +149,28 @@ def _stream_field(ax: plt.Axes, name: str, sigma: float, alpha: float) -> None:
 
 def plot_trajectories(runs: dict[str, ToyRun], odes: dict[str, np.ndarray], path: Path) -> None:
     """One phase-plane panel per setting."""
-    fig, axes = _panel_grid("Eigenvalue phase planes, M = 2 (solid: network, dashed: ODE)", (13, 6.6))
+    title = (
+        "Eigenvalue phase planes, M = 2 (solid: network; dashed: eigenvalue ODE, "
+        "for the cosine loss a large-M approximation)"
+    )
+    fig, axes = _panel_grid(title, (13, 6.6))
     for name, run in runs.items():
         ax = axes[_panel_index(name)]
         _stream_field(ax, name, run.config.sigma, run.config.alpha)
         coords = np.clip(run.eigen_coords, 0.0, None)
+        # Without stop-gradient the cosine loss keeps the trace only in continuous time: near
+        # rank one a single Euler step can multiply it, and such runs leave the plane.
+        left = int(np.sum(np.any(coords[-1] > PHASE_LIMIT, axis=-1)))
+        if left:
+            ax.text(
+                0.5,
+                0.03,
+                f"{left} of {coords.shape[1]} runs leave the plane",
+                transform=ax.transAxes,
+                ha="center",
+                fontsize=7,
+                color="firebrick",
+            )
         for k in range(coords.shape[1]):
             color = START_COLORS[k % len(START_COLORS)]
             ax.plot(coords[:, k, 0], coords[:, k, 1], color=color, lw=2.4, alpha=0.55)
