@@ -564,3 +564,22 @@ def test_world_size_reads_every_form_of_devices() -> None:
     assert _world_size(4, 1) == 4 and _world_size("3", 1) == 3
     with pytest.raises(ConfigError, match="devices='gpus'"):
         _world_size("gpus", 1)
+
+
+def test_only_global_rank_zero_writes_the_config_of_a_multi_node_launch(
+    image_data, tmp_path: Path, monkeypatch
+) -> None:
+    """A launch by hand on the second node (NODE_RANK=1) writes no config.yaml: the config is
+    written after the Trainer has set the global rank from the node rank."""
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pytorch_rank_zero
+
+    ranks = (fabric_rank_zero.rank_zero_only.rank, pytorch_rank_zero.rank_zero_only.rank)
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    try:
+        run = build_run(_cfg("byol.yaml", image_data, tmp_path, "strategy=ddp", "++num_nodes=2"))
+        assert run.trainer.global_rank == 1
+        assert not (tmp_path / "tiny" / "config.yaml").exists()
+    finally:  # the Trainer set the process-wide rank that rank_zero_only reads
+        fabric_rank_zero.rank_zero_only.rank, pytorch_rank_zero.rank_zero_only.rank = ranks
