@@ -38,13 +38,14 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """The checkpoint dict, loaded with ``weights_only=True`` (no arbitrary code from the file)."""
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dict, loaded with ``weights_only=True`` (no arbitrary code from the file);
+    ``mmap``: tensors stay in the file until read (for a look at the config of a large one)."""
     import torch
 
     p = resolve_path(path)
     try:
-        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+        ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # garbage bytes fail anywhere in the (weights-only, safe) unpickler
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (corrupt or truncated?): {first}") from exc
@@ -78,9 +79,10 @@ def require_pretraining_config(cfg: Mapping[str, Any], path: str | Path) -> None
     raise CheckpointError(f"the config stored in {path} names no method; it is not a pretraining checkpoint")
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """The resolved config a checkpoint was trained with (a plain dict)."""
-    return config_of(read_checkpoint(path), path)
+def load_config(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The resolved config a checkpoint was trained with (a plain dict); ``mmap`` reads no
+    tensor data."""
+    return config_of(read_checkpoint(path, mmap=mmap), path)
 
 
 def backbone_state(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ With ``auto_resume.enabled`` a second launch with the same name continues from
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,20 +45,32 @@ from ivreg.config import (
 )
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
-from ivreg.errors import ConfigError
+from ivreg.errors import CheckpointError, ConfigError
 from ivreg.method import SSLMethod
 
-# Config keys that must match for a run to resume from another run's checkpoint.
+# What must match for a run to resume from a checkpoint: every leaf under these keys (a
+# section stands for all its keys) that the checkpoint's config has. They fix the model, the
+# data it sees and the optimisation; the checkpoint restores the optimizer and schedules, so
+# a changed rate, decay or seed would be silently ignored while config.yaml claimed it.
 RESUME_KEYS = (
     "method",
     "backbone",
-    "method_kwargs.proj_hidden_dim",
-    "method_kwargs.proj_output_dim",
-    "method_kwargs.pred_hidden_dim",
-    "method_kwargs.iso",
-    "method_kwargs.use_l2",
+    "method_kwargs",
+    "momentum",
+    "optimizer",
+    "scheduler",
+    "augmentations",
+    "seed",
     "data.dataset",
+    "data.fraction",
+    "data.mean",
+    "data.std",
+    "readout",
+    "report",
 )
+# Leaves under RESUME_KEYS that may change: they alter no trained number (the images per
+# optimizer step, of which the batch size is one factor, are compared apart).
+RESUME_FREE = ("method_kwargs.log_eigvals", "method_kwargs.eigh_on_host", "optimizer.batch_size")
 # Trainer arguments this module sets itself; other top-level keys matching Trainer's
 # signature (limit_train_batches, num_nodes, gradient_clip_val, ...) are passed through.
 MANAGED_TRAINER_KEYS = {
@@ -153,26 +166,18 @@ def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def check_resume(
     cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_KEYS, pretraining: bool = True
 ) -> Path | None:
-    """The checkpoint to continue from, or None for a fresh start (always with checkpoints off
-    and no ``resume_from_checkpoint``). Refuses to overwrite a finished run's checkpoint when
-    auto_resume is off, or to resume a run that differs in ``keys`` or in its images per
-    optimizer step. ``pretraining``: the checkpoint must be a pretraining run's."""
+    """The checkpoint to continue from (``resume_from_checkpoint``, else the run folder's
+    ``last.ckpt`` under auto_resume), or None for a fresh start. Refuses to overwrite a run's
+    checkpoint when auto_resume is off, a checkpoint that cannot be read, and a checkpoint
+    whose own config differs under ``keys`` or in its images per optimizer step.
+    ``pretraining``: the checkpoint must be a pretraining run's."""
     explicit = cfg.get("resume_from_checkpoint")
-    if not cfg.checkpoint.enabled and not explicit:
-        return None
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise ConfigError(f"resume_from_checkpoint={path} does not exist")
-        saved = load_config(path)
-        if pretraining:  # a linear-evaluation checkpoint would not fit
-            require_pretraining_config(saved, path)
-        diffs = _differing_keys(OmegaConf.create(saved), cfg, keys)
-        if diffs:
-            raise ConfigError(
-                f"cannot resume from {path}: its run differs from this config in {diffs}. "
-                "Resume with the config it was trained with, or start a new run without resume_from_checkpoint"
-            )
+        advice = "Resume with the config it was trained with, or start a new run without resume_from_checkpoint"
+        _require_same_run(path, cfg, keys, pretraining, advice)
         return path
     last = run_dir / "last.ckpt"
     if not last.exists():
@@ -182,18 +187,51 @@ def check_resume(
             f"{run_dir} already holds a run (last.ckpt). Choose another name=..., enable auto_resume to "
             "continue it, or delete the folder to start over"
         )
-    saved_path = run_dir / "config.yaml"
-    if saved_path.exists():
-        diffs = _differing_keys(OmegaConf.load(saved_path), cfg, keys)
-        if diffs:
-            raise ConfigError(
-                f"cannot resume {run_dir}: its run differs in {diffs}. Choose another name=... for this config"
-            )
+    try:
+        _require_same_run(last, cfg, keys, pretraining, "Choose another name=... for this config")
+    except CheckpointError as exc:
+        kept = sorted(p.name for p in run_dir.glob("epoch*.ckpt"))
+        hint = f"; resume from a kept one with ++resume_from_checkpoint={run_dir / kept[-1]}" if kept else ""
+        said = str(exc).rstrip(". ")
+        raise CheckpointError(f"{said}. Nothing was changed in {run_dir}{hint}, or choose another name=...") from exc
     return last
 
 
+def _require_same_run(path: Path, cfg: DictConfig, keys: tuple[str, ...], pretraining: bool, advice: str) -> None:
+    saved = load_config(path, mmap=True)
+    if pretraining:  # a linear-evaluation checkpoint would not fit
+        require_pretraining_config(saved, path)
+    diffs = _differing_keys(OmegaConf.create(saved), cfg, keys)
+    if diffs:
+        raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
+
+
+def _leaves(node: Any, prefix: str) -> dict[str, Any]:
+    """``{dotted.key[index]: value}`` of every leaf under ``node``."""
+    if isinstance(node, Mapping):
+        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}.{key}").items()}
+    if isinstance(node, (list, tuple)):
+        return {k: v for i, child in enumerate(node) for k, v in _leaves(child, f"{prefix}[{i}]").items()}
+    return {prefix: node}
+
+
 def _differing_keys(saved: Any, cfg: DictConfig, keys: tuple[str, ...]) -> list[str]:
-    diffs = [k for k in keys if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)]
+    """The leaves under ``keys`` that the checkpoint's config ``saved`` has and ``cfg`` sets
+    otherwise (or drops); leaves only ``cfg`` has (options newer than the checkpoint) keep
+    their defaults and pass."""
+    missing = object()
+
+    def plain(config: Any, key: str) -> Any:
+        value = OmegaConf.select(config, key, default=missing)
+        return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+    diffs = []
+    for key in keys:
+        then = plain(saved, key)
+        if then is missing:  # a section the checkpoint's version of ivreg did not have
+            continue
+        then, now = _leaves(then, key), _leaves(plain(cfg, key), key)
+        diffs += [k for k, v in then.items() if k not in RESUME_FREE and (k not in now or now[k] != v)]
     if images_per_step(saved) != images_per_step(cfg):
         diffs.append(
             f"images per optimizer step (batch_size x devices x nodes x accumulate_grad_batches: "

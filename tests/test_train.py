@@ -254,7 +254,7 @@ def test_refuses_to_overwrite_a_finished_run_without_auto_resume(image_data, tmp
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
     with pytest.raises(ConfigError, match="already holds a run"):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "auto_resume.enabled=False"))
-    with pytest.raises(ConfigError, match="differs in"):
+    with pytest.raises(ConfigError, match="differs from this config in"):
         build_run(_cfg("byol.yaml", image_data, tmp_path))
 
 
@@ -262,11 +262,10 @@ def test_resume_needs_the_same_images_per_optimizer_step(image_data, tmp_path: P
     """The rate and the schedules' step counts depend on it (a requeue on fewer GPUs)."""
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
     with pytest.raises(ConfigError, match=r"images per optimizer step .*: 8 then, 4 now"):
-        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "optimizer.batch_size=4"))
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "optimizer.batch_size=4", "scheduler.name=none"))
     # half the batch, accumulated twice: the same optimizer steps
-    run = build_run(
-        _cfg("isoloss-noema.yaml", image_data, tmp_path, "optimizer.batch_size=4", "++accumulate_grad_batches=2")
-    )
+    half = ("optimizer.batch_size=4", "++accumulate_grad_batches=2", "scheduler.name=none")
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *half))
     assert run.resume_from == tmp_path / "tiny" / "last.ckpt"
 
 
@@ -275,11 +274,11 @@ def test_explicit_resume_refuses_a_checkpoint_of_another_run(image_data, tmp_pat
     ckpt = tmp_path / "iso" / "last.ckpt"
     with pytest.raises(ConfigError, match=r"cannot resume from .*last.ckpt: its run differs .*\['method'"):
         build_run(_cfg("byol.yaml", image_data, tmp_path, f"++resume_from_checkpoint={ckpt}", name="b"))
-    with pytest.raises(ConfigError, match=r"differs from this config in \['backbone'\]"):
-        resume = f"++resume_from_checkpoint={ckpt}"
-        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, resume, "backbone.name=resnet18"))
+    resume = (f"++resume_from_checkpoint={ckpt}", "scheduler.name=none")
+    with pytest.raises(ConfigError, match=r"differs from this config in \['backbone.name'\]"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *resume, "backbone.name=resnet18"))
     assert not (tmp_path / "b").exists()  # nothing written for a refused launch
-    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, f"++resume_from_checkpoint={ckpt}", name="c"))
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *resume, name="c"))
     assert run.resume_from == ckpt
 
 
@@ -583,3 +582,60 @@ def test_only_global_rank_zero_writes_the_config_of_a_multi_node_launch(
         assert not (tmp_path / "tiny" / "config.yaml").exists()
     finally:  # the Trainer set the process-wide rank that rank_zero_only reads
         fabric_rank_zero.rank_zero_only.rank, pytorch_rank_zero.rank_zero_only.rank = ranks
+
+
+def test_resume_compares_the_checkpoints_own_config(image_data, tmp_path: Path) -> None:
+    """Against the checkpoint's config, not config.yaml (which a launch with checkpoints off
+    rewrote: the next launch then trained an IsoLoss checkpoint as DirectPred), and over whole
+    sections: a changed rate, decay or seed would be overridden by the restored optimizer and
+    schedules while config.yaml claimed it."""
+    first = ("max_epochs=1", "scheduler.name=none")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *first))
+    (tmp_path / "tiny" / "config.yaml").unlink()  # what a config.yaml rewritten by another launch claims is not read
+    with pytest.raises(ConfigError, match=r"differs from this config in \['method_kwargs.iso'\]"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *first, "method_kwargs.iso=False"))
+    with pytest.raises(ConfigError, match=r"in \['method_kwargs.iso'\]"):  # checkpoints off: still that run's folder
+        build_run(
+            _cfg(
+                "isoloss-noema.yaml",
+                image_data,
+                tmp_path,
+                *first,
+                "method_kwargs.iso=False",
+                "checkpoint.enabled=False",
+            )
+        )
+    with pytest.raises(ConfigError, match="already holds a run"):
+        build_run(
+            _cfg(
+                "isoloss-noema.yaml",
+                image_data,
+                tmp_path,
+                *first,
+                "checkpoint.enabled=False",
+                "auto_resume.enabled=False",
+            )
+        )
+    changed = ["optimizer.lr=20.0", "optimizer.weight_decay=0.1", "++seed=7", "method_kwargs.dp_tau=0.9"]
+    with pytest.raises(
+        ConfigError, match=r"\['method_kwargs.dp_tau', 'optimizer.lr', 'optimizer.weight_decay', 'seed'\]"
+    ):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *first, *changed))
+    # what changes no trained number may change: epochs, logging, workers, performance switches
+    harmless = ["max_epochs=2", "method_kwargs.log_eigvals=False", "logger.tensorboard=False", "data.num_workers=1"]
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "scheduler.name=none", *harmless))
+    assert run.resume_from == tmp_path / "tiny" / "last.ckpt"
+
+
+def test_a_truncated_last_checkpoint_is_named_and_nothing_is_written(image_data, tmp_path: Path) -> None:
+    from ivreg.errors import CheckpointError
+
+    first = ("max_epochs=2", "scheduler.name=none", "++checkpoint.keep_every_n_epochs=1")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *first))
+    run_dir = tmp_path / "tiny"
+    last = run_dir / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    before = sorted(p.name for p in run_dir.rglob("*"))
+    with pytest.raises(CheckpointError, match=r"last.ckpt is not a readable PyTorch checkpoint .*resume_from_checkpoint=.*epoch0002.ckpt"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "scheduler.name=none"))
+    assert sorted(p.name for p in run_dir.rglob("*")) == before

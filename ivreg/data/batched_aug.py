@@ -49,7 +49,8 @@ reference used, do), so the per-image pipeline's jittered images come out darker
 half a level per op: with the same sampled parameters this pipeline is brighter by 1.3
 levels on average over the jittered images (CIFAR view 2; 1.6 for STL-10 view 1 with blur)
 and by 0.1 over the others, about 0.02 standard deviations after normalisation (measured on
-smooth synthetic images against ``torchvision.transforms.v2.functional`` on uint8). On CUDA, TF32 settings (``torch.backends.cuda.matmul``
+smooth synthetic images against ``torchvision.transforms.v2.functional`` on uint8).
+On CUDA, TF32 settings (``torch.backends.cuda.matmul``
 for the resize, ``torch.backends.cudnn`` for the blur) apply if enabled; their error,
 about 1e-3 relative, is below one uint8 level. Move the module to the images' device so
 its few constants do not cross the bus on every call.

@@ -90,7 +90,17 @@ LINEAR_DEFAULTS: dict[str, Any] = {
 }
 
 # Keys that must match for a linear run to continue from the checkpoint in its folder.
-LINEAR_RESUME_KEYS = ("pretrained_feature_extractor", "finetune", "data.dataset", "backbone.name")
+LINEAR_RESUME_KEYS = (
+    "pretrained_feature_extractor",
+    "finetune",
+    "data.dataset",
+    "data.fraction",
+    "backbone.name",
+    "optimizer",
+    "scheduler",
+    "augmentations",
+    "seed",
+)
 
 
 # ----------------------------------------------------------------------------------- config

@@ -281,5 +281,5 @@ def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ck
     assert "resuming" in capsys.readouterr().out
     rows = _rows(tmp_path / "again" / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1] and int(rows[1]["step"]) == 2 * int(rows[0]["step"])
-    with pytest.raises(ConfigError, match=r"differs in \['finetune'\]"):
+    with pytest.raises(ConfigError, match=r"differs from this config in \['finetune'\]"):
         build_linear_run(_linear_cfg(colour_ckpt, tmp_path, finetune=True, name="again"))
