@@ -34,7 +34,7 @@ from ivreg.errors import TrainingError
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.norms import ViewGroups, follows_view_groups, run_views, share_view_groups
-from ivreg.optim import build_optimizer, optimizers_with_schedule, trainable_params
+from ivreg.optim import build_optimizer, optimizers_with_schedule, planned_optimizer_steps, trainable_params
 from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, observe_views, spectrum_metrics
 from ivreg.readout import OnlineReadout
 from ivreg.targets import EMATarget, StopGradTarget, cosine_tau
@@ -305,7 +305,7 @@ class SSLMethod(L.LightningModule):
             self.log_dict(metrics, on_step=False, on_epoch=True)
 
     def _current_tau(self) -> float:
-        return cosine_tau(self.global_step, int(self.trainer.estimated_stepping_batches), self.base_tau, self.final_tau)
+        return cosine_tau(self.global_step, planned_optimizer_steps(self.trainer), self.base_tau, self.final_tau)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self.view_groups.count = 1  # in case a failed step left it set
@@ -321,8 +321,9 @@ class SSLMethod(L.LightningModule):
             torch.compiler.cudagraph_mark_step_begin()
 
     def on_train_epoch_start(self) -> None:
-        """Reseed from (seed, epoch, rank): a resumed epoch draws the same augmentations as an
-        uninterrupted one (exactly so with data.num_workers=0)."""
+        """Reseed from (seed, epoch, rank): a resumed epoch draws the same random numbers as an
+        uninterrupted one (the augmentations have their own seeds: per image from (seed,
+        epoch, index) in ``Transformed``, per epoch and rank on the device)."""
         seed = (int(self.cfg["seed"]) + 1_000_003 * self.current_epoch + 7919 * self.global_rank) % 2**31
         seed_everything(seed, workers=True, verbose=False)  # keeps worker seeding if loaders are rebuilt
         self._metric_sums, self._metric_steps, self._epoch_cache, self._grad_stats = None, 0, None, None
@@ -387,5 +388,5 @@ class SSLMethod(L.LightningModule):
             weight_decay=float(opt_cfg["weight_decay"]),
             kwargs=dict(opt_cfg.get("kwargs") or {}),
         )
-        total = int(self.trainer.estimated_stepping_batches)
+        total = planned_optimizer_steps(self.trainer)
         return optimizers_with_schedule(optimizer, self.cfg["scheduler"], total, int(self.cfg["max_epochs"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -243,3 +244,22 @@ def optimizers_with_schedule(
     if scheduler is None:
         return {"optimizer": optimizer}
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def planned_optimizer_steps(trainer: Any) -> int:
+    """``trainer.estimated_stepping_batches``, without starting the training data before a
+    checkpoint is restored.
+
+    Lightning's property sets the fit loop's data up, which creates the DataLoader iterator
+    (its workers draw their first indices at once). From ``configure_optimizers`` that
+    happens before a resumed run's epoch is restored, and Lightning keeps that iterator for
+    the first resumed epoch: with DataLoader workers it replayed epoch 0's order and views.
+    Here the length of a freshly built (not iterated) training loader stands in; the
+    formula is Lightning's (limit_train_batches, accumulation, max_steps)."""
+    if trainer.train_dataloader is not None or trainer.datamodule is None or trainer.max_epochs in (None, -1):
+        return int(trainer.estimated_stepping_batches)
+    length = len(trainer.datamodule.train_dataloader())
+    limit = trainer.limit_train_batches
+    batches = min(length, limit) if isinstance(limit, int) else int(length * limit)
+    steps = math.ceil(batches / trainer.accumulate_grad_batches) * max(int(trainer.max_epochs), 1)
+    return min(steps, trainer.max_steps) if trainer.max_steps != -1 else steps

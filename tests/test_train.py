@@ -196,12 +196,14 @@ class _KillAtEpoch(L.Callback):
             raise KeyboardInterrupt  # as if the job had been killed here
 
 
-@pytest.mark.parametrize("pipeline", ["workers", "resident"])
-def test_killed_run_resumes_to_the_same_weights(pipeline: str, image_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("pipeline", "workers"), [("workers", 0), ("workers", 2), ("resident", 0)])
+def test_killed_run_resumes_to_the_same_weights(pipeline: str, workers: int, image_data, tmp_path: Path) -> None:
     """3 epochs straight == 2 epochs, a kill, and a resumed third epoch (EMA, LARS, C, BN),
     with the checkpoints written by the background thread that GPU runs use, and with the
-    views made per image or batched from the images on the device (the GPU default)."""
+    views made per image (in the main process, or in two persistent DataLoader workers, which
+    a resumed run starts afresh) or batched from the images on the device (the GPU default)."""
     extra = ("max_epochs=3", "++data.fraction=0.5", "++checkpoint.async_write=True", f"++data.pipeline={pipeline}")
+    extra += (f"data.num_workers={workers}",)
     straight = pretrain(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="straight"))
 
     interrupted = build_run(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="killed"))
@@ -636,6 +638,9 @@ def test_a_truncated_last_checkpoint_is_named_and_nothing_is_written(image_data,
     last = run_dir / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     before = sorted(p.name for p in run_dir.rglob("*"))
-    with pytest.raises(CheckpointError, match=r"last.ckpt is not a readable PyTorch checkpoint .*resume_from_checkpoint=.*epoch0002.ckpt"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"last.ckpt is not a readable PyTorch checkpoint .*resume_from_checkpoint=.*epoch0002.ckpt",
+    ):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "scheduler.name=none"))
     assert sorted(p.name for p in run_dir.rglob("*")) == before

@@ -16,7 +16,7 @@ pipeline ran.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -45,13 +45,46 @@ from ivreg.errors import ConfigError, DataError
 PIPELINES = ("auto", "workers", "hybrid", "resident")
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order."""
+_MASK64 = 2**64 - 1
 
-    def __init__(self, num_samples: int, seed: int):
+
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: nearby inputs give unrelated 64-bit outputs."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentation in one epoch: a function of (seed, epoch, index)
+    alone, so that a resumed run, any number of DataLoader workers (persistent ones keep their
+    RNG across epochs, and a resumed run starts them afresh) and any DDP sharding draw the
+    same views."""
+    return _mix64(_mix64(_mix64(seed) ^ epoch) ^ index) >> 1
+
+
+class EpochShuffleSampler(Sampler):
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order;
+    ``with_seeds``: each item is ``(index, sample_seed)`` for ``Transformed``.
+
+    ``current_epoch`` (the trainer's, when given) is read when iteration starts: a resumed
+    run creates its DataLoader iterator (whose workers draw their first indices at once)
+    before Lightning calls ``set_epoch``, so with workers the resumed epoch replayed epoch
+    0's order and views."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        with_seeds: bool = False,
+        current_epoch: Callable[[], int | None] | None = None,
+    ):
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
+        self.with_seeds = with_seeds
+        self.current_epoch = current_epoch
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning before every epoch
         self.epoch = epoch
@@ -60,8 +93,42 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self):  # type: ignore[no-untyped-def]
+        self.epoch = _epoch_now(self.current_epoch, self.epoch)
         gen = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        return iter(_with_seeds(order, self.seed, self.epoch) if self.with_seeds else order)
+
+
+class EpochDistributedSampler(DistributedSampler):
+    """``DistributedSampler`` (so Lightning does not wrap it in another) that reads the epoch
+    and yields items as ``EpochShuffleSampler`` does."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        with_seeds: bool = False,
+        current_epoch: Callable[[], int | None] | None = None,
+    ):
+        super().__init__(range(num_samples), world_size, rank, shuffle=True, seed=seed, drop_last=True)
+        self.with_seeds = with_seeds
+        self.current_epoch = current_epoch
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        self.epoch = _epoch_now(self.current_epoch, self.epoch)
+        order = list(super().__iter__())
+        return iter(_with_seeds(order, self.seed, self.epoch) if self.with_seeds else order)
+
+
+def _epoch_now(current_epoch: Callable[[], int | None] | None, fallback: int) -> int:
+    epoch = current_epoch() if current_epoch is not None else None
+    return fallback if epoch is None else int(epoch)
+
+
+def _with_seeds(order: list[int], seed: int, epoch: int) -> list[tuple[int, int]]:
+    return [(i, sample_seed(seed, epoch, i)) for i in order]
 
 
 class FixedShuffleSampler(Sampler[int]):
@@ -225,19 +292,28 @@ class PretrainDataModule(L.LightningDataModule):
                 print(f"data: {self.name}, {len(self.raw_train)} training images, pipeline={self.pipeline}", flush=True)  # type: ignore[arg-type]
 
     # -------------------------------------------------------------------------- loaders
-    def _train_sampler(self, n: int) -> Sampler[int]:
+    def _train_sampler(self, n: int, with_seeds: bool = False) -> Sampler:
+        """The epoch's order of the training images; ``with_seeds``: with each image's
+        augmentation seed (for per-image transforms in workers)."""
         trainer = self._trainer_or_none()
         if trainer is not None and trainer.world_size > 1:
-            return DistributedSampler(
-                range(n), trainer.world_size, trainer.global_rank, shuffle=True, seed=self.seed, drop_last=True
-            )
-        return EpochShuffleSampler(n, self.seed)
+            world, rank = trainer.world_size, trainer.global_rank
+            return EpochDistributedSampler(n, world, rank, self.seed, with_seeds, self._current_epoch)
+        return EpochShuffleSampler(n, self.seed, with_seeds, self._current_epoch)
+
+    def _current_epoch(self) -> int | None:
+        """The epoch the loader is for: what Lightning passes to ``set_epoch`` (epochs
+        processed; ``current_epoch`` lags it by one on a resumed run until training starts)."""
+        trainer = self._trainer_or_none()
+        return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else None
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=self._train_sampler(len(dataset)) if train else FixedShuffleSampler(len(dataset), self.seed),
+            sampler=self._train_sampler(len(dataset), with_seeds=True)
+            if train
+            else FixedShuffleSampler(len(dataset), self.seed),
             # Its own generator: making an iterator then draws no numbers from the global RNG.
             generator=torch.Generator().manual_seed(self.seed),
             drop_last=train and self.drop_last,

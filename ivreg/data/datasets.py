@@ -281,7 +281,12 @@ def subset_fraction(dataset: Dataset, fraction: float, seed: int) -> Dataset:
 
 
 class Transformed(Dataset):
-    """Applies ``transform`` to the images of ``dataset`` and keeps the labels."""
+    """Applies ``transform`` to the images of ``dataset`` and keeps the labels.
+
+    An item ``(index, seed)`` (``EpochShuffleSampler(with_seeds=True)``) transforms image
+    ``index`` with torch's CPU generator seeded by ``seed`` and restored afterwards: the
+    random transform then depends on that seed alone, not on which worker runs it or what it
+    ran before."""
 
     def __init__(self, dataset: Dataset, transform: Callable):
         self.dataset = dataset
@@ -290,6 +295,12 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[object, int]:
-        image, label = self.dataset[i]
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[object, int]:
+        if isinstance(item, tuple):
+            index, seed = item
+            image, label = self.dataset[index]
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(seed)
+                return self.transform(image), label
+        image, label = self.dataset[item]
         return self.transform(image), label

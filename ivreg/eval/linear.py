@@ -38,7 +38,7 @@ from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
 from ivreg.method import backbone_from_config, backbone_kwargs
-from ivreg.optim import check_schedule, optimizers_with_schedule
+from ivreg.optim import check_schedule, optimizers_with_schedule, planned_optimizer_steps
 from ivreg.train import (
     build_loggers,
     check_resume,
@@ -270,7 +270,7 @@ class LinearEvalModule(L.LightningModule):
             scale = float(opt.get("backbone_lr_scale", 1.0))
             params.append({"params": list(self.backbone.parameters()), "lr": lr * scale})
         optimizer = linear_optimizer(opt, params, lr)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = planned_optimizer_steps(self.trainer)
         return optimizers_with_schedule(optimizer, self.cfg["scheduler"], total, int(self.cfg["max_epochs"]))
 
 

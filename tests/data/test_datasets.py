@@ -214,3 +214,27 @@ def test_splits_with_different_class_folders_are_refused(tmp_path: Path) -> None
     data = {"dataset": "custom", "train_path": str(tmp_path / "train"), "val_path": str(tmp_path / "val")}
     with pytest.raises(DataError, match=r"different classes \(3 against 2; only in training: \['class_2'\]"):
         PretrainDataModule(data, views, batch_size=4).prepare_raw()
+
+
+def test_seeded_items_draw_their_augmentation_from_their_seed_alone() -> None:
+    """``(index, seed)`` items: the same seed gives the same views whatever ran before, other
+    seeds (images, epochs) give other views, and the caller's RNG is left as it was."""
+    from torchvision.transforms import v2
+
+    from ivreg.data.datamodule import EpochShuffleSampler, sample_seed
+    from ivreg.data.datasets import Transformed
+
+    images = [(torch.rand(3, 16, 16), 0) for _ in range(4)]
+    crop = Transformed(images, v2.RandomResizedCrop(8, scale=(0.1, 1.0)))
+    first = crop[(1, sample_seed(0, 3, 1))][0]
+    torch.rand(100)  # what ran before does not matter
+    state = torch.get_rng_state()
+    assert torch.equal(crop[(1, sample_seed(0, 3, 1))][0], first)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(crop[(1, sample_seed(0, 4, 1))][0], first)  # next epoch
+    seeds = {sample_seed(0, epoch, index) for epoch in range(50) for index in range(1000)}
+    assert len(seeds) == 50_000 and max(seeds) < 2**63
+
+    sampler = EpochShuffleSampler(4, seed=0, with_seeds=True, current_epoch=lambda: 3)
+    sampler.set_epoch(0)  # the trainer's epoch, read when iteration starts, wins
+    assert sorted(iter(sampler)) == [(i, sample_seed(0, 3, i)) for i in range(4)]

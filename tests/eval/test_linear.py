@@ -20,7 +20,7 @@ from ivreg.errors import CheckpointError, ConfigError
 from ivreg.eval.common import eval_data_config, eval_datasets, eval_view, extract_features
 from ivreg.eval.knn import OnlineKNN
 from ivreg.eval.linear import build_linear_run, linear_eval, linear_optimizer
-from ivreg.train import build_run
+from ivreg.train import build_run, pretrain
 
 from ..conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
 from ..eval_helpers import colour_checkpoint, linear_probe_accuracy
@@ -283,3 +283,44 @@ def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ck
     assert [int(r["epoch"]) for r in rows] == [0, 1] and int(rows[1]["step"]) == 2 * int(rows[0]["step"])
     with pytest.raises(ConfigError, match=r"differs from this config in \['finetune'\]"):
         build_linear_run(_linear_cfg(colour_ckpt, tmp_path, finetune=True, name="again"))
+
+
+class _KillAtEpoch(L.Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt  # as if the job had been killed here
+
+
+@pytest.fixture(scope="module")
+def square_ckpt(image_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pretraining checkpoint on images whose crops and flips differ (a uniform colour
+    image is the same under every crop)."""
+    train, val = image_data
+    root = tmp_path_factory.mktemp("square")
+    overrides = tiny_overrides(train, val, root, "pre") + ["max_epochs=1", "scheduler.warmup_epochs=0"]
+    pretrain(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", overrides))
+    return root / "pre" / "last.ckpt"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_killed_linear_evaluation_resumes_to_the_same_weights(workers: int, square_ckpt, tmp_path):
+    """2 epochs straight == 1 epoch, a kill, and a resumed second one: each image's crop and
+    flip come from (seed, epoch, index), in the main process or in persistent workers (the
+    resumed epoch drew other views before)."""
+
+    def cfg(name: str) -> dict:
+        return {**_linear_cfg(square_ckpt, tmp_path, epochs=2, name=name), "data": {"num_workers": workers}}
+
+    straight = linear_eval(cfg("straight"))
+    killed = build_linear_run(cfg("killed"))
+    killed.trainer.callbacks.insert(0, _KillAtEpoch(1))
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        killed.trainer.fit(killed.model, datamodule=killed.datamodule)
+    resumed = linear_eval(cfg("killed"))
+    assert resumed.resume_from is not None and resumed.trainer.global_step == straight.trainer.global_step
+    a, b = straight.model.classifier.state_dict(), resumed.model.classifier.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
