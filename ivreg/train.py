@@ -15,7 +15,9 @@ With ``auto_resume.enabled`` a second launch with the same name continues from
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,7 +375,9 @@ def fit(run: Run) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     started = _TrainStarted()
     run.trainer.callbacks.append(started)
-    run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None)
+    with exit_143_on_sigterm(run.trainer, run.run_dir):
+        ckpt_path = str(run.resume_from) if run.resume_from else None
+        run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
     if run.resume_from is not None and not started.started and run.trainer.is_global_zero:
         print(
             f"nothing to train: {run.run_dir} has finished its {run.trainer.current_epoch} epoch(s) "
@@ -390,6 +394,27 @@ class _TrainStarted(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = True
+
+
+@contextmanager
+def exit_143_on_sigterm(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
+    """SIGTERM (SLURM's preemption, ``scancel``) makes Lightning raise ``SIGTERMException``,
+    a ``SystemExit`` without a code: the job ended with status 0 and said nothing, so a
+    script's ``main_pretrain.py ... && main_linear.py ...`` went on with an unfinished run.
+    Here it says what is kept and exits with 143 (128 + SIGTERM), as a killed process would."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        yield
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(
+                f"stopped by SIGTERM in epoch {trainer.current_epoch}: {run_dir} keeps the checkpoint of the last "
+                "finished epoch; launch the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(143) from None
 
 
 def pretrain(cfg: DictConfig | dict) -> Run:

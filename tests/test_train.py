@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -644,3 +646,26 @@ def test_a_truncated_last_checkpoint_is_named_and_nothing_is_written(image_data,
     ):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "scheduler.name=none"))
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+class _SigtermAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends on preemption
+
+
+def test_sigterm_exits_with_143_and_says_what_is_kept(image_data, tmp_path: Path, capsys) -> None:
+    """Lightning turns SIGTERM into a SystemExit without a code (status 0, nothing printed):
+    a job script would have gone on to evaluate an unfinished run."""
+    from ivreg.train import fit
+
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "scheduler.name=none"))
+    run.trainer.callbacks.append(_SigtermAtStep(8))  # in epoch 1 (6 steps per epoch)
+    with pytest.raises(SystemExit) as stopped:
+        fit(run)
+    assert stopped.value.code == 143
+    assert "stopped by SIGTERM in epoch 1" in capsys.readouterr().err
+    assert torch.load(tmp_path / "tiny" / "last.ckpt", weights_only=False)["epoch"] == 0

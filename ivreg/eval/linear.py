@@ -42,6 +42,7 @@ from ivreg.optim import check_schedule, optimizers_with_schedule, planned_optimi
 from ivreg.train import (
     build_loggers,
     check_resume,
+    exit_143_on_sigterm,
     hardware_kwargs,
     make_trainer,
     passthrough_trainer_kwargs,
@@ -371,7 +372,7 @@ def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     run = build_linear_run(cfg)
     if run.resume_from is not None and run.trainer.is_global_zero:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), exit_143_on_sigterm(run.trainer, run.run_dir):
         # A frozen backbone is in eval mode on purpose; Lightning would warn about it.
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         run.trainer.fit(
