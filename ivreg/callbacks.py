@@ -3,14 +3,16 @@ per-epoch summary files (``epochs.csv``, ``eigvals.csv``) that survive resumptio
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -19,7 +21,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from ivreg.config import auto_switch
-from ivreg.errors import TrainingError
+from ivreg.errors import CheckpointError, TrainingError
 
 # epochs.csv column -> logged metric name
 EPOCH_COLUMNS = {
@@ -45,28 +47,49 @@ EPOCH_COLUMNS = {
 }
 
 
+def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = False) -> None:
+    """Write ``path`` through ``write(file)`` so that a reader, a crash or a failed write sees
+    the old file or the new one: a temporary file of this process beside it (another process
+    writing the same folder uses another), synced, then renamed over it. A failed write (a
+    full disk) removes its temporary file and raises a CheckpointError naming the path."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        kept = "the previous version is kept" if path.exists() else "nothing was written"
+        raise CheckpointError(f"could not write {path} ({first}; disk full or read-only?); {kept}") from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader (or a crash) sees the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """``atomic_write`` of a text file."""
+    atomic_write(path, lambda f: f.write(text))
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """The temporary files that killed processes left in ``folder`` (their rename never came)."""
+    for tmp in folder.glob("*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Saves to ``<path>.tmp``, syncs, then renames: a killed run never leaves a torn checkpoint."""
+    """Saves through ``atomic_write``: a killed run never leaves a torn checkpoint."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
 
 
 def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | AsyncCheckpointIO:
@@ -106,9 +129,11 @@ class EpochCheckpoint(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
-        if done % self.every_n_epochs == 0 or done == trainer.max_epochs:
+        keep = self.keep_every_n_epochs > 0 and done % self.keep_every_n_epochs == 0
+        # last.ckpt also with every kept epoch: a run killed after it resumes from there
+        if keep or done % self.every_n_epochs == 0 or done == trainer.max_epochs:
             trainer.save_checkpoint(self.run_dir / "last.ckpt", weights_only=False)  # full state, to resume
-        if self.keep_every_n_epochs > 0 and done % self.keep_every_n_epochs == 0:
+        if keep:
             trainer.save_checkpoint(self.run_dir / f"epoch{done:04d}.ckpt", weights_only=False)
 
 

@@ -133,6 +133,14 @@ def _number(cfg: DictConfig, key: str) -> float:
         raise ConfigError(f"{key} must be a number, got {value!r}") from None
 
 
+def _whole_number(cfg: DictConfig, key: str) -> int:
+    """An integer option (``2.5`` epochs or ``x`` is refused, not rounded or left to crash)."""
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    return value
+
+
 def auto_switch(value: Any, on_gpu: bool) -> bool:
     """The value of an auto/True/False option (validated by ``validate``): auto means on with a GPU."""
     return on_gpu if str(value) == "auto" else bool(value)
@@ -322,7 +330,10 @@ def validate(cfg: DictConfig) -> None:
     _require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
     fraction = _number(cfg, "data.fraction")
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
-    _require(int(cfg.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
+    frequency = _whole_number(cfg, "checkpoint.frequency")
+    _require(frequency >= 1, f"checkpoint.frequency must be >= 1 (epochs), got {frequency}")
+    keep = _whole_number(cfg, "checkpoint.keep_every_n_epochs")
+    _require(keep >= 0, f"checkpoint.keep_every_n_epochs must be >= 0 (0: keep none), got {keep}")
     switches = [f"performance.{key}" for key in ("channels_last", "compile_augmentation", "batch_views")]
     for key in [*switches, "checkpoint.async_write", "method_kwargs.eigh_on_host"]:
         value = OmegaConf.select(cfg, key, default="auto")

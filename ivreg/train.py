@@ -15,12 +15,14 @@ With ``auto_resume.enabled`` a second launch with the same name continues from
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lightning as L
 import torch
@@ -35,6 +37,7 @@ from ivreg.callbacks import (
     StopAllProcessesOnError,
     atomic_write_text,
     checkpoint_io,
+    remove_stale_temporaries,
 )
 from ivreg.checkpoints import load_config, require_pretraining_config
 from ivreg.config import (
@@ -318,10 +321,49 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
 
 
 @rank_zero_only
-def write_run_config(cfg: DictConfig, run_dir: Path) -> None:
-    """``<run_dir>/config.yaml``, written atomically by rank 0."""
+def claim_run_folder(cfg: DictConfig, run_dir: Path) -> None:
+    """On global rank 0, once the launch is accepted: lock ``run_dir`` for this process, clear
+    the temporary files that killed runs left there, and write ``config.yaml`` atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_folder(run_dir)
+    remove_stale_temporaries(run_dir)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+
+
+_HELD_LOCKS: dict[Path, IO[str]] = {}
+
+
+def lock_run_folder(run_dir: Path) -> None:
+    """An exclusive ``flock`` on ``run_dir/.lock``, held until this process ends (the OS drops
+    it when the process dies, also when killed): a second launch into the same folder is
+    refused instead of mixing its epochs, checkpoints and config into this run's. Re-entrant
+    within a process; skipped with a warning where the file system has no locks."""
+    key = run_dir.resolve()
+    if key in _HELD_LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return
+    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open for the life of the process)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ConfigError(
+            f"{run_dir} is in use by another launch (process {holder}); wait for it to end, or choose another name=..."
+        ) from None
+    except OSError as exc:
+        f.close()
+        warnings.warn(f"could not lock {run_dir} ({exc}); two launches into it would not be told apart", stacklevel=2)
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _HELD_LOCKS[key] = f
 
 
 def build_run(cfg: DictConfig | dict) -> Run:
@@ -349,7 +391,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     )
     # Only now, with everything checked: a launch that fails must not rewrite the config of
     # the run it would have resumed.
-    write_run_config(cfg, run_dir)
+    claim_run_folder(cfg, run_dir)
     return Run(cfg, model, datamodule, trainer, run_dir, resume_from)
 
 

@@ -83,3 +83,47 @@ def test_an_error_in_the_launching_process_kills_the_processes_it_started() -> N
         )
     finally:
         child.kill()
+
+
+def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    """A full disk: the previous checkpoint stays whole, no temporary file is left behind (one
+    blocked every later launch), and the error names the file."""
+    import pytest
+    import torch
+
+    from ivreg.callbacks import AtomicCheckpointIO, atomic_write_text
+    from ivreg.errors import CheckpointError
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.zeros(3)}, tmp_path / "last.ckpt")
+
+    def full_disk(obj, f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"could not write .*last.ckpt .*previous version is kept"):
+        io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "last.ckpt")
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "last.ckpt")["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    (tmp_path / "not_a_folder").write_text("")  # open() fails as in a read-only folder
+    with pytest.raises(CheckpointError, match=r"could not write .*config.yaml .*nothing was written"):
+        atomic_write_text(tmp_path / "not_a_folder" / "config.yaml", "x: 1\n")
+
+
+def test_every_kept_epoch_is_also_the_last_checkpoint(tmp_path: Path) -> None:
+    """checkpoint.frequency=2 with keep_every_n_epochs=1: a run killed after epoch 1 resumes
+    from epoch 1, not from scratch."""
+    from types import SimpleNamespace
+
+    from ivreg.callbacks import EpochCheckpoint
+
+    saved: list[str] = []
+    trainer = SimpleNamespace(max_epochs=4, save_checkpoint=lambda path, weights_only: saved.append(Path(path).name))
+    callback = EpochCheckpoint(tmp_path, every_n_epochs=2, keep_every_n_epochs=1)
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        callback.on_train_epoch_end(trainer, None)  # type: ignore[arg-type]
+    assert saved == ["last.ckpt", "epoch0001.ckpt", "last.ckpt", "epoch0002.ckpt"]

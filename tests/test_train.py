@@ -669,3 +669,27 @@ def test_sigterm_exits_with_143_and_says_what_is_kept(image_data, tmp_path: Path
     assert stopped.value.code == 143
     assert "stopped by SIGTERM in epoch 1" in capsys.readouterr().err
     assert torch.load(tmp_path / "tiny" / "last.ckpt", weights_only=False)["epoch"] == 0
+
+
+def test_a_second_launch_into_a_folder_in_use_is_refused(image_data, tmp_path: Path) -> None:
+    """Two launches into one folder both trained and mixed their epochs, config and checkpoint;
+    the folder is now locked by the first until it ends (or is killed), and stale temporary
+    files of killed runs are cleared by the next accepted launch."""
+    run_dir = tmp_path / "tiny"
+    run_dir.mkdir()
+    (run_dir / "last.ckpt.999999.tmp").write_bytes(b"torn")
+    hold = (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); f.write('4242 on elsewhere'); f.flush(); "
+        "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=r"tiny is in use by another launch \(process 4242 on elsewhere\)"):
+            build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path))
+        assert not (run_dir / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path))  # the lock went with the process
+    assert (run_dir / "config.yaml").exists() and not list(run_dir.glob("*.tmp"))

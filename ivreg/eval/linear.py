@@ -42,11 +42,11 @@ from ivreg.optim import check_schedule, optimizers_with_schedule, planned_optimi
 from ivreg.train import (
     build_loggers,
     check_resume,
+    claim_run_folder,
     exit_143_on_sigterm,
     hardware_kwargs,
     make_trainer,
     passthrough_trainer_kwargs,
-    write_run_config,
 )
 
 LINEAR_DEFAULTS: dict[str, Any] = {
@@ -363,7 +363,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         **hw,
         **passthrough_trainer_kwargs(cfg),
     )
-    write_run_config(cfg, run_dir)  # only once everything is checked, as in pretraining
+    claim_run_folder(cfg, run_dir)  # only once everything is checked, as in pretraining
     return LinearRun(cfg, model, datamodule, trainer, run_dir, resume_from)
 
 
