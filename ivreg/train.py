@@ -324,7 +324,10 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
 def claim_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     """On global rank 0, once the launch is accepted: lock ``run_dir`` for this process, clear
     the temporary files that killed runs left there, and write ``config.yaml`` atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}; set checkpoint.dir") from exc
     lock_run_folder(run_dir)
     remove_stale_temporaries(run_dir)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))

@@ -693,3 +693,9 @@ def test_a_second_launch_into_a_folder_in_use_is_refused(image_data, tmp_path: P
         holder.wait()
     build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path))  # the lock went with the process
     assert (run_dir / "config.yaml").exists() and not list(run_dir.glob("*.tmp"))
+
+
+def test_a_run_folder_that_cannot_be_made_is_named(image_data, tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"cannot create the run folder .*file/tiny"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path / "file"))
