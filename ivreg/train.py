@@ -42,6 +42,7 @@ from ivreg.callbacks import (
 from ivreg.checkpoints import load_config, require_pretraining_config
 from ivreg.config import (
     CUDAGRAPH_COMPILE_MODES,
+    DEFAULTS,
     PRECISIONS,
     auto_switch,
     prepare_config,
@@ -72,6 +73,10 @@ RESUME_KEYS = (
     "data.std",
     "readout",
     "report",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "limit_train_batches",
+    "max_steps",
 )
 # Leaves under RESUME_KEYS that may change: they alter no trained number (the images per
 # optimizer step, of which the batch size is one factor, are compared apart).
@@ -169,7 +174,11 @@ def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_resume(
-    cfg: DictConfig, run_dir: Path, keys: tuple[str, ...] = RESUME_KEYS, pretraining: bool = True
+    cfg: DictConfig,
+    run_dir: Path,
+    keys: tuple[str, ...] = RESUME_KEYS,
+    pretraining: bool = True,
+    defaults: Mapping[str, Any] = DEFAULTS,
 ) -> Path | None:
     """The checkpoint to continue from (``resume_from_checkpoint``, else the run folder's
     ``last.ckpt`` under auto_resume), or None for a fresh start. Refuses to overwrite a run's
@@ -182,7 +191,7 @@ def check_resume(
         if not path.is_file():
             raise ConfigError(f"resume_from_checkpoint={path} does not exist")
         advice = "Resume with the config it was trained with, or start a new run without resume_from_checkpoint"
-        _require_same_run(path, cfg, keys, pretraining, advice)
+        _require_same_run(path, cfg, keys, defaults, pretraining, advice)
         return path
     last = run_dir / "last.ckpt"
     if not last.exists():
@@ -193,7 +202,7 @@ def check_resume(
             "continue it, or delete the folder to start over"
         )
     try:
-        _require_same_run(last, cfg, keys, pretraining, "Choose another name=... for this config")
+        _require_same_run(last, cfg, keys, defaults, pretraining, "Choose another name=... for this config")
     except CheckpointError as exc:
         kept = sorted(p.name for p in run_dir.glob("epoch*.ckpt"))
         hint = f"; resume from a kept one with ++resume_from_checkpoint={run_dir / kept[-1]}" if kept else ""
@@ -202,11 +211,13 @@ def check_resume(
     return last
 
 
-def _require_same_run(path: Path, cfg: DictConfig, keys: tuple[str, ...], pretraining: bool, advice: str) -> None:
+def _require_same_run(
+    path: Path, cfg: DictConfig, keys: tuple[str, ...], defaults: Mapping[str, Any], pretraining: bool, advice: str
+) -> None:
     saved = load_config(path, mmap=True)
     if pretraining:  # a linear-evaluation checkpoint would not fit
         require_pretraining_config(saved, path)
-    diffs = _differing_keys(OmegaConf.create(saved), cfg, keys)
+    diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults)
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
 
@@ -220,10 +231,13 @@ def _leaves(node: Any, prefix: str) -> dict[str, Any]:
     return {prefix: node}
 
 
-def _differing_keys(saved: Any, cfg: DictConfig, keys: tuple[str, ...]) -> list[str]:
+def _differing_keys(
+    saved: Any, cfg: DictConfig, keys: tuple[str, ...], defaults: Mapping[str, Any] = DEFAULTS
+) -> list[str]:
     """The leaves under ``keys`` that the checkpoint's config ``saved`` has and ``cfg`` sets
-    otherwise (or drops); leaves only ``cfg`` has (options newer than the checkpoint) keep
-    their defaults and pass."""
+    otherwise (or drops), and those only ``cfg`` has unless they hold their value in
+    ``defaults`` (an option newer than the checkpoint, left at its default); an added
+    ``optimizer.kwargs`` entry or view-group key is a difference."""
     missing = object()
 
     def plain(config: Any, key: str) -> Any:
@@ -234,9 +248,11 @@ def _differing_keys(saved: Any, cfg: DictConfig, keys: tuple[str, ...]) -> list[
     for key in keys:
         then = plain(saved, key)
         if then is missing:  # a section the checkpoint's version of ivreg did not have
-            continue
+            then = {}
         then, now = _leaves(then, key), _leaves(plain(cfg, key), key)
+        default = _leaves(plain(OmegaConf.create(dict(defaults)), key), key)
         diffs += [k for k, v in then.items() if k not in RESUME_FREE and (k not in now or now[k] != v)]
+        diffs += [k for k, v in now.items() if k not in then and k not in RESUME_FREE and default.get(k, missing) != v]
     if images_per_step(saved) != images_per_step(cfg):
         diffs.append(
             f"images per optimizer step (batch_size x devices x nodes x accumulate_grad_batches: "
@@ -369,6 +385,14 @@ def lock_run_folder(run_dir: Path) -> None:
     _HELD_LOCKS[key] = f
 
 
+def release_run_folder(run_dir: Path) -> None:
+    """Drop this process's lock on ``run_dir`` once its run has ended (a notebook or a Hydra
+    sweep goes on in the same process, and may launch into the folder again)."""
+    f = _HELD_LOCKS.pop(run_dir.resolve(), None)
+    if f is not None:
+        f.close()  # closing the file releases the flock
+
+
 def build_run(cfg: DictConfig | dict) -> Run:
     """Validate the config and build data, model and trainer; touches only the run folder."""
     cfg = prepare_config(cfg)
@@ -420,9 +444,12 @@ def fit(run: Run) -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     started = _TrainStarted()
     run.trainer.callbacks.append(started)
-    with exit_143_on_sigterm(run.trainer, run.run_dir):
-        ckpt_path = str(run.resume_from) if run.resume_from else None
-        run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    try:
+        with exit_143_on_sigterm(run.trainer, run.run_dir):
+            ckpt_path = str(run.resume_from) if run.resume_from else None
+            run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    finally:
+        release_run_folder(run.run_dir)
     if run.resume_from is not None and not started.started and run.trainer.is_global_zero:
         print(
             f"nothing to train: {run.run_dir} has finished its {run.trainer.current_epoch} epoch(s) "
@@ -453,13 +480,18 @@ def exit_143_on_sigterm(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
         yield
     except SIGTERMException:
         if trainer.is_global_zero:
-            print(
-                f"stopped by SIGTERM in epoch {trainer.current_epoch}: {run_dir} keeps the checkpoint of the last "
-                "finished epoch; launch the same command to resume",
-                file=sys.stderr,
-                flush=True,
-            )
+            print(f"stopped by SIGTERM in epoch {trainer.current_epoch}: {_kept(run_dir)}", file=sys.stderr, flush=True)
         raise SystemExit(143) from None
+
+
+def _kept(run_dir: Path) -> str:
+    """What a relaunch of a stopped run would resume from."""
+    last = run_dir / "last.ckpt"
+    try:
+        epochs = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]) + 1
+    except Exception:  # no checkpoint (checkpoint.enabled=False, or none written yet) or unreadable
+        return f"no checkpoint in {run_dir} to resume from; a relaunch starts over"
+    return f"{last} holds {epochs} finished epoch(s); launch the same command to resume"
 
 
 def pretrain(cfg: DictConfig | dict) -> Run:

@@ -1,13 +1,15 @@
 """The training step issues no host-device synchronisation (issue 4: "no host-device syncs in
 the step, metrics reduced lazily").
 
-On the CPU nothing synchronises, but the ATen ops that would are the same: reading a tensor on
-the host (``.item()``, ``bool(t)``, ``.tolist()`` all dispatch ``_local_scalar_dense``) and ops
-whose output size depends on the data (``nonzero``, boolean-mask indexing, ``unique``...), which
-must copy a count to the host on a GPU. A dispatch mode records the ops of a few steps that log
-nothing, from the batch's arrival on the device (where the resident and hybrid pipelines
-augment) to the end of the EMA update. The eigendecomposition's error check stays, inside
-``linalg_eigh`` (ATen reads its ``info`` on the host; torch offers no unchecked variant).
+On the CPU nothing synchronises, but the ATen ops that would are the same: reading a scalar on
+the host (``.item()``, ``bool(t)`` dispatch ``_local_scalar_dense``) and ops whose output size
+depends on the data (``nonzero``, boolean-mask indexing, ``unique``...), which must copy a count
+to the host on a GPU. Copies to the host (``.tolist()``, ``.cpu()``, ``.numpy()``) dispatch
+nothing on a CPU tensor, so those methods are wrapped to record their calls. A dispatch mode
+records the ops of a few steps that log nothing, from the batch's arrival on the device (where
+the resident and hybrid pipelines augment) to the end of the EMA update. The
+eigendecomposition's error check stays, inside ``linalg_eigh`` (ATen reads its ``info`` on the
+host; torch offers no unchecked variant).
 """
 
 from __future__ import annotations
@@ -60,9 +62,22 @@ class _RecordSyncs(TorchDispatchMode):
             self.ops += 1
             name = func.overloadpacket.__name__
             if name in SYNCING_OPS or (name in MASK_INDEXING_OPS and any(_is_bool_mask(i) for i in args[1])):
-                ours = [f for f in traceback.extract_stack() if "/ivreg/" in f.filename]
-                self.found.append(f"{name} at " + " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in ours[::-1]))
+                self.found.append(f"{name} at " + _our_frames())
         return func(*args, **(kwargs or {}))
+
+
+def _recorded(method, name: str, mode: _RecordSyncs):  # type: ignore[no-untyped-def]
+    def wrapper(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if mode.recording:
+            mode.found.append(f"Tensor.{name} at " + _our_frames())
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _our_frames() -> str:
+    ours = [f for f in traceback.extract_stack() if "/ivreg/" in f.filename]
+    return " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in ours[::-1])
 
 
 def _is_bool_mask(index: torch.Tensor | None) -> bool:
@@ -111,7 +126,7 @@ class _Window(L.Callback):
     ids=["byol", "isoloss-noema", "directpred", "directcopy-noema"],
 )
 def test_training_steps_never_wait_for_the_device(
-    config: str, pipeline: str, extra: list[str], image_data, tmp_path: Path
+    config: str, pipeline: str, extra: list[str], image_data, tmp_path: Path, monkeypatch
 ) -> None:
     train, val = image_data
     cfg = compose(
@@ -123,6 +138,10 @@ def test_training_steps_never_wait_for_the_device(
     )
     run = build_run(cfg)
     window = _Window(run.datamodule, first=1, last=4)
+    # Copies to the host dispatch nothing on the CPU (to a CPU tensor they are no-ops): the
+    # methods that make them record themselves while the window records.
+    for name in ("tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, _recorded(getattr(torch.Tensor, name), name, window.mode))
     run.trainer.callbacks.append(window)
     fit(run)
     assert window.mode.ops > 1000, "the window recorded no training steps"

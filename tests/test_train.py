@@ -620,6 +620,13 @@ def test_resume_compares_the_checkpoints_own_config(image_data, tmp_path: Path) 
                 "auto_resume.enabled=False",
             )
         )
+    added = {
+        "++optimizer.kwargs.nesterov=True": "optimizer.kwargs.nesterov",
+        "++limit_train_batches=7": "limit_train_batches",
+    }
+    for override, key in added.items():  # what the checkpoint's config lacks counts unless it holds the default
+        with pytest.raises(ConfigError, match=rf"differs from this config in \['{key}'\]"):
+            build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *first, override))
     changed = ["optimizer.lr=20.0", "optimizer.weight_decay=0.1", "++seed=7", "method_kwargs.dp_tau=0.9"]
     with pytest.raises(
         ConfigError, match=r"\['method_kwargs.dp_tau', 'optimizer.lr', 'optimizer.weight_decay', 'seed'\]"
@@ -667,7 +674,7 @@ def test_sigterm_exits_with_143_and_says_what_is_kept(image_data, tmp_path: Path
     with pytest.raises(SystemExit) as stopped:
         fit(run)
     assert stopped.value.code == 143
-    assert "stopped by SIGTERM in epoch 1" in capsys.readouterr().err
+    assert "stopped by SIGTERM in epoch 1: " in (err := capsys.readouterr().err) and "holds 1 finished epoch(s)" in err
     assert torch.load(tmp_path / "tiny" / "last.ckpt", weights_only=False)["epoch"] == 0
 
 
@@ -693,6 +700,11 @@ def test_a_second_launch_into_a_folder_in_use_is_refused(image_data, tmp_path: P
         holder.wait()
     build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path))  # the lock went with the process
     assert (run_dir / "config.yaml").exists() and not list(run_dir.glob("*.tmp"))
+
+    # a run that has ended frees its folder for another process (a notebook or sweep goes on)
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", name="done"))
+    try_lock = "import fcntl, sys; fcntl.flock(open(sys.argv[1], 'a+'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    subprocess.run([sys.executable, "-c", try_lock, str(tmp_path / "done" / ".lock")], check=True)
 
 
 def test_a_run_folder_that_cannot_be_made_is_named(image_data, tmp_path: Path) -> None:

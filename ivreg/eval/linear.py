@@ -47,6 +47,7 @@ from ivreg.train import (
     hardware_kwargs,
     make_trainer,
     passthrough_trainer_kwargs,
+    release_run_folder,
 )
 
 LINEAR_DEFAULTS: dict[str, Any] = {
@@ -96,11 +97,18 @@ LINEAR_RESUME_KEYS = (
     "finetune",
     "data.dataset",
     "data.fraction",
+    "data.crop_size",
+    "data.mean",
+    "data.std",
     "backbone.name",
     "optimizer",
     "scheduler",
     "augmentations",
     "seed",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "limit_train_batches",
+    "max_steps",
 )
 
 
@@ -117,7 +125,7 @@ def linear_optimizer(opt: Mapping[str, Any], params: list[dict[str, Any]], lr: f
     kind = torch.optim.SGD if opt["name"] == "sgd" else torch.optim.AdamW
     try:
         return kind(params, lr=lr, weight_decay=float(opt["weight_decay"]), **kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise ConfigError(
             f"optimizer.kwargs {dict(sorted(kwargs.items()))} do not fit {opt['name']}: {exc} (after switching "
             "optimizer.name, drop the previous optimizer's options with ~optimizer.kwargs)"
@@ -341,7 +349,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     datamodule.channels_last = on_gpu
 
     run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
-    resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS, pretraining=False)
+    resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS, pretraining=False, defaults=LINEAR_DEFAULTS)
     model = LinearEvalModule(to_container(cfg))
     model.backbone.load_state_dict(pretrained.state_dict())
     if on_gpu:
@@ -372,12 +380,15 @@ def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     run = build_linear_run(cfg)
     if run.resume_from is not None and run.trainer.is_global_zero:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
-    with warnings.catch_warnings(), exit_143_on_sigterm(run.trainer, run.run_dir):
-        # A frozen backbone is in eval mode on purpose; Lightning would warn about it.
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-        run.trainer.fit(
-            run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None
-        )
+    try:
+        with warnings.catch_warnings(), exit_143_on_sigterm(run.trainer, run.run_dir):
+            # A frozen backbone is in eval mode on purpose; Lightning would warn about it.
+            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+            run.trainer.fit(
+                run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None
+            )
+    finally:
+        release_run_folder(run.run_dir)
     if run.trainer.is_global_zero:
         _print_result(run.run_dir)
     return run

@@ -283,6 +283,11 @@ def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ck
     assert [int(r["epoch"]) for r in rows] == [0, 1] and int(rows[1]["step"]) == 2 * int(rows[0]["step"])
     with pytest.raises(ConfigError, match=r"differs from this config in \['finetune'\]"):
         build_linear_run(_linear_cfg(colour_ckpt, tmp_path, finetune=True, name="again"))
+    with pytest.raises(ConfigError, match=r"differs from this config in \['data.crop_size'\]"):
+        build_linear_run({**_linear_cfg(colour_ckpt, tmp_path, epochs=3, name="again"), "data": {"crop_size": 24}})
+    with pytest.raises(ConfigError, match=r"\['optimizer.kwargs.nesterov'\]"):  # an option the run did not have
+        cfg = _linear_cfg(colour_ckpt, tmp_path, epochs=3, name="again")
+        build_linear_run({**cfg, "optimizer": {**cfg["optimizer"], "kwargs": {"nesterov": True}}})
 
 
 class _KillAtEpoch(L.Callback):
