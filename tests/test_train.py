@@ -297,7 +297,7 @@ def test_a_refused_launch_leaves_the_run_it_would_resume_untouched(image_data, t
                 image_data,
                 tmp_path,
                 "max_epochs=3",
-                "++gradient_clip_algorithm=sideways",
+                "++reload_dataloaders_every_n_epochs=-1",
                 "scheduler.name=none",
             )
         )
@@ -711,3 +711,11 @@ def test_a_run_folder_that_cannot_be_made_is_named(image_data, tmp_path: Path) -
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"cannot create the run folder .*file/tiny"):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path / "file"))
+
+
+def test_a_named_dataset_with_other_classes_is_refused(image_data, tmp_path: Path) -> None:
+    """CIFAR-10 JPEGs under data.dataset=cifar100 trained a 100-way readout on 10 classes and
+    filed the results under CIFAR-100."""
+    with pytest.raises(DataError, match=r"data.dataset=cifar100 has 100 classes but .*train holds 3"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "data.dataset=cifar100"))
+    assert not (tmp_path / "tiny").exists()

@@ -249,10 +249,21 @@ def build_dataset(name: str, path: str | None, train: bool, download: bool = Fal
 
 
 def num_classes_of(dataset: Dataset, name: str) -> int:
+    """The number of classes: the named dataset's, which its files must have (an ImageFolder
+    of CIFAR-10 under ``data.dataset=cifar100`` trained a 100-way readout on 10 classes, and
+    the results filed under the wrong dataset, without a word), or the folder's."""
     info = dataset_info(name)
-    if info.num_classes is not None:
-        return info.num_classes
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
     classes = getattr(dataset, "classes", None)
+    if info.num_classes is not None:
+        if classes and len(classes) != info.num_classes:
+            root = getattr(dataset, "root", "the data folder")
+            raise DataError(
+                f"data.dataset={name} has {info.num_classes} classes but {root} holds {len(classes)}; point "
+                f"data.train_path/val_path at {name}, or set data.dataset=custom for another dataset"
+            )
+        return info.num_classes
     if not classes:
         raise DataError(f"cannot tell the number of classes of dataset '{name}'")
     return len(classes)
