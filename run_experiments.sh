@@ -6,21 +6,46 @@
 #   bash run_experiments.sh              # run them one after the other
 #   DRY_RUN=1 bash run_experiments.sh    # only print the commands
 #   SEEDS="1 2 3" bash run_experiments.sh  # several seeds (names get a _seed<k> suffix)
-#   EXTRA="data.train_path=/data data.val_path=/data" bash run_experiments.sh
+#   ONLY='^isoloss(-noema)?_cifar10$' bash run_experiments.sh  # the runs whose name matches the regex
+#   CIFAR10_TRAIN=/data/c10/train CIFAR10_VAL=/data/c10/test bash run_experiments.sh
+#       # one dataset's folders (also CIFAR100_*, STL10_*, TINYIMAGENET_*; the default is each
+#       # config's ./datasets...); EXTRA="..." adds overrides to every run, so it must not name
+#       # data paths (one path for all four datasets trained CIFAR-10 four times)
+#   PYTHON=python3 bash run_experiments.sh  # the interpreter (default: .venv/bin/python if set up)
+# A failed run does not stop the others; the script lists the failures and exits with 1.
 # Afterwards: python -m ivreg.analysis.results_table trained_models
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")"
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+FAILED=()
+
+data_paths() {  # data_paths <dataset>: the overrides of its <DATASET>_TRAIN / <DATASET>_VAL
+    local key
+    key=$(echo "$1" | tr '[:lower:]' '[:upper:]')
+    local train="${key}_TRAIN" val="${key}_VAL"
+    [ -n "${!train:-}" ] && echo "data.train_path=${!train}"
+    [ -n "${!val:-}" ] && echo "data.val_path=${!val}"
+    return 0
+}
 
 run() {  # run <config folder> <config file> <dataset> <name> [overrides...]
     local folder=$1 config=$2 dataset=$3 name=$4
     shift 4
+    [[ "$name" =~ ${ONLY:-.} ]] || return 0
+    local paths
+    mapfile -t paths < <(data_paths "$dataset")
     for seed in ${SEEDS:-5}; do
         local suffix=""
         [ -n "${SEEDS:-}" ] && suffix="_seed${seed}"
-        local cmd=(python3 main_pretrain.py --config-path "scripts/pretrain/${folder}/" --config-name "${config}"
-            "data.dataset=${dataset}" "name=${name}${suffix}" "++seed=${seed}" "$@" ${EXTRA:-})
+        # shellcheck disable=SC2086  # EXTRA holds several overrides
+        local cmd=("$PYTHON" main_pretrain.py --config-path "scripts/pretrain/${folder}/" --config-name "${config}"
+            "data.dataset=${dataset}" "name=${name}${suffix}" "++seed=${seed}" "$@" "${paths[@]}" ${EXTRA:-})
         echo "${cmd[*]}"
-        [ -n "${DRY_RUN:-}" ] || "${cmd[@]}"
+        if [ -z "${DRY_RUN:-}" ] && ! "${cmd[@]}"; then
+            FAILED+=("${name}${suffix}")
+        fi
     done
 }
 
@@ -39,3 +64,8 @@ for pair in cifar:cifar10 cifar:cifar100 stl-10:stl10 tinyimagenet:tinyimagenet;
     run "$folder" isoloss.yaml          "$dataset" "directcopy-isocopy_${dataset}"      optimizer.weight_decay=1e-4 "${DIRECTCOPY[@]}"
     run "$folder" isoloss-noema.yaml    "$dataset" "directcopy-isocopy-noema_${dataset}" optimizer.weight_decay=1e-4 "${DIRECTCOPY[@]}"
 done
+
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "failed: ${FAILED[*]}" >&2
+    exit 1
+fi

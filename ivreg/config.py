@@ -133,6 +133,15 @@ def _number(cfg: DictConfig, key: str) -> float:
         raise ConfigError(f"{key} must be a number, got {value!r}") from None
 
 
+def config_leaves(node: Any, prefix: str) -> dict[str, Any]:
+    """``{dotted.key[index]: value}`` of every leaf under ``node`` (plain containers)."""
+    if isinstance(node, Mapping):
+        return {k: v for key, child in node.items() for k, v in config_leaves(child, f"{prefix}.{key}").items()}
+    if isinstance(node, (list, tuple)):
+        return {k: v for i, child in enumerate(node) for k, v in config_leaves(child, f"{prefix}[{i}]").items()}
+    return {prefix: node}
+
+
 def _whole_number(cfg: DictConfig, key: str) -> int:
     """An integer option (``2.5`` epochs or ``x`` is refused, not rounded or left to crash)."""
     value = OmegaConf.select(cfg, key)

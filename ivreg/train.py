@@ -45,6 +45,7 @@ from ivreg.config import (
     DEFAULTS,
     PRECISIONS,
     auto_switch,
+    config_leaves,
     prepare_config,
     to_container,
     trainer_arguments,
@@ -202,7 +203,8 @@ def check_resume(
             "continue it, or delete the folder to start over"
         )
     try:
-        _require_same_run(last, cfg, keys, defaults, pretraining, "Choose another name=... for this config")
+        advice = "Choose another name=... for this config (in a sweep, e.g. name=<run>_lr${optimizer.lr})"
+        _require_same_run(last, cfg, keys, defaults, pretraining, advice)
     except CheckpointError as exc:
         kept = sorted(p.name for p in run_dir.glob("epoch*.ckpt"))
         hint = f"; resume from a kept one with ++resume_from_checkpoint={run_dir / kept[-1]}" if kept else ""
@@ -220,15 +222,6 @@ def _require_same_run(
     diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults)
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
-
-
-def _leaves(node: Any, prefix: str) -> dict[str, Any]:
-    """``{dotted.key[index]: value}`` of every leaf under ``node``."""
-    if isinstance(node, Mapping):
-        return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}.{key}").items()}
-    if isinstance(node, (list, tuple)):
-        return {k: v for i, child in enumerate(node) for k, v in _leaves(child, f"{prefix}[{i}]").items()}
-    return {prefix: node}
 
 
 def _differing_keys(
@@ -249,8 +242,8 @@ def _differing_keys(
         then = plain(saved, key)
         if then is missing:  # a section the checkpoint's version of ivreg did not have
             then = {}
-        then, now = _leaves(then, key), _leaves(plain(cfg, key), key)
-        default = _leaves(plain(OmegaConf.create(dict(defaults)), key), key)
+        then, now = config_leaves(then, key), config_leaves(plain(cfg, key), key)
+        default = config_leaves(plain(OmegaConf.create(dict(defaults)), key), key)
         diffs += [k for k, v in then.items() if k not in RESUME_FREE and (k not in now or now[k] != v)]
         diffs += [k for k, v in now.items() if k not in then and k not in RESUME_FREE and default.get(k, missing) != v]
     if images_per_step(saved) != images_per_step(cfg):
@@ -346,7 +339,11 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path) -> None:
         raise ConfigError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}; set checkpoint.dir") from exc
     lock_run_folder(run_dir)
     remove_stale_temporaries(run_dir)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    try:  # resolved, as the checkpoint's copy: ${hydra:job.num} or ${now:...} mean nothing later
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+    except Exception:  # an interpolation that only resolves inside Hydra, outside it: as written
+        text = OmegaConf.to_yaml(cfg)
+    atomic_write_text(run_dir / "config.yaml", text)
 
 
 _HELD_LOCKS: dict[Path, IO[str]] = {}

@@ -13,7 +13,7 @@ from .conftest import ROOT
 def test_run_experiments_covers_the_papers_table() -> None:
     out = subprocess.run(
         ["bash", str(ROOT / "run_experiments.sh")],
-        env={**os.environ, "DRY_RUN": "1"},
+        env={**os.environ, "DRY_RUN": "1", "PYTHON": "python3"},
         capture_output=True,
         text=True,
         check=True,
@@ -35,3 +35,25 @@ def test_run_experiments_covers_the_papers_table() -> None:
     }  # fmt: skip
     assert {d for _, d in cells} == {"cifar10", "cifar100", "stl10", "tinyimagenet"}
     assert set(cells.values()) == {1}
+
+
+def test_run_experiments_filters_sets_paths_per_dataset_and_goes_on_after_a_failure() -> None:
+    env = {
+        **os.environ,
+        "ONLY": "^isoloss(-noema)?_cifar10$",
+        "CIFAR10_TRAIN": "/c10/train",
+        "CIFAR10_VAL": "/c10/test",
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "run_experiments.sh")], env={**env, "DRY_RUN": "1"}, capture_output=True, text=True
+    ).stdout.splitlines()
+    assert [shlex.split(line)[shlex.split(line).index("--config-name") + 1] for line in out] == [
+        "isoloss.yaml",
+        "isoloss-noema.yaml",
+    ]
+    assert all("data.train_path=/c10/train" in line and "data.val_path=/c10/test" in line for line in out)
+    failing = subprocess.run(
+        ["bash", str(ROOT / "run_experiments.sh")], env={**env, "PYTHON": "false"}, capture_output=True, text=True
+    )
+    assert failing.returncode == 1
+    assert failing.stderr.strip().endswith("failed: isoloss_cifar10 isoloss-noema_cifar10")

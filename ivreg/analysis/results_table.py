@@ -22,7 +22,7 @@ import math
 import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class RunResult:
     dataset: str
     value: float
     seed: int | None = None  # the pretraining seed (a linear run's: its checkpoint's)
+    settings: Mapping[str, Any] = field(default_factory=dict)  # training options, seed aside
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,56 @@ def collect(
         if not math.isfinite(value):
             warn(f"skipping {run_dir}: no finite {column} in epochs.csv")
             continue
-        results.append(RunResult(run_dir, label, dataset, value, seed_of(cfg)))
+        results.append(RunResult(run_dir, label, dataset, value, seed_of(cfg), settings_of(cfg)))
     return results
+
+
+# What a linear run adds to its pretraining run's settings.
+LINEAR_SETTINGS = ("finetune", "optimizer", "scheduler", "augmentations", "max_epochs")
+
+
+def settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The options that shape a run's numbers (those resumption compares, the seed aside, and
+    ``max_epochs``); for a linear run its pretraining run's, then its own under ``linear.``."""
+    from ivreg.config import config_leaves
+    from ivreg.train import RESUME_FREE, RESUME_KEYS
+
+    def pick(config: Mapping[str, Any], keys: Iterable[str], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in keys:
+            node: Any = config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, Mapping) else None
+            out.update({prefix + k: v for k, v in config_leaves(node, key).items() if k not in RESUME_FREE})
+        return out
+
+    keys = [k for k in RESUME_KEYS if k != "seed"] + ["max_epochs"]
+    if is_linear_run(cfg):
+        pretrain = cfg.get("pretrain_cfg") if isinstance(cfg.get("pretrain_cfg"), Mapping) else {}
+        return {**pick(pretrain, keys), **pick(cfg, LINEAR_SETTINGS, "linear.")}  # type: ignore[arg-type]
+    return pick(cfg, keys)
+
+
+def mixed_settings(results: Iterable[RunResult]) -> list[str]:
+    """One line per cell whose runs differ in more than their seed: the cell would average
+    different settings (an lr sweep, or another dataset's config run on this dataset)."""
+    cells: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        cells.setdefault((r.label, r.dataset), []).append(r)
+    lines = []
+    for (label, dataset), group in cells.items():
+        keys = sorted({k for r in group for k in r.settings})
+        differ = [k for k in keys if len({repr(r.settings.get(k)) for r in group}) > 1]
+        if differ:
+            shown = ", ".join(
+                f"{k} ({', '.join(sorted({repr(r.settings.get(k)) for r in group}))})" for k in differ[:3]
+            )
+            more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+            lines.append(
+                f"the {len(group)} runs of {label} on {dataset} differ in {shown}{more}: the cell averages "
+                "different settings; tabulate them from separate folders"
+            )
+    return lines
 
 
 def seed_of(cfg: Mapping[str, Any]) -> int | None:
@@ -228,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = collect(args.root, args.metric, args.kind, args.column)
-    for line in shared_seeds(results):
+    for line in [*shared_seeds(results), *mixed_settings(results)]:
         print(f"warning: {line}", file=sys.stderr)
     cells = summarize(results)
     if not cells:

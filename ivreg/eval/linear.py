@@ -145,6 +145,11 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
         bool(merged.pretrained_feature_extractor),
         "set pretrained_feature_extractor=<path to a pretraining checkpoint or run folder>",
     )
+    _check(
+        isinstance(merged.get("logger"), DictConfig),
+        f"logger={merged.get('logger')!r}: the linear configs have no logger groups; set its keys instead "
+        "(logger.tensorboard=False for CSV only, logger.wandb.enabled=True)",
+    )
     opt = merged.optimizer
     _check(opt.name in ("sgd", "adamw"), f"unknown optimizer.name '{opt.name}'; choose sgd or adamw")
     _check(int(opt.batch_size) >= 1, f"optimizer.batch_size must be >= 1, got {opt.batch_size}")

@@ -121,3 +121,18 @@ def test_runs_that_share_a_seed_are_named(tmp_path: Path, capsys):
     warnings = [line for line in captured.err.splitlines() if "share seed" in line]
     assert len(warnings) == 1
     assert "2 runs of BYOL on cifar10 share seed 5" in warnings[0] and "byol-a" in warnings[0]
+
+
+def test_a_cell_mixing_settings_is_named(tmp_path: Path, capsys):
+    """Runs that differ in more than their seed (an lr sweep) would be averaged into one cell."""
+    root = tmp_path / "runs"
+    for seed, lr in ((1, 0.5), (2, 0.5), (3, 1.0)):
+        _run(root, f"byol-{seed}", {**_pretrain("byol", EMA, "cifar10"), "seed": seed, "optimizer": {"lr": lr}}, [80])
+    for seed in (1, 2):  # seeds alone: no warning
+        _run(root, f"iso-{seed}", {**_pretrain("directpred", EMA, "cifar10", iso=True), "seed": seed}, [90])
+    assert main([str(root)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "differ in" in line]
+    assert warnings == [
+        "warning: the 3 runs of BYOL on cifar10 differ in optimizer.lr (0.5, 1.0): the cell averages different "
+        "settings; tabulate them from separate folders"
+    ]

@@ -143,6 +143,8 @@ def test_linear_run_refuses_a_missing_checkpoint_and_bad_settings(tmp_path):
         build_linear_run({"checkpoint": {"dir": str(tmp_path)}})
     with pytest.raises(ConfigError, match="crop_min_scale"):
         build_linear_run({"pretrained_feature_extractor": "x.ckpt", "augmentations": {"crop_min_scale": 0}})
+    with pytest.raises(ConfigError, match="the linear configs have no logger groups"):
+        build_linear_run({"pretrained_feature_extractor": "x.ckpt", "logger": "csv"})
     with pytest.raises(ConfigError, match="backbone_lr_scale must be >= 0"):
         build_linear_run({"pretrained_feature_extractor": "x.ckpt", "optimizer": {"backbone_lr_scale": -1}})
     # optimizer options are checked with the config, before the checkpoint is read or a folder made
