@@ -59,16 +59,14 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = Fa
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if not isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         kept = "the previous version is kept" if path.exists() else "nothing was written"
         raise CheckpointError(f"could not write {path} ({first}; disk full or read-only?); {kept}") from exc
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

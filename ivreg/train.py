@@ -39,7 +39,7 @@ from ivreg.callbacks import (
     checkpoint_io,
     remove_stale_temporaries,
 )
-from ivreg.checkpoints import load_config, require_pretraining_config
+from ivreg.checkpoints import load_config, read_checkpoint, require_pretraining_config
 from ivreg.config import (
     CUDAGRAPH_COMPILE_MODES,
     DEFAULTS,
@@ -237,13 +237,14 @@ def _differing_keys(
         value = OmegaConf.select(config, key, default=missing)
         return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
+    defaults_cfg = OmegaConf.create(dict(defaults))
     diffs = []
     for key in keys:
         then = plain(saved, key)
         if then is missing:  # a section the checkpoint's version of ivreg did not have
             then = {}
         then, now = config_leaves(then, key), config_leaves(plain(cfg, key), key)
-        default = config_leaves(plain(OmegaConf.create(dict(defaults)), key), key)
+        default = config_leaves(plain(defaults_cfg, key), key)
         diffs += [k for k, v in then.items() if k not in RESUME_FREE and (k not in now or now[k] != v)]
         diffs += [k for k, v in now.items() if k not in then and k not in RESUME_FREE and default.get(k, missing) != v]
     if images_per_step(saved) != images_per_step(cfg):
@@ -350,10 +351,11 @@ _HELD_LOCKS: dict[Path, IO[str]] = {}
 
 
 def lock_run_folder(run_dir: Path) -> None:
-    """An exclusive ``flock`` on ``run_dir/.lock``, held until this process ends (the OS drops
-    it when the process dies, also when killed): a second launch into the same folder is
-    refused instead of mixing its epochs, checkpoints and config into this run's. Re-entrant
-    within a process; skipped with a warning where the file system has no locks."""
+    """An exclusive ``flock`` on ``run_dir/.lock``, held until ``release_run_folder`` or the end
+    of the process (the OS drops it when the process dies, also when killed): a second launch
+    into the same folder is refused instead of mixing its epochs, checkpoints and config into
+    this run's. Re-entrant within a process; skipped with a warning where the file system has
+    no locks."""
     key = run_dir.resolve()
     if key in _HELD_LOCKS:
         return
@@ -485,8 +487,8 @@ def _kept(run_dir: Path) -> str:
     """What a relaunch of a stopped run would resume from."""
     last = run_dir / "last.ckpt"
     try:
-        epochs = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["epoch"]) + 1
-    except Exception:  # no checkpoint (checkpoint.enabled=False, or none written yet) or unreadable
+        epochs = int(read_checkpoint(last, mmap=True)["epoch"]) + 1
+    except (CheckpointError, KeyError):  # none (checkpoint.enabled=False, or none written yet) or unreadable
         return f"no checkpoint in {run_dir} to resume from; a relaunch starts over"
     return f"{last} holds {epochs} finished epoch(s); launch the same command to resume"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -60,3 +61,14 @@ def tiny_overrides(train: Path, val: Path, run_root: Path, name: str = "tiny") -
         "++log_every_n_steps=1",
         "++enable_model_summary=False",
     ]
+
+
+class KillAtEpoch(L.Callback):
+    """Raises KeyboardInterrupt when ``epoch`` starts, as if the job had been killed there."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise KeyboardInterrupt

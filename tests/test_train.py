@@ -20,7 +20,7 @@ from ivreg.errors import ConfigError, DataError, TrainingError
 from ivreg.targets import cosine_tau
 from ivreg.train import build_run, pretrain
 
-from .conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
+from .conftest import CIFAR_CONFIGS, ROOT, KillAtEpoch, tiny_overrides
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -189,15 +189,6 @@ def test_auto_resume_continues_from_last_epoch(image_data, tmp_path: Path) -> No
     assert int(after[2]["step"]) == 3 * 6
 
 
-class _KillAtEpoch(L.Callback):
-    def __init__(self, epoch: int):
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise KeyboardInterrupt  # as if the job had been killed here
-
-
 @pytest.mark.parametrize(("pipeline", "workers"), [("workers", 0), ("workers", 2), ("resident", 0)])
 def test_killed_run_resumes_to_the_same_weights(pipeline: str, workers: int, image_data, tmp_path: Path) -> None:
     """3 epochs straight == 2 epochs, a kill, and a resumed third epoch (EMA, LARS, C, BN),
@@ -209,7 +200,7 @@ def test_killed_run_resumes_to_the_same_weights(pipeline: str, workers: int, ima
     straight = pretrain(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="straight"))
 
     interrupted = build_run(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="killed"))
-    interrupted.trainer.callbacks.insert(0, _KillAtEpoch(2))
+    interrupted.trainer.callbacks.insert(0, KillAtEpoch(2))
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         interrupted.trainer.fit(interrupted.model, datamodule=interrupted.datamodule)
     resumed = pretrain(_cfg("isoloss.yaml", image_data, tmp_path, *extra, name="killed"))

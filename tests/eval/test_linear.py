@@ -22,7 +22,7 @@ from ivreg.eval.knn import OnlineKNN
 from ivreg.eval.linear import build_linear_run, linear_eval, linear_optimizer
 from ivreg.train import build_run, pretrain
 
-from ..conftest import CIFAR_CONFIGS, ROOT, tiny_overrides
+from ..conftest import CIFAR_CONFIGS, ROOT, KillAtEpoch, tiny_overrides
 from ..eval_helpers import colour_checkpoint, linear_probe_accuracy
 
 
@@ -292,15 +292,6 @@ def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ck
         build_linear_run({**cfg, "optimizer": {**cfg["optimizer"], "kwargs": {"nesterov": True}}})
 
 
-class _KillAtEpoch(L.Callback):
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch:
-            raise KeyboardInterrupt  # as if the job had been killed here
-
-
 @pytest.fixture(scope="module")
 def square_ckpt(image_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pretraining checkpoint on images whose crops and flips differ (a uniform colour
@@ -323,7 +314,7 @@ def test_killed_linear_evaluation_resumes_to_the_same_weights(workers: int, squa
 
     straight = linear_eval(cfg("straight"))
     killed = build_linear_run(cfg("killed"))
-    killed.trainer.callbacks.insert(0, _KillAtEpoch(1))
+    killed.trainer.callbacks.insert(0, KillAtEpoch(1))
     with pytest.raises((KeyboardInterrupt, SystemExit)):
         killed.trainer.fit(killed.model, datamodule=killed.datamodule)
     resumed = linear_eval(cfg("killed"))
