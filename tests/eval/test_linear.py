@@ -163,6 +163,13 @@ def test_linear_run_refuses_a_missing_checkpoint_and_bad_settings(tmp_path):
     assert linear_optimizer(adamw, [{"params": [torch.zeros(1, requires_grad=True)]}], 0.1).defaults["amsgrad"]
 
 
+def _tool(script: str, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """One of the command lines (``main_linear.py``, ``main_knn.py``...), as a user runs it."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
 def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_data, tmp_path):
     """Tiny pretraining (with the online kNN callback), then main_linear and main_knn on its checkpoint."""
     train, val = image_data
@@ -180,22 +187,16 @@ def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_
     ckpt = tmp_path / "tiny" / "last.ckpt"
 
     common = ["accelerator=cpu", "data.num_workers=0"]
-    linear = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "main_linear.py"),
-            f"pretrained_feature_extractor={ckpt}",
-            "max_epochs=2",
-            "optimizer.batch_size=16",
-            f"checkpoint.dir={tmp_path}",
-            "precision=32",
-            "++enable_model_summary=False",
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
+    linear = _tool(
+        "main_linear.py",
+        tmp_path,
+        f"pretrained_feature_extractor={ckpt}",
+        "max_epochs=2",
+        "optimizer.batch_size=16",
+        f"checkpoint.dir={tmp_path}",
+        "precision=32",
+        "++enable_model_summary=False",
+        *common,
     )
     assert linear.returncode == 0, linear.stderr[-3000:]
     run_dir = tmp_path / "tiny-linear"
@@ -208,20 +209,14 @@ def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_
     assert saved.pretrain_cfg.name == "tiny" and saved.data.dataset == "custom" and saved.data.num_classes == 3
 
     out = tmp_path / "knn.csv"
-    knn = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "main_knn.py"),
-            f"pretrained_feature_extractor={tmp_path / 'tiny'}",
-            "k=[5,10]",
-            "temperature=0.1",
-            f"out={out}",
-            *common,
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
+    knn = _tool(
+        "main_knn.py",
+        tmp_path,
+        f"pretrained_feature_extractor={tmp_path / 'tiny'}",
+        "k=[5,10]",
+        "temperature=0.1",
+        f"out={out}",
+        *common,
     )
     assert knn.returncode == 0, knn.stderr[-3000:]
     results = {int(r["k"]): r for r in _rows(out)}
@@ -229,13 +224,7 @@ def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_
     # Same weights (last.ckpt is written after the last validation), same data, same k and T.
     assert float(results[5]["acc1"]) == pytest.approx(online, abs=1e-4)
 
-    too_many = subprocess.run(
-        [sys.executable, str(ROOT / "main_knn.py"), f"pretrained_feature_extractor={ckpt}", "k=[10,49]", *common],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    too_many = _tool("main_knn.py", tmp_path, f"pretrained_feature_extractor={ckpt}", "k=[10,49]", *common)
     assert too_many.returncode == 2
     assert too_many.stderr.strip().splitlines() == [
         "error: k=49 is larger than the feature bank (48 labelled training images); choose k <= 48"
@@ -245,13 +234,7 @@ def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_
     # that needs the pretraining config names the mistake (the backbone alone still loads).
     linear_ckpt = run_dir / "last.ckpt"
     assert load_backbone(linear_ckpt).num_features == load_backbone(ckpt).num_features
-    mistaken = subprocess.run(
-        [sys.executable, str(ROOT / "main_knn.py"), f"pretrained_feature_extractor={run_dir}", *common],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    mistaken = _tool("main_knn.py", tmp_path, f"pretrained_feature_extractor={run_dir}", *common)
     assert mistaken.returncode == 2
     assert mistaken.stderr.strip().splitlines() == [
         f"error: {run_dir} is a linear-evaluation checkpoint (main_linear.py); pass the pretraining run's "
