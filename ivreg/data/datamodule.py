@@ -132,14 +132,19 @@ def _with_seeds(order: list[int], seed: int, epoch: int) -> Iterator[tuple[int, 
     return ((i, sample_seed(seed, epoch, i)) for i in order)
 
 
+def fixed_order(n: int, seed: int) -> torch.Tensor:
+    """The one seeded permutation of ``n`` items that validation visits (and the online kNN
+    samples from under ``limit_val_batches``)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 class FixedShuffleSampler(Sampler[int]):
     """One seeded permutation, the same every epoch: validation sees the classes mixed, so that
     ``limit_val_batches`` evaluates a sample of every class and not the first classes of a
     class-sorted ImageFolder (the full split's metrics do not depend on the order)."""
 
     def __init__(self, num_samples: int, seed: int, rank: int = 0, world_size: int = 1):
-        order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
-        self.order = order[rank::world_size]  # this rank's share, without padding
+        self.order = fixed_order(num_samples, seed).tolist()[rank::world_size]  # this rank's share, without padding
 
     def __len__(self) -> int:
         return len(self.order)
@@ -154,8 +159,7 @@ def seeded_sample(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
     sees under ``limit_val_batches``. None when ``limit`` takes everything."""
     if limit is None or limit >= n:
         return None
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return order[: max(int(limit), 0)].sort().values
+    return fixed_order(n, seed)[: max(int(limit), 0)].sort().values
 
 
 class PretrainDataModule(L.LightningDataModule):
