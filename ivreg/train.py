@@ -438,7 +438,10 @@ def fit(run: Run) -> None:
     Scripts that add callbacks between ``build_run`` and training call this instead of
     ``trainer.fit``: fitting without the checkpoint would start the run over and rewrite its
     ``epochs.csv`` from epoch 0."""
-    if run.resume_from is not None and run.trainer.is_global_zero:
+    finished = is_finished(run.trainer, run.resume_from)
+    if finished:  # Lightning restores the weights and trains nothing; its loggers would open empty versions
+        run.trainer.loggers = []
+    elif run.resume_from is not None and run.trainer.is_global_zero:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     started = _TrainStarted()
@@ -483,12 +486,29 @@ def exit_143_on_sigterm(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
         raise SystemExit(143) from None
 
 
+def finished_epochs(checkpoint: Path) -> int | None:
+    """The epochs a checkpoint written by ``EpochCheckpoint`` (at an epoch's end) has
+    finished; None when there is none or it cannot be read."""
+    try:
+        return int(read_checkpoint(checkpoint, mmap=True)["epoch"]) + 1
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
+
+
+def is_finished(trainer: L.Trainer, resume_from: Path | None) -> bool:
+    """The checkpoint a run resumes from has already reached ``max_epochs`` (and no
+    ``max_steps`` limit is set, which Lightning would judge itself)."""
+    if resume_from is None or trainer.max_steps != -1 or trainer.max_epochs is None:
+        return False
+    done = finished_epochs(resume_from)
+    return done is not None and done >= trainer.max_epochs
+
+
 def _kept(run_dir: Path) -> str:
     """What a relaunch of a stopped run would resume from."""
     last = run_dir / "last.ckpt"
-    try:
-        epochs = int(read_checkpoint(last, mmap=True)["epoch"]) + 1
-    except (CheckpointError, KeyError):  # none (checkpoint.enabled=False, or none written yet) or unreadable
+    epochs = finished_epochs(last)
+    if epochs is None:  # none (checkpoint.enabled=False, or none written yet) or unreadable
         return f"no checkpoint in {run_dir} to resume from; a relaunch starts over"
     return f"{last} holds {epochs} finished epoch(s); launch the same command to resume"
 

@@ -298,10 +298,16 @@ def test_a_refused_launch_leaves_the_run_it_would_resume_untouched(image_data, t
     with pytest.raises(ConfigError, match="Lightning refused the trainer settings"):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "devices=0", name="zero"))
     assert not (tmp_path / "zero").exists()
-    # Launching the finished run again trains nothing and says so.
+    # Launching the finished run again trains nothing and says so, opens no new log version,
+    # and hands back the trained weights.
+    trained = torch.load(tmp_path / "tiny" / "last.ckpt", weights_only=True)["state_dict"]
+    versions = sorted(p.name for p in (tmp_path / "tiny").glob("*/version_*"))
     capsys.readouterr()
-    pretrain(cfg)
+    again = pretrain(cfg)
     assert "nothing to train" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "tiny").glob("*/version_*")) == versions
+    for key, value in again.model.state_dict().items():
+        torch.testing.assert_close(value, trained[key], msg=key)
 
 
 def test_nonfinite_loss_stops_with_a_clear_error(image_data, tmp_path: Path) -> None:

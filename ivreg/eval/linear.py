@@ -45,6 +45,7 @@ from ivreg.train import (
     claim_run_folder,
     exit_143_on_sigterm,
     hardware_kwargs,
+    is_finished,
     make_trainer,
     passthrough_trainer_kwargs,
     release_run_folder,
@@ -383,7 +384,9 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
 def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     """Build and fit; prints the final and best top-1 accuracy."""
     run = build_linear_run(cfg)
-    if run.resume_from is not None and run.trainer.is_global_zero:
+    if is_finished(run.trainer, run.resume_from):  # trains nothing: no empty log versions either
+        run.trainer.loggers = []
+    elif run.resume_from is not None and run.trainer.is_global_zero:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
     try:
         with warnings.catch_warnings(), exit_143_on_sigterm(run.trainer, run.run_dir):

@@ -266,6 +266,11 @@ def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ck
     assert "resuming" in capsys.readouterr().out
     rows = _rows(tmp_path / "again" / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1] and int(rows[1]["step"]) == 2 * int(rows[0]["step"])
+    versions = sorted(p.name for p in (tmp_path / "again").glob("*/version_*"))
+    linear_eval(_linear_cfg(colour_ckpt, tmp_path, epochs=2, name="again"))  # finished: trains nothing
+    assert "final val_acc1" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "again").glob("*/version_*")) == versions
+    assert len(_rows(tmp_path / "again" / "epochs.csv")) == 2
     with pytest.raises(ConfigError, match=r"differs from this config in \['finetune'\]"):
         build_linear_run(_linear_cfg(colour_ckpt, tmp_path, finetune=True, name="again"))
     with pytest.raises(ConfigError, match=r"differs from this config in \['data.crop_size'\]"):
