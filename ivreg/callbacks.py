@@ -105,6 +105,11 @@ def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | Asy
     return AsyncCheckpointIO(atomic) if auto_switch(checkpoint_cfg.get("async_write", "auto"), on_gpu) else atomic
 
 
+# The processes a run trained with, as Lightning counted them (``devices=auto`` resolved on
+# the machine that ran it): a resume must keep the images per optimizer step.
+WORLD_SIZE_KEY = "world_size"
+
+
 class EpochCheckpoint(L.Callback):
     """Writes ``last.ckpt`` every ``every_n_epochs`` epochs and after the last one, and keeps
     ``epoch<NNNN>.ckpt`` every ``keep_every_n_epochs`` epochs (0: never).
@@ -124,6 +129,9 @@ class EpochCheckpoint(L.Callback):
         """From a config's ``checkpoint`` section (``frequency``, ``keep_every_n_epochs``)."""
         keep = int(checkpoint_cfg.get("keep_every_n_epochs", 0) or 0)
         return cls(run_dir, every_n_epochs=int(checkpoint_cfg.frequency), keep_every_n_epochs=keep)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[WORLD_SIZE_KEY] = trainer.world_size
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1

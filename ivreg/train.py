@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from ivreg.callbacks import (
+    WORLD_SIZE_KEY,
     EpochCheckpoint,
     EpochSummary,
     NonFiniteLossGuard,
@@ -39,7 +40,7 @@ from ivreg.callbacks import (
     checkpoint_io,
     remove_stale_temporaries,
 )
-from ivreg.checkpoints import load_config, read_checkpoint, require_pretraining_config
+from ivreg.checkpoints import config_of, read_checkpoint, require_pretraining_config
 from ivreg.config import (
     CUDAGRAPH_COMPILE_MODES,
     DEFAULTS,
@@ -115,11 +116,11 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.checkpoint.dir).expanduser() / str(cfg.name)
 
 
-def _world_size(devices: Any, num_nodes: int) -> int:
+def _world_size(devices: Any, num_nodes: int, accelerator: Any = "auto") -> int:
     if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
         n = len(devices)
-    elif str(devices) in ("auto", "-1"):
-        n = max(torch.cuda.device_count(), 1)
+    elif str(devices) in ("auto", "-1"):  # as Lightning counts them: one process on the CPU
+        n = 1 if str(accelerator) == "cpu" else max(torch.cuda.device_count(), 1)
     elif isinstance(devices, str) and "," in devices:  # "0,1": device indices, as Lightning reads them
         n = len([d for d in devices.split(",") if d.strip()])
     else:
@@ -130,11 +131,16 @@ def _world_size(devices: Any, num_nodes: int) -> int:
     return n * num_nodes
 
 
-def images_per_step(cfg: Any) -> int:
+def images_per_step(cfg: Any, world_size: int | None = None) -> int:
     """Images per optimizer step: per-device batch x devices x nodes x accumulated batches.
     The learning rate, the step counts of the schedules and a checkpoint's position in them
-    all depend on it, so a run cannot resume under another value."""
-    world = _world_size(OmegaConf.select(cfg, "devices"), int(OmegaConf.select(cfg, "num_nodes", default=1) or 1))
+    all depend on it, so a run cannot resume under another value. ``world_size``: the
+    processes the run had (a checkpoint records them), else counted from the config on this
+    machine."""
+    nodes = int(OmegaConf.select(cfg, "num_nodes", default=1) or 1)
+    world = world_size or _world_size(
+        OmegaConf.select(cfg, "devices"), nodes, OmegaConf.select(cfg, "accelerator", default="auto")
+    )
     accumulate = int(OmegaConf.select(cfg, "accumulate_grad_batches", default=1) or 1)
     return int(OmegaConf.select(cfg, "optimizer.batch_size")) * world * accumulate
 
@@ -153,7 +159,7 @@ def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if precision == "16-mixed" and not on_gpu:
         raise ConfigError("precision=16 (float16 autocast) needs a GPU; use precision=bf16 or 32 on the CPU")
     devices = OmegaConf.to_object(cfg.devices) if OmegaConf.is_list(cfg.devices) else cfg.devices
-    world = _world_size(cfg.devices, int(cfg.get("num_nodes", 1)))
+    world = _world_size(cfg.devices, int(cfg.get("num_nodes", 1)), accelerator)
     strategy = str(cfg.strategy)
     if world == 1 and strategy.startswith("ddp"):
         strategy = "auto"  # one process: DDP would only add its wrapper and all-reduces
@@ -216,21 +222,27 @@ def check_resume(
 def _require_same_run(
     path: Path, cfg: DictConfig, keys: tuple[str, ...], defaults: Mapping[str, Any], pretraining: bool, advice: str
 ) -> None:
-    saved = load_config(path, mmap=True)
+    ckpt = read_checkpoint(path, mmap=True)
+    saved = config_of(ckpt, path)
     if pretraining:  # a linear-evaluation checkpoint would not fit
         require_pretraining_config(saved, path)
-    diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults)
+    diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults, ckpt.get(WORLD_SIZE_KEY))
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
 
 
 def _differing_keys(
-    saved: Any, cfg: DictConfig, keys: tuple[str, ...], defaults: Mapping[str, Any] = DEFAULTS
+    saved: Any,
+    cfg: DictConfig,
+    keys: tuple[str, ...],
+    defaults: Mapping[str, Any] = DEFAULTS,
+    saved_world_size: int | None = None,
 ) -> list[str]:
     """The leaves under ``keys`` that the checkpoint's config ``saved`` has and ``cfg`` sets
     otherwise (or drops), and those only ``cfg`` has unless they hold their value in
     ``defaults`` (an option newer than the checkpoint, left at its default); an added
-    ``optimizer.kwargs`` entry or view-group key is a difference."""
+    ``optimizer.kwargs`` entry or view-group key is a difference; so are other images per
+    optimizer step than the checkpoint's (``saved_world_size``: the processes it ran with)."""
     missing = object()
 
     def plain(config: Any, key: str) -> Any:
@@ -247,10 +259,11 @@ def _differing_keys(
         default = config_leaves(plain(defaults_cfg, key), key)
         diffs += [k for k, v in then.items() if k not in RESUME_FREE and (k not in now or now[k] != v)]
         diffs += [k for k, v in now.items() if k not in then and k not in RESUME_FREE and default.get(k, missing) != v]
-    if images_per_step(saved) != images_per_step(cfg):
+    then, now = images_per_step(saved, saved_world_size), images_per_step(cfg)
+    if then != now:
         diffs.append(
             f"images per optimizer step (batch_size x devices x nodes x accumulate_grad_batches: "
-            f"{images_per_step(saved)} then, {images_per_step(cfg)} now)"
+            f"{then} then, {now} now)"
         )
     return diffs
 

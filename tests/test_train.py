@@ -264,6 +264,24 @@ def test_resume_needs_the_same_images_per_optimizer_step(image_data, tmp_path: P
     assert run.resume_from == tmp_path / "tiny" / "last.ckpt"
 
 
+def test_resume_compares_the_processes_the_checkpoint_ran_with(image_data, tmp_path: Path) -> None:
+    """devices=auto counts this machine's GPUs: a requeue on a machine with fewer must be
+    refused by what the checkpoint recorded, not by the config read on the new machine."""
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", "devices=auto"))
+    last = tmp_path / "tiny" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["world_size"] == 1
+    ckpt["world_size"] = 2  # as if it had run on two GPUs
+    torch.save(ckpt, last)
+    with pytest.raises(ConfigError, match=r"images per optimizer step .*: 16 then, 8 now"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "scheduler.name=none", "devices=auto"))
+    # a checkpoint from before the count was recorded falls back to its config
+    del ckpt["world_size"]
+    torch.save(ckpt, last)
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "scheduler.name=none", "devices=auto"))
+    assert run.resume_from == last
+
+
 def test_explicit_resume_refuses_a_checkpoint_of_another_run(image_data, tmp_path: Path) -> None:
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", name="iso"))
     ckpt = tmp_path / "iso" / "last.ckpt"
