@@ -229,6 +229,15 @@ def _require_same_run(
     diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults, ckpt.get(WORLD_SIZE_KEY))
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
+    then, now = saved.get("max_epochs"), cfg.get("max_epochs")
+    if then is not None and now is not None and int(then) != int(now) and int(now) > (finished_epochs(path, ckpt) or 0):
+        warnings.warn(
+            f"{path} was trained towards max_epochs={then}; resumed with max_epochs={now}, its learning-rate "
+            f"(and EMA) schedules are recomputed over {now} epochs from its step on, so the rate jumps there "
+            "and the run follows neither schedule throughout",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _differing_keys(
@@ -499,11 +508,11 @@ def exit_143_on_sigterm(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
         raise SystemExit(143) from None
 
 
-def finished_epochs(checkpoint: Path) -> int | None:
+def finished_epochs(checkpoint: Path, ckpt: Mapping[str, Any] | None = None) -> int | None:
     """The epochs a checkpoint written by ``EpochCheckpoint`` (at an epoch's end) has
-    finished; None when there is none or it cannot be read."""
+    finished; None when there is none or it cannot be read. ``ckpt``: its contents, if read."""
     try:
-        return int(read_checkpoint(checkpoint, mmap=True)["epoch"]) + 1
+        return int((ckpt or read_checkpoint(checkpoint, mmap=True))["epoch"]) + 1
     except (CheckpointError, KeyError, TypeError, ValueError):
         return None
 

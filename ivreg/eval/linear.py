@@ -15,6 +15,7 @@ The run folder mirrors pretraining: ``<checkpoint.dir>/<name>/`` with ``config.y
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -95,6 +96,7 @@ LINEAR_DEFAULTS: dict[str, Any] = {
 # Keys that must match for a linear run to continue from the checkpoint in its folder.
 LINEAR_RESUME_KEYS = (
     "pretrained_feature_extractor",
+    "pretrained_backbone_sha256",  # the same path may hold a later checkpoint of the pretraining run
     "finetune",
     "data.dataset",
     "data.fraction",
@@ -171,6 +173,16 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     flip = float(aug.horizontal_flip_prob)
     _check(0 <= flip <= 1, f"augmentations.horizontal_flip_prob must be in [0, 1], got {flip}")
     return merged
+
+
+def weights_sha256(net: torch.nn.Module) -> str:
+    """A digest of a network's weights and buffers: what identifies the pretrained backbone
+    a linear run evaluates (a pretraining run goes on writing to the same ``last.ckpt``)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(net.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def resolved_backbone(pretrain_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -337,8 +349,16 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     pretrained, pretrain_cfg = load_backbone_and_config(ckpt_path, pretraining=True)
 
     cfg.pretrained_feature_extractor = str(ckpt_path)
+    cfg.pretrained_backbone_sha256 = weights_sha256(pretrained)
     cfg.pretrain_cfg = pretrain_cfg
-    cfg.backbone = resolved_backbone(pretrain_cfg)
+    backbone = resolved_backbone(pretrain_cfg)
+    given = OmegaConf.to_object(cfg.backbone) if "backbone" in cfg else backbone
+    _check(
+        given == backbone,
+        f"backbone={given} differs from the pretrained one, {backbone}: the backbone and its options come "
+        f"from {ckpt_path}; drop the backbone settings",
+    )
+    cfg.backbone = backbone
     data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]
     if not cfg.name:
         cfg.name = f"{pretrain_cfg.get('name', 'run')}-{'finetune' if cfg.finetune else 'linear'}"

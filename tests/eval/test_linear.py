@@ -261,7 +261,8 @@ def test_eval_data_inherits_from_pretraining_and_overrides_win():
 
 def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ckpt, tmp_path, capsys):
     linear_eval(_linear_cfg(colour_ckpt, tmp_path, epochs=1, name="again"))
-    resumed = linear_eval(_linear_cfg(colour_ckpt, tmp_path, epochs=2, name="again"))
+    with pytest.warns(UserWarning, match="max_epochs=1; resumed with max_epochs=2, .* recomputed over 2 epochs"):
+        resumed = linear_eval(_linear_cfg(colour_ckpt, tmp_path, epochs=2, name="again"))
     assert resumed.resume_from == tmp_path / "again" / "last.ckpt"
     assert "resuming" in capsys.readouterr().out
     rows = _rows(tmp_path / "again" / "epochs.csv")
@@ -278,6 +279,25 @@ def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ck
     with pytest.raises(ConfigError, match=r"\['optimizer.kwargs.nesterov'\]"):  # an option the run did not have
         cfg = _linear_cfg(colour_ckpt, tmp_path, epochs=3, name="again")
         build_linear_run({**cfg, "optimizer": {**cfg["optimizer"], "kwargs": {"nesterov": True}}})
+
+
+def test_a_changed_pretraining_checkpoint_is_not_resumed_and_the_backbone_is_its_own(colour_ckpt, tmp_path):
+    """A pretraining run goes on writing to the same last.ckpt: a linear run begun on its
+    earlier weights must not continue (and report) as if it evaluated the later ones."""
+    ckpt = tmp_path / "pretrain.ckpt"
+    state = torch.load(colour_ckpt, weights_only=True)
+    torch.save(state, ckpt)
+    linear_eval(_linear_cfg(ckpt, tmp_path, epochs=1, name="lin"))
+    key = next(k for k in state["state_dict"] if k.startswith("backbone.") and k.endswith("weight"))
+    state["state_dict"][key] = state["state_dict"][key] + 1e-3  # pretraining went on
+    torch.save(state, ckpt)
+    with pytest.raises(ConfigError, match=r"differs from this config in \['pretrained_backbone_sha256'\]"):
+        build_linear_run(_linear_cfg(ckpt, tmp_path, epochs=2, name="lin"))
+    saved = torch.load(tmp_path / "lin" / "last.ckpt", weights_only=True)["hyper_parameters"]["cfg"]
+    with pytest.raises(ConfigError, match=r"backbone=.*resnet50.* differs from the pretrained one"):
+        build_linear_run({**_linear_cfg(ckpt, tmp_path, name="other"), "backbone": {"name": "resnet50"}})
+    run = build_linear_run({**_linear_cfg(colour_ckpt, tmp_path, name="same"), "backbone": saved["backbone"]})
+    assert run.cfg.backbone == saved["backbone"]
 
 
 @pytest.fixture(scope="module")
