@@ -11,7 +11,8 @@ ImageNet-100, ImageNet, then other datasets alphabetically.
 
 Pretraining runs (online readout) and linear-evaluation runs (``main_linear.py``, labelled
 by the method of the checkpoint they evaluate) are different measurements: ``--kind`` picks
-one of them, never both.
+one of them, never both. A run short of its ``max_epochs`` (still training, or stopped) is
+left out with a warning unless ``--include-unfinished``.
 """
 
 from __future__ import annotations
@@ -122,10 +123,33 @@ def run_value(epochs_csv: Path, metric: str, column: str = "val_acc1") -> float:
     return max(finite) if metric == "best" else finite[-1]
 
 
+def epochs_done(epochs_csv: Path) -> int:
+    """The epochs ``epochs.csv`` has a row for."""
+    with open(epochs_csv, newline="") as f:
+        return len({r.get("epoch") for r in csv.DictReader(f)})
+
+
+def unfinished(cfg: Mapping[str, Any], epochs_csv: Path) -> str | None:
+    """Why a run has not reached its ``max_epochs`` (None when it has, or when a ``max_steps``
+    limit makes the epoch count no measure of it)."""
+    max_steps = cfg.get("max_steps")
+    if max_steps is not None and int(max_steps) >= 0:
+        return None
+    planned, done = int(cfg.get("max_epochs") or 0), epochs_done(epochs_csv)
+    return f"unfinished ({done} of max_epochs={planned} epochs)" if done < planned else None
+
+
 def collect(
-    root: Path, metric: str = "best", kind: str = "pretrain", column: str = "val_acc1", warn: Any = None
+    root: Path,
+    metric: str = "best",
+    kind: str = "pretrain",
+    column: str = "val_acc1",
+    warn: Any = None,
+    include_unfinished: bool = False,
 ) -> list[RunResult]:
-    """The results of every run of ``kind`` under ``root``; unreadable runs are reported to ``warn``."""
+    """The results of every run of ``kind`` under ``root``; unreadable runs, and runs still
+    short of their ``max_epochs`` unless ``include_unfinished``, are reported to ``warn`` and
+    left out."""
     from omegaconf import OmegaConf
 
     warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
@@ -139,9 +163,15 @@ def collect(
                 continue
             label, dataset = run_key(cfg)
             value = run_value(run_dir / "epochs.csv", metric, column)
+            short = unfinished(cfg, run_dir / "epochs.csv")
         except Exception as exc:  # one broken folder must not hide the others
             warn(f"skipping {run_dir}: {exc}")
             continue
+        if short and not include_unfinished:
+            warn(f"skipping {run_dir}: {short}; --include-unfinished tabulates it as it stands")
+            continue
+        if short:
+            warn(f"{run_dir} is {short}: its {metric} {column} is not the finished run's")
         if not math.isfinite(value):
             warn(f"skipping {run_dir}: no finite {column} in epochs.csv")
             continue
@@ -150,7 +180,17 @@ def collect(
 
 
 # What a linear run adds to its pretraining run's settings.
-LINEAR_SETTINGS = ("finetune", "optimizer", "scheduler", "augmentations", "max_epochs")
+LINEAR_SETTINGS = (
+    "finetune",
+    "optimizer",
+    "scheduler",
+    "augmentations",
+    "max_epochs",
+    "data.fraction",
+    "data.crop_size",
+    "data.mean",
+    "data.std",
+)
 
 
 def settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kind", choices=KINDS, default="pretrain", help="pretraining runs or main_linear runs")
     parser.add_argument("--column", default="val_acc1", help="epochs.csv column to tabulate (default val_acc1)")
     parser.add_argument("--digits", type=int, default=2, help="decimals shown")
+    parser.add_argument(
+        "--include-unfinished",
+        action="store_true",
+        help="also tabulate runs short of their max_epochs (left out by default, with a warning)",
+    )
     parser.add_argument("--csv", type=Path, help="also write the cells as CSV (one line per method and dataset)")
     parser.add_argument("--md", type=Path, help="also write the Markdown table to this file")
     return parser
@@ -276,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    results = collect(args.root, args.metric, args.kind, args.column)
+    results = collect(args.root, args.metric, args.kind, args.column, include_unfinished=args.include_unfinished)
     for line in [*shared_seeds(results), *mixed_settings(results)]:
         print(f"warning: {line}", file=sys.stderr)
     cells = summarize(results)

@@ -136,3 +136,32 @@ def test_a_cell_mixing_settings_is_named(tmp_path: Path, capsys):
         "warning: the 3 runs of BYOL on cifar10 differ in optimizer.lr (0.5, 1.0): the cell averages different "
         "settings; tabulate them from separate folders"
     ]
+
+
+def test_unfinished_runs_are_left_out_unless_asked_for(tmp_path: Path, capsys):
+    """A run still training (or stopped) would pull its cell towards an early epoch's accuracy."""
+    root = tmp_path / "runs"
+    _run(root, "byol-done", {**_pretrain("byol", EMA, "cifar10"), "seed": 1, "max_epochs": 3}, [80, 85, 86])
+    _run(root, "byol-short", {**_pretrain("byol", EMA, "cifar10"), "seed": 2, "max_epochs": 3}, [60])
+    steps = {**_pretrain("byol", EMA, "cifar100"), "max_epochs": 3, "max_steps": 20}  # stopped by max_steps
+    _run(root, "byol-steps", steps, [50])
+    assert main([str(root), "--metric", "final"]) == 0
+    captured = capsys.readouterr()
+    assert "| BYOL | 86.00 | 50.00 |" in captured.out
+    assert "skipping" in captured.err and "byol-short: unfinished (1 of max_epochs=3 epochs)" in captured.err
+    assert main([str(root), "--metric", "final", "--include-unfinished"]) == 0
+    captured = capsys.readouterr()
+    assert "| BYOL | 73.00 ± 18.38 (n=2) | 50.00 |" in captured.out
+    assert "byol-short is unfinished (1 of max_epochs=3 epochs): its final val_acc1 is not the finished run's" in (
+        captured.err
+    )
+
+
+def test_linear_runs_on_other_label_fractions_are_named(tmp_path: Path, capsys):
+    root = tmp_path / "runs"
+    for seed, fraction in ((1, 1.0), (2, 0.01)):
+        pretrain = {**_pretrain("directpred", EMA, "cifar10", iso=True), "seed": seed}
+        linear = {"pretrained_feature_extractor": f"/x{seed}/last.ckpt", "pretrain_cfg": pretrain}
+        _run(root, f"lin-{seed}", {**linear, "data": {"dataset": "cifar10", "fraction": fraction}}, [90])
+    assert main([str(root), "--kind", "linear"]) == 0
+    assert "differ in linear.data.fraction (0.01, 1.0)" in capsys.readouterr().err
