@@ -153,6 +153,22 @@ class FixedShuffleSampler(Sampler[int]):
         return iter(self.order)
 
 
+class FixedShardSampler(DistributedSampler):
+    """One DDP rank's share of ``FixedShuffleSampler``'s order, without padding. Being a
+    ``DistributedSampler``, Lightning keeps it; its own wrapper would pad the shares to equal
+    length and so validate up to ``world_size - 1`` images twice."""
+
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int):
+        super().__init__(range(num_samples), world_size, rank, shuffle=False)
+        self.order = FixedShuffleSampler(num_samples, seed, rank, world_size).order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.order)
+
+
 def seeded_sample(n: int, limit: int | None, seed: int) -> torch.Tensor | None:
     """The positions, in increasing order, of ``limit`` of ``n`` items drawn by ``seed``: the
     first ``limit`` of ``FixedShuffleSampler(n, seed)``'s order, i.e. the images validation
@@ -312,13 +328,19 @@ class PretrainDataModule(L.LightningDataModule):
         trainer = self._trainer_or_none()
         return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else None
 
+    def _val_sampler(self, n: int) -> Sampler:
+        """Validation's fixed order; under DDP this rank's share of it, each image once overall
+        (torchmetrics sums the counts over the ranks)."""
+        trainer = self._trainer_or_none()
+        if trainer is not None and trainer.world_size > 1:
+            return FixedShardSampler(n, self.seed, trainer.global_rank, trainer.world_size)
+        return FixedShuffleSampler(n, self.seed)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=self._train_sampler(len(dataset), with_seeds=True)
-            if train
-            else FixedShuffleSampler(len(dataset), self.seed),
+            sampler=self._train_sampler(len(dataset), with_seeds=True) if train else self._val_sampler(len(dataset)),
             # Its own generator: making an iterator then draws no numbers from the global RNG.
             generator=torch.Generator().manual_seed(self.seed),
             drop_last=train and self.drop_last,
@@ -342,12 +364,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.setup()
         if "val_labels" in self._resident:
             n = len(self._resident["val_labels"])
-            # Lightning shards DataLoaders across DDP ranks, not this iterable: shard it here,
-            # so that each image is validated once overall (torchmetrics sums over ranks)
-            trainer = self._trainer_or_none()
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            sampler = FixedShuffleSampler(n, self.seed, rank, world)
-            return DeviceBatches(sampler, self.batch_size, False, self.device, "val_index")
+            return DeviceBatches(self._val_sampler(n), self.batch_size, False, self.device, "val_index")
         if self.raw_val is None:
             return []
         transform = build_eval_transform(self.crop_size, self.mean, self.std)
