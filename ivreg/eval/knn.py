@@ -159,7 +159,9 @@ def knn_accuracy(
     test_chunk_size: int = 1024,
     bank_chunk_size: int = 65536,
 ) -> list[KNNResult]:
-    """Top-1/top-5 accuracy (%) for every (k, temperature), from one search for max(k)."""
+    """Top-1/top-5 accuracy (%) for every (k, temperature), from one search for max(k). The
+    top 5 are the (at most 5) classes with the largest votes among those the k neighbours
+    hold: with fewer than 5 such classes, e.g. k < 5, unvoted classes do not fill it up."""
     ks = list(dict.fromkeys(int(k) for k in ks))
     temps = list(dict.fromkeys(float(t) for t in temperatures)) if distance == "cosine" else [math.nan]
     check_knn_args(ks, temps if distance == "cosine" else [], distance, len(train_feats))
@@ -177,9 +179,10 @@ def knn_accuracy(
         closeness, idx = nearest(bank, chunk, max(ks), distance, bank_chunk_size)
         neighbour_labels = train_labels[idx]
         for j, (k, t) in enumerate(settings):
-            ranked = vote(closeness, neighbour_labels, k, t, distance, num_classes).topk(top, dim=1).indices
+            votes, ranked = vote(closeness, neighbour_labels, k, t, distance, num_classes).topk(top, dim=1)
             hits1[j] += int((ranked[:, 0] == y).sum())
-            hits5[j] += int((ranked == y[:, None]).any(dim=1).sum())
+            # a class no neighbour voted for is not among the top 5, whatever topk's tie order
+            hits5[j] += int(((ranked == y[:, None]) & (votes > 0)).any(dim=1).sum())
     n = len(queries)
     return [KNNResult(k, t, distance, 100.0 * h1 / n, 100.0 * h5 / n) for (k, t), h1, h5 in zip(settings, hits1, hits5)]
 

@@ -43,6 +43,16 @@ def test_several_k_and_temperatures_from_one_search():
     assert all(r.distance == "cosine" for r in results)
 
 
+def test_top5_holds_only_classes_the_neighbours_voted_for():
+    """q0 labelled 2: its nearest neighbour is class 0, the next two class 1; class 2 is
+    farthest. With k < 5 the unvoted classes must not fill the top 5 (by topk's tie order:
+    with three classes all of them)."""
+    wrong = torch.tensor([2])
+    for classes in (3, 8):
+        results = knn_accuracy(BANK, BANK_Y, QUERIES[:1], wrong, ks=[1, 3, 4], temperatures=[0.1], num_classes=classes)
+        assert {r.k: (r.acc1, r.acc5) for r in results} == {1: (0.0, 0.0), 3: (0.0, 0.0), 4: (0.0, 100.0)}
+
+
 def test_euclidean_weights_are_inverse_distances():
     bank = torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]])
     labels = torch.tensor([0, 1, 1])
