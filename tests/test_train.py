@@ -221,14 +221,14 @@ def test_ema_updates_once_per_optimizer_step_under_accumulation(image_data, tmp_
             "max_epochs=1",
             "++accumulate_grad_batches=2",
             "scheduler.name=none",
-            "++data.fraction=0.34",
+            "++data.fraction=0.375",  # 6 of each class's 16 images
         )
     )
     calls: list[float] = []
     update = run.model.target.update
     run.model.target.update = lambda params, tau: (calls.append(tau), update(params, tau))
     run.trainer.fit(run.model, datamodule=run.datamodule)
-    batches = 16 // 8
+    batches = 18 // 8
     assert len(calls) == run.trainer.global_step == batches // 2
 
 

@@ -229,8 +229,9 @@ class PretrainDataModule(L.LightningDataModule):
         self._require_a_batch(world=1)  # before the trainer exists; setup checks per process
 
     def _require_a_batch(self, world: int) -> None:
+        """A training step for every process: a whole batch when partial ones are dropped."""
         n = len(self.raw_train)  # type: ignore[arg-type]
-        if n // world < self.batch_size:
+        if n // world < (self.batch_size if self.drop_last else 1):
             per = f" for each of the {world} processes" if world > 1 else ""
             raise DataError(
                 f"the training set has {n} images, fewer than one batch (optimizer.batch_size={self.batch_size})"

@@ -280,15 +280,25 @@ def labels_of(dataset: Dataset) -> np.ndarray:
 
 
 def subset_fraction(dataset: Dataset, fraction: float, seed: int) -> Dataset:
-    """A fixed random ``fraction`` of ``dataset`` (all of it when fraction is 1)."""
+    """A fixed random ``fraction`` of ``dataset`` (all of it when fraction is 1), drawn per
+    class (stratified, as solo-learn's ``data_fraction``): every class keeps its share, at
+    least one image, so a 1% label split has no empty class. Datasets whose labels cannot be
+    read without loading the images are drawn as a whole."""
     if not 0 < fraction <= 1:
         raise DataError(f"data.fraction must be in (0, 1], got {fraction}")
     if fraction == 1:
         return dataset
-    n = len(dataset)  # type: ignore[arg-type]
     rng = np.random.default_rng(seed)
-    keep = np.sort(rng.permutation(n)[: max(1, int(round(n * fraction)))])
-    return Subset(dataset, keep.tolist())
+    try:
+        labels = labels_of(dataset)
+    except DataError:
+        n = len(dataset)  # type: ignore[arg-type]
+        return Subset(dataset, np.sort(rng.permutation(n)[: max(1, int(round(n * fraction)))]).tolist())
+    keep = []
+    for c in np.unique(labels):  # in label order, so the draw depends on the seed alone
+        members = np.flatnonzero(labels == c)
+        keep.append(rng.permutation(members)[: max(1, int(round(len(members) * fraction)))])
+    return Subset(dataset, np.sort(np.concatenate(keep)).tolist())
 
 
 class Transformed(Dataset):

@@ -122,6 +122,12 @@ def test_subset_fraction_is_fixed_by_seed() -> None:
     a, b = subset_fraction(data, 0.25, seed=1), subset_fraction(data, 0.25, seed=1)
     assert len(a) == 90 and a.indices == b.indices
     assert subset_fraction(data, 1.0, seed=1) is data
+    assert subset_fraction(data, 0.25, seed=2).indices != a.indices
+    # drawn per class: every class keeps its share, at least one image (a 1% label split)
+    counts = torch.bincount(data.targets[a.indices], minlength=10)
+    assert counts.min() >= 8 and counts.max() <= 10
+    tiny = subset_fraction(DigitsDataset(train=True), 0.01, seed=1)
+    assert torch.bincount(tiny.dataset.targets[tiny.indices], minlength=10).tolist() == [1] * 10
     with pytest.raises(DataError, match="fraction"):
         subset_fraction(data, 0.0, seed=1)
 

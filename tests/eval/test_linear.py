@@ -330,3 +330,13 @@ def test_killed_linear_evaluation_resumes_to_the_same_weights(workers: int, squa
     a, b = straight.model.classifier.state_dict(), resumed.model.classifier.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_label_split_smaller_than_one_batch_trains(colour_ckpt, tmp_path):
+    """1% of STL-10's labels is 50 images, fewer than a batch of 256: the probe trains on the
+    partial batch (the pretraining data module refuses such a split: it drops partial batches)."""
+    cfg = _linear_cfg(colour_ckpt, tmp_path, epochs=1, name="few")
+    cfg["data"] = {"fraction": 0.1}  # 4 of each colour class's 40 images
+    cfg["optimizer"] = {**cfg["optimizer"], "batch_size": 64}
+    run = linear_eval(cfg)
+    assert run.trainer.global_step == 1 and 0 < len(run.datamodule.raw_train) < 64
