@@ -238,10 +238,15 @@ def build_dataset(name: str, path: str | None, train: bool, download: bool = Fal
         raise DataError(f"data.{what} is not set for dataset '{name}'")
     root = Path(path).expanduser().resolve()
     if info.source == "torchvision":
-        if is_image_folder(root):  # e.g. CIFAR-10 exported as JPEG folders
-            return image_folder(root, what)
-        if is_image_folder(root / ("train" if train else "test")):
-            return image_folder(root / ("train" if train else "test"), what)
+        # e.g. CIFAR-10 exported as JPEG folders, given as the split or as the folder of splits
+        for folder in (root, *(root / split for split in (("train",) if train else ("test", "val")))):
+            if is_image_folder(folder):
+                return image_folder(folder, what)
+        if _holds_images(root):  # one class's folder: torchvision would try to download into it
+            raise DataError(
+                f"data.{what}={root} holds images but no class folders; set it to the folder above "
+                "the class folders (<class>/<image>)"
+            )
         return _torchvision_dataset(name, root, train, download, labelled)
     if not train and AnnotatedImages.holds(root):
         return AnnotatedImages(root)

@@ -94,8 +94,14 @@ def test_cifar_as_image_folders_is_accepted(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "train", classes=10, per_class=2)
     make_image_folder(tmp_path / "test", classes=10, per_class=1)
     assert len(build_dataset("cifar10", str(tmp_path / "train"), train=True)) == 20
-    # the root holding train/ and test/ also works, as torchvision's root does
+    # the root holding train/ and test/ also works, as torchvision's root does (or train/ and val/)
     assert len(build_dataset("cifar10", str(tmp_path), train=False)) == 10
+    (tmp_path / "test").rename(tmp_path / "val")
+    assert len(build_dataset("cifar10", str(tmp_path), train=False)) == 10
+    # one class's folder is named as such, not taken for a place to download CIFAR-10 into
+    with pytest.raises(DataError, match=r"data.val_path=.*class_3 holds images but no class folders"):
+        build_dataset("cifar10", str(tmp_path / "val" / "class_3"), train=False, download=True)
+    assert sorted(p.name for p in (tmp_path / "val" / "class_3").iterdir()) == ["000.png"]
 
 
 def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
