@@ -220,6 +220,7 @@ class EpochSummary(L.Callback):
         self.print_lines = print_lines
         self._t_start = 0.0
         self._t_val = None
+        self._lr = math.nan
 
     @property
     def epochs_path(self) -> Path:
@@ -258,6 +259,8 @@ class EpochSummary(L.Callback):
             torch.cuda.synchronize()
         self._t_start = time.perf_counter()
         self._t_val = None
+        # the rate of the epoch's first step (at its end a step schedule may already show the next epoch's)
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and self._t_val is None:
@@ -280,7 +283,7 @@ class EpochSummary(L.Callback):
             "val_time_s": round(now - t_val, 3),
             **columns,
         }
-        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else math.nan
+        row["lr"] = self._lr
         rows = self._read(self.epochs_path) + [row]
         self._write(self.epochs_path, rows, list(row.keys()))
         if self.log_eigvals:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ivreg.backbones import check_backbone_name
 from ivreg.data.datasets import DATASETS
 from ivreg.errors import ConfigError, DataError
-from ivreg.optim import check_optimizer, check_schedule
+from ivreg.optim import check_optimizer, check_schedule, schedule_options
 
 METHODS = ("byol", "directpred")
 
@@ -77,7 +77,15 @@ DEFAULTS: dict[str, Any] = {
         "weight_decay": 1e-5,
         "kwargs": {},
     },
-    "scheduler": {"name": "warmup_cosine", "warmup_epochs": 10, "warmup_start_lr": 3e-5, "min_lr": 0.0},
+    # step: the rate times gamma at each epoch of lr_decay_steps (e.g. [60, 80]), after the warmup
+    "scheduler": {
+        "name": "warmup_cosine",
+        "warmup_epochs": 10,
+        "warmup_start_lr": 3e-5,
+        "min_lr": 0.0,
+        "lr_decay_steps": None,
+        "gamma": 0.1,
+    },
     "checkpoint": {
         "enabled": True,
         "dir": "trained_models",
@@ -325,7 +333,10 @@ def validate(cfg: DictConfig) -> None:
         f"optimizer.lr_scaling '{opt.get('lr_scaling')}' is not supported; choose one of {list(LR_SCALINGS)}",
     )
     _require(int(cfg.max_epochs) >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
-    check_schedule(str(cfg.scheduler.name), float(cfg.scheduler.warmup_epochs), int(cfg.max_epochs))
+    opts = schedule_options(cfg.scheduler)
+    check_schedule(
+        str(cfg.scheduler.name), opts["warmup_epochs"], int(cfg.max_epochs), opts["lr_decay_steps"], opts["gamma"]
+    )
     _require(
         str(cfg.precision) in PRECISIONS,
         f"precision '{cfg.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",

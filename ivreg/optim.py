@@ -10,7 +10,7 @@ per parameter group. Its update is solo-learn's LARS, which the paper used.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -171,12 +171,19 @@ def check_optimizer(name: str, kwargs: Mapping) -> None:
         )
 
 
-SCHEDULERS = ("cosine", "none", "warmup_cosine")
+SCHEDULERS = ("cosine", "none", "step", "warmup_cosine")
 
 
-def check_schedule(name: str, warmup_epochs: float, max_epochs: int) -> None:
-    """Raise ConfigError for an unknown scheduler or a warmup that leaves no cosine phase;
-    the configs call it before anything is built or written."""
+def check_schedule(
+    name: str,
+    warmup_epochs: float,
+    max_epochs: int,
+    lr_decay_steps: Sequence[float] | None = None,
+    gamma: float = 0.1,
+) -> None:
+    """Raise ConfigError for an unknown scheduler, a warmup that leaves no cosine phase, or
+    ``step`` milestones that are missing, unordered or outside the run; the configs call it
+    before anything is built or written."""
     if name not in SCHEDULERS:
         raise ConfigError(f"unknown scheduler.name '{name}'; choose one of {list(SCHEDULERS)}")
     if name == "warmup_cosine" and warmup_epochs >= max_epochs:
@@ -184,6 +191,23 @@ def check_schedule(name: str, warmup_epochs: float, max_epochs: int) -> None:
             f"scheduler.warmup_epochs ({warmup_epochs:g}) must be shorter than max_epochs ({max_epochs}); "
             "set scheduler.warmup_epochs lower (0 for none)"
         )
+    if name != "step":
+        if lr_decay_steps:
+            raise ConfigError(f"scheduler.lr_decay_steps applies to scheduler.name=step, not to {name}")
+        return
+    steps = list(lr_decay_steps or [])
+    if not steps or any(not isinstance(e, (int, float)) or isinstance(e, bool) for e in steps):
+        raise ConfigError(
+            f"scheduler.name=step needs scheduler.lr_decay_steps, the epochs at which the rate is multiplied "
+            f"by scheduler.gamma, e.g. [60,80]; got {lr_decay_steps!r}"
+        )
+    if steps != sorted(steps) or not warmup_epochs <= steps[0] or not steps[-1] < max_epochs:
+        raise ConfigError(
+            f"scheduler.lr_decay_steps {steps} must increase, begin after the warmup ({warmup_epochs:g} epochs) "
+            f"and end before max_epochs ({max_epochs})"
+        )
+    if not 0 < gamma <= 1:
+        raise ConfigError(f"scheduler.gamma must be in (0, 1], got {gamma}")
 
 
 def warmup_cosine_factor(
@@ -202,6 +226,18 @@ def warmup_cosine_factor(
     return lr / base_lr
 
 
+def warmup_step_factor(
+    step: int, warmup_steps: int, milestones: Sequence[int], gamma: float, base_lr: float, warmup_start_lr: float
+) -> float:
+    """Multiplier of ``base_lr`` at ``step``: linear from warmup_start_lr over the warmup,
+    then ``gamma`` to the power of the milestones (steps) reached, as torch's MultiStepLR."""
+    if base_lr <= 0:
+        return 0.0
+    if step < warmup_steps:
+        return (warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps) / base_lr
+    return gamma ** sum(step >= m for m in milestones)
+
+
 def build_scheduler(
     name: str,
     optimizer: torch.optim.Optimizer,
@@ -210,36 +246,57 @@ def build_scheduler(
     warmup_epochs: float = 10,
     warmup_start_lr: float = 3e-5,
     min_lr: float = 0.0,
+    lr_decay_steps: Sequence[float] | None = None,
+    gamma: float = 0.1,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """A per-step scheduler (``warmup_cosine``, ``cosine``) or None (``none``)."""
-    check_schedule(name, warmup_epochs, max_epochs)
+    """A per-step scheduler (``warmup_cosine``, ``cosine``, ``step``: rate x ``gamma`` at each
+    epoch of ``lr_decay_steps``, after the warmup) or None (``none``)."""
+    check_schedule(name, warmup_epochs, max_epochs, lr_decay_steps, gamma)
     if name == "none":
         return None
     total = max(steps_per_epoch * max_epochs, 1)
-    warmup = int(round(warmup_epochs * steps_per_epoch)) if name == "warmup_cosine" else 0
+    warmup = int(round(warmup_epochs * steps_per_epoch)) if name in ("warmup_cosine", "step") else 0
     if warmup >= total:
         raise ConfigError(f"scheduler.warmup_epochs ({warmup_epochs}) must be shorter than max_epochs ({max_epochs})")
-    lambdas = [
-        (lambda step, base=g["lr"]: warmup_cosine_factor(step, warmup, total, base, warmup_start_lr, min_lr))
-        for g in optimizer.param_groups
-    ]
+    if name == "step":
+        milestones = [int(round(e * steps_per_epoch)) for e in lr_decay_steps or []]
+        lambdas = [
+            (lambda step, base=g["lr"]: warmup_step_factor(step, warmup, milestones, gamma, base, warmup_start_lr))
+            for g in optimizer.param_groups
+        ]
+    else:
+        lambdas = [
+            (lambda step, base=g["lr"]: warmup_cosine_factor(step, warmup, total, base, warmup_start_lr, min_lr))
+            for g in optimizer.param_groups
+        ]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+
+
+def schedule_options(scheduler_cfg: Mapping) -> dict[str, Any]:
+    """``build_scheduler``'s and ``check_schedule``'s keyword arguments from a ``scheduler``
+    config section (whose warmup_epochs, warmup_start_lr and min_lr each entry point's
+    defaults fill in; lr_decay_steps and gamma only ``step`` needs)."""
+    steps = scheduler_cfg.get("lr_decay_steps")
+    return {
+        "warmup_epochs": float(scheduler_cfg["warmup_epochs"]),
+        "warmup_start_lr": float(scheduler_cfg.get("warmup_start_lr", 0.0)),
+        "min_lr": float(scheduler_cfg.get("min_lr", 0.0)),
+        "lr_decay_steps": list(steps) if steps is not None else None,
+        "gamma": float(scheduler_cfg.get("gamma", 0.1)),
+    }
 
 
 def optimizers_with_schedule(
     optimizer: torch.optim.Optimizer, scheduler_cfg: Mapping, total_steps: int, max_epochs: int
 ) -> dict:
     """What a ``configure_optimizers`` returns: ``optimizer`` and, unless ``scheduler.name`` is
-    ``none``, its per-step scheduler built from the ``scheduler`` config section (whose
-    warmup_epochs, warmup_start_lr and min_lr each entry point's defaults fill in)."""
+    ``none``, its per-step scheduler built from the ``scheduler`` config section."""
     scheduler = build_scheduler(
         scheduler_cfg["name"],
         optimizer,
         steps_per_epoch=max(total_steps // max_epochs, 1),
         max_epochs=max_epochs,
-        warmup_epochs=float(scheduler_cfg["warmup_epochs"]),
-        warmup_start_lr=float(scheduler_cfg["warmup_start_lr"]),
-        min_lr=float(scheduler_cfg["min_lr"]),
+        **schedule_options(scheduler_cfg),
     )
     if scheduler is None:
         return {"optimizer": optimizer}

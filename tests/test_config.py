@@ -121,7 +121,8 @@ def _cifar(overrides: list[str]):
             r"~optimizer.kwargs",
         ),
         (["max_epochs=5"], r"scheduler.warmup_epochs \(10\) must be shorter than max_epochs \(5\)"),
-        (["scheduler.name=step"], "unknown scheduler.name 'step'"),
+        (["scheduler.name=exponential"], "unknown scheduler.name 'exponential'"),
+        (["scheduler.name=step"], "scheduler.name=step needs scheduler.lr_decay_steps"),
         (
             ["method=byol", "method_kwargs.iso=False", "method_kwargs.eps_iso=0.25"],
             "method_kwargs eps_iso shape the closed-form predictor",

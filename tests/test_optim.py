@@ -120,7 +120,44 @@ def test_scheduler_steps_every_group_from_its_own_base_lr() -> None:
     with pytest.raises(ConfigError, match="warmup_epochs"):
         build_scheduler("warmup_cosine", opt, steps_per_epoch=10, max_epochs=1, warmup_epochs=10)
     with pytest.raises(ConfigError, match="unknown scheduler"):
-        build_scheduler("step", opt, steps_per_epoch=10, max_epochs=1)
+        build_scheduler("exponential", opt, steps_per_epoch=10, max_epochs=1)
+
+
+def test_step_schedule_multiplies_by_gamma_at_its_epochs_as_multisteplr() -> None:
+    """solo-learn's linear-probe schedule: x0.1 at epochs 6 and 8 of 10, per step; every
+    group from its own rate; equal to torch's MultiStepLR stepped per epoch."""
+    ssl, clf = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = build_optimizer("sgd", list(ssl.parameters()), list(clf.parameters()), 1.0, 0.1, 0.0, {})
+    sched = build_scheduler("step", opt, steps_per_epoch=5, max_epochs=10, warmup_epochs=0, lr_decay_steps=[6, 8])
+    reference_opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+    reference = torch.optim.lr_scheduler.MultiStepLR(reference_opt, milestones=[6, 8], gamma=0.1)
+    for step in range(50):
+        if step % 5 == 0:
+            assert opt.param_groups[0]["lr"] == pytest.approx(reference_opt.param_groups[0]["lr"]), step
+            reference_opt.step()
+            reference.step()
+        opt.step()
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.001])
+    # with a warmup: linear from warmup_start_lr, then the steps
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0)
+    sched = build_scheduler("step", opt, 10, 10, warmup_epochs=2, warmup_start_lr=0.0, lr_decay_steps=[5], gamma=0.5)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(0.5) and lrs[20] == lrs[49] == 1.0 and lrs[50] == 0.5
+    for steps, match in (
+        (None, "needs scheduler.lr_decay_steps"),
+        ([8, 6], "must increase"),
+        ([1, 6], "begin after the warmup"),
+        ([6, 10], "end before max_epochs"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            build_scheduler("step", opt, 10, 10, warmup_epochs=2, lr_decay_steps=steps)
+    with pytest.raises(ConfigError, match="applies to scheduler.name=step"):
+        build_scheduler("cosine", opt, 10, 10, lr_decay_steps=[6])
 
 
 def test_optimizers_with_schedule_reads_the_scheduler_section() -> None:

@@ -39,7 +39,7 @@ from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
 from ivreg.method import backbone_from_config, backbone_kwargs
-from ivreg.optim import check_schedule, optimizers_with_schedule, planned_optimizer_steps
+from ivreg.optim import check_schedule, optimizers_with_schedule, planned_optimizer_steps, schedule_options
 from ivreg.train import (
     build_loggers,
     check_resume,
@@ -69,7 +69,15 @@ LINEAR_DEFAULTS: dict[str, Any] = {
         "weight_decay": 0.0,
         "kwargs": {"momentum": 0.9},
     },
-    "scheduler": {"name": "cosine", "warmup_epochs": 0, "warmup_start_lr": 0.0, "min_lr": 0.0},
+    # step (solo-learn's CIFAR probe): name=step lr_decay_steps=[60,80] multiplies the rate by gamma there
+    "scheduler": {
+        "name": "cosine",
+        "warmup_epochs": 0,
+        "warmup_start_lr": 0.0,
+        "min_lr": 0.0,
+        "lr_decay_steps": None,
+        "gamma": 0.1,
+    },
     "checkpoint": {
         "enabled": True,
         "dir": "trained_models",
@@ -161,7 +169,10 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     # its options, on a stand-in parameter, before anything is loaded or written
     linear_optimizer(OmegaConf.to_object(opt), [{"params": [torch.zeros(1, requires_grad=True)]}], float(opt.lr))  # type: ignore[arg-type]
     _check(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
-    check_schedule(str(merged.scheduler.name), float(merged.scheduler.warmup_epochs), int(merged.max_epochs))
+    opts = schedule_options(merged.scheduler)
+    check_schedule(
+        str(merged.scheduler.name), opts["warmup_epochs"], int(merged.max_epochs), opts["lr_decay_steps"], opts["gamma"]
+    )
     _check(
         str(merged.precision) in PRECISIONS,
         f"precision '{merged.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",

@@ -4,6 +4,7 @@ fine-tuning, and the whole chain pretraining -> main_linear -> main_knn on the c
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -110,7 +111,9 @@ def test_linear_probe_on_separable_features_is_accurate_and_leaves_the_backbone_
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=key)
-    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-12)  # cosine schedule ends at 0
+    # the rate each epoch began with: cosine from 0.1 to 0 over the 4 epochs
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)])
 
 
 def test_finetune_trains_backbone_weights_and_batchnorm_statistics(colour_ckpt, tmp_path):
@@ -340,3 +343,12 @@ def test_a_label_split_smaller_than_one_batch_trains(colour_ckpt, tmp_path):
     cfg["optimizer"] = {**cfg["optimizer"], "batch_size": 64}
     run = linear_eval(cfg)
     assert run.trainer.global_step == 1 and 0 < len(run.datamodule.raw_train) < 64
+
+
+def test_step_schedule_from_the_config_decays_at_its_epochs(colour_ckpt, tmp_path):
+    cfg = _linear_cfg(colour_ckpt, tmp_path, epochs=3, name="step")
+    cfg["scheduler"] = {"name": "step", "lr_decay_steps": [1, 2], "gamma": 0.5}
+    linear_eval(cfg)
+    assert [float(r["lr"]) for r in _rows(tmp_path / "step" / "epochs.csv")] == pytest.approx([0.1, 0.05, 0.025])
+    with pytest.raises(ConfigError, match="end before max_epochs"):
+        build_linear_run({**cfg, "name": "step2", "scheduler": {"name": "step", "lr_decay_steps": [3]}})
