@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -214,26 +214,64 @@ def _top_level_known() -> set[str]:
     return set(DEFAULTS) | TOP_LEVEL_KEYS | trainer_arguments()
 
 
-def unread_keys(cfg: DictConfig) -> list[str]:
-    """One line per key that nothing reads, with the likely intended key: keys of the closed
-    sections, and top-level keys that are neither ivreg's nor a Lightning Trainer argument
-    (``++max_epoch=3`` would otherwise train for the default number of epochs in silence)."""
-    top = _top_level_known()
+def unread_keys(
+    cfg: DictConfig,
+    defaults: Mapping[str, Any] = DEFAULTS,
+    closed: Iterable[str] = CLOSED_SECTIONS,
+    top_level: set[str] | None = None,
+    run_keys: Mapping[str, set[str]] = RUN_KEYS,
+) -> list[str]:
+    """One line per key that nothing reads, with the likely intended key: keys of the
+    ``closed`` sections outside ``defaults``, and top-level keys outside ``top_level``
+    (pretraining's: ivreg's keys and Lightning Trainer arguments; ``++max_epoch=3`` would
+    otherwise train for the default number of epochs in silence)."""
+    top = _top_level_known() if top_level is None else top_level
     lines = []
     for key in sorted(set(cfg) - top):
         close = difflib.get_close_matches(key, top, n=1)
         hint = f"did you mean {close[0]}?" if close else "it is neither an ivreg key nor a Lightning Trainer argument"
         lines.append(f"{key} is not read by ivreg and has no effect; {hint}")
-    for section in CLOSED_SECTIONS:
+    for section in closed:
         given = cfg.get(section)
         if not isinstance(given, DictConfig):
             continue
-        known = set(DEFAULTS[section]) | RUN_KEYS.get(section, set())
+        known = set(defaults[section]) | run_keys.get(section, set())
         for key in sorted(set(given) - known):
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {section}.{close[0]}?" if close else f"{section} takes {sorted(known)}"
             lines.append(f"{section}.{key} is not read by ivreg and has no effect; {hint}")
     return lines
+
+
+def warn_unread_keys(cfg: DictConfig, **where: Any) -> None:
+    """``unread_keys`` as warnings (``where``: its arguments for another entry point's keys)."""
+    for line in unread_keys(cfg, **where):
+        warnings.warn(line, UnreadConfigKeyWarning, stacklevel=3)
+
+
+def check_value_types(cfg: DictConfig, defaults: Mapping[str, Any], flexible: Iterable[str] = ()) -> None:
+    """Raise ConfigError for a value of another kind than its key's default: a switch must be
+    True or False (``iso=no`` would count as True), a count a whole number (``max_epochs=2.5``
+    would be rounded down, ``abc`` fail with a traceback), a rate a number. ``flexible``: keys
+    that take other kinds too (``devices=auto``, ``precision=bf16``)."""
+    missing = object()
+    skip = set(flexible)
+    for dotted, default in config_leaves(dict(defaults), "").items():
+        key = dotted[1:]
+        if "[" in key or key in skip or default is None or isinstance(default, str):
+            continue
+        value = OmegaConf.select(cfg, key, default=missing)
+        if value is missing:
+            continue
+        if isinstance(default, bool):
+            _require(isinstance(value, bool), f"{key} must be True or False, got {value!r}")
+        elif isinstance(default, int):
+            _require(
+                isinstance(value, int) and not isinstance(value, bool), f"{key} must be a whole number, got {value!r}"
+            )
+        elif isinstance(default, float):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            _require(number, f"{key} must be a number, got {value!r}")
 
 
 def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
@@ -246,8 +284,7 @@ def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     if "wandb" in user and isinstance(user.wandb, DictConfig):  # the seed's wandb group wins
         seed_wandb = user.pop("wandb")
         user = OmegaConf.merge(user, {"logger": {"wandb": seed_wandb}})
-    for line in unread_keys(user):
-        warnings.warn(line, UnreadConfigKeyWarning, stacklevel=2)
+    warn_unread_keys(user)
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), user)
     OmegaConf.set_struct(merged, False)
     validate(merged)
@@ -288,6 +325,7 @@ def lr_scale(cfg: Mapping, world_size: int, accumulate_grad_batches: int = 1) ->
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key that cannot work."""
+    check_value_types(cfg, DEFAULTS, flexible=("devices", "precision", "scheduler.warmup_epochs"))
     _require(cfg.method in METHODS, f"unknown method '{cfg.method}'; choose one of {list(METHODS)}")
     check_backbone_name(str(cfg.backbone.name))
     if cfg.data.dataset not in DATASETS:

@@ -123,6 +123,16 @@ def _cifar(overrides: list[str]):
         (["max_epochs=5"], r"scheduler.warmup_epochs \(10\) must be shorter than max_epochs \(5\)"),
         (["scheduler.name=exponential"], "unknown scheduler.name 'exponential'"),
         (["scheduler.name=step"], "scheduler.name=step needs scheduler.lr_decay_steps"),
+        # a switch is True or False ("no" would count as True), a count a whole number, a rate a number
+        (["method_kwargs.iso=no"], "method_kwargs.iso must be True or False, got 'no'"),
+        (["method_kwargs.use_l2=off"], "method_kwargs.use_l2 must be True or False, got 'off'"),
+        (["auto_resume.enabled=no"], "auto_resume.enabled must be True or False, got 'no'"),
+        (["max_epochs=2.5"], "max_epochs must be a whole number, got 2.5"),
+        (["max_epochs=abc"], "max_epochs must be a whole number, got 'abc'"),
+        (["optimizer.batch_size=16.5"], "optimizer.batch_size must be a whole number, got 16.5"),
+        (["++method_kwargs.proj_output_dim=16.5"], "proj_output_dim must be a whole number"),
+        (["++seed=abc"], "seed must be a whole number, got 'abc'"),
+        (["optimizer.lr=abc"], "optimizer.lr must be a number, got 'abc'"),
         (
             ["method=byol", "method_kwargs.iso=False", "method_kwargs.eps_iso=0.25"],
             "method_kwargs eps_iso shape the closed-form predictor",
@@ -147,6 +157,11 @@ def test_bad_config_values_are_named(overrides: list[str], message: str) -> None
 def test_keys_nothing_reads_are_named_in_a_warning(override: str, message: str) -> None:
     with pytest.warns(UnreadConfigKeyWarning, match=message):
         prepare_config(_cifar([override]))
+
+
+def test_flexible_keys_take_their_other_kinds() -> None:
+    cfg = prepare_config(_cifar(["devices=auto", "precision=bf16", "scheduler.warmup_epochs=0.5", "optimizer.lr=2"]))
+    assert (cfg.devices, cfg.precision, cfg.scheduler.warmup_epochs, cfg.optimizer.lr) == ("auto", "bf16", 0.5, 2)
 
 
 def test_trainer_arguments_and_resume_keys_are_read() -> None:

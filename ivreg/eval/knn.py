@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
+from ivreg.config import check_value_types, warn_unread_keys
 from ivreg.data.augment import build_eval_transform
 from ivreg.data.datamodule import seeded_sample
 from ivreg.data.datasets import Transformed
@@ -233,12 +234,18 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     from ivreg.checkpoints import load_backbone_and_config
 
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    cfg = OmegaConf.merge(OmegaConf.create(KNN_DEFAULTS), {k: v for k, v in user.items() if k != "hydra"})
+    user = OmegaConf.create({k: v for k, v in user.items() if k != "hydra"})
+    warn_unread_keys(user, defaults=KNN_DEFAULTS, closed=("data",), top_level={*KNN_DEFAULTS, "defaults"})
+    cfg = OmegaConf.merge(OmegaConf.create(KNN_DEFAULTS), user)
+    check_value_types(cfg, KNN_DEFAULTS, flexible=("temperature",))
     ckpt = cfg.pretrained_feature_extractor
     if not ckpt:
         raise ConfigError("set pretrained_feature_extractor=<path to a pretraining checkpoint or run folder>")
-    ks = [int(k) for k in _as_list(cfg.k)]
-    temps = [float(t) for t in _as_list(cfg.temperature)]
+    ks, temps = _as_list(cfg.k), _as_list(cfg.temperature)
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+        raise ConfigError(f"k must be a whole number or a list of them, e.g. [10,20], got {ks}")
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in temps):
+        raise ConfigError(f"temperature must be a number or a list of them, got {temps}")
     distance = str(cfg.distance)
     check_knn_args(ks, temps, distance, bank_size=max(ks, default=1))  # names and signs; the bank comes below
     device = default_device(str(cfg.accelerator))

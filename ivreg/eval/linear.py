@@ -33,7 +33,14 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 
 from ivreg.callbacks import EpochCheckpoint, EpochSummary, StopAllProcessesOnError, checkpoint_io
-from ivreg.config import PRECISIONS, lr_scale, to_container
+from ivreg.config import (
+    PRECISIONS,
+    check_value_types,
+    lr_scale,
+    to_container,
+    trainer_arguments,
+    warn_unread_keys,
+)
 from ivreg.data.augment import ViewSpec
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
@@ -123,6 +130,20 @@ LINEAR_RESUME_KEYS = (
 )
 
 
+# Sections whose keys are all known (a typo in them is warned about, as in pretraining), and
+# the top-level keys besides LINEAR_DEFAULTS' and Lightning Trainer arguments.
+LINEAR_CLOSED_SECTIONS = ("data", "augmentations", "optimizer", "scheduler", "checkpoint", "auto_resume", "logger")
+# backbone: checked against the checkpoint's; the others are written into the run's config.yaml
+LINEAR_TOP_LEVEL_KEYS = {
+    "hydra",
+    "defaults",
+    "backbone",
+    "resume_from_checkpoint",
+    "pretrain_cfg",
+    "pretrained_backbone_sha256",
+}
+
+
 # ----------------------------------------------------------------------------------- config
 def _check(cond: bool, message: str) -> None:
     if not cond:
@@ -150,8 +171,16 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     OmegaConf.set_struct(user, False)
     if "hydra" in user:
         del user["hydra"]
+    warn_unread_keys(
+        user,
+        defaults=LINEAR_DEFAULTS,
+        closed=LINEAR_CLOSED_SECTIONS,
+        top_level=set(LINEAR_DEFAULTS) | LINEAR_TOP_LEVEL_KEYS | trainer_arguments(),
+        run_keys={"data": {"num_classes"}},
+    )
     merged = OmegaConf.merge(OmegaConf.create(LINEAR_DEFAULTS), user)
     OmegaConf.set_struct(merged, False)
+    check_value_types(merged, LINEAR_DEFAULTS, flexible=("devices", "precision", "scheduler.warmup_epochs"))
     _check(
         bool(merged.pretrained_feature_extractor),
         "set pretrained_feature_extractor=<path to a pretraining checkpoint or run folder>",

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from ivreg.errors import ConfigError
+from ivreg.config import UnreadConfigKeyWarning
+from ivreg.errors import CheckpointError, ConfigError
 from ivreg.eval.knn import OnlineKNN, knn_accuracy, knn_scores, nearest, run_knn
 
 from ..eval_helpers import colour_checkpoint
@@ -94,6 +95,14 @@ def test_bad_settings_are_clear_errors():
         knn_accuracy(BANK, BANK_Y, QUERIES, QUERY_Y, ks=[2], distance="manhattan")
     with pytest.raises(ConfigError, match="k must be >= 1"):
         OnlineKNN(k=0)
+    # main_knn's config, before any checkpoint is read
+    with pytest.raises(ConfigError, match=r"k must be a whole number or a list of them, e.g. \[10,20\], got \['abc'\]"):
+        run_knn({"pretrained_feature_extractor": "x", "k": "abc"})
+    with pytest.raises(ConfigError, match="batch_size must be a whole number, got 12.5"):
+        run_knn({"pretrained_feature_extractor": "x", "batch_size": 12.5})
+    unread = pytest.warns(UnreadConfigKeyWarning, match=r"kk is not read by ivreg .*did you mean k\?")
+    with unread, pytest.raises(CheckpointError):
+        run_knn({"pretrained_feature_extractor": "/nonexistent.ckpt", "kk": 5})
 
 
 def test_run_knn_on_a_checkpoint_finds_the_colour_classes(tmp_path):

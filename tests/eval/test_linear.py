@@ -20,7 +20,7 @@ from ivreg.config import compose
 from ivreg.errors import CheckpointError, ConfigError
 from ivreg.eval.common import eval_data_config, eval_datasets, eval_view, extract_features
 from ivreg.eval.knn import OnlineKNN
-from ivreg.eval.linear import build_linear_run, linear_eval, linear_optimizer
+from ivreg.eval.linear import build_linear_run, linear_eval, linear_optimizer, prepare_linear_config
 from ivreg.train import build_run, pretrain
 
 from ..conftest import CIFAR_CONFIGS, ROOT, KillAtEpoch, tiny_overrides
@@ -352,3 +352,25 @@ def test_step_schedule_from_the_config_decays_at_its_epochs(colour_ckpt, tmp_pat
     assert [float(r["lr"]) for r in _rows(tmp_path / "step" / "epochs.csv")] == pytest.approx([0.1, 0.05, 0.025])
     with pytest.raises(ConfigError, match="end before max_epochs"):
         build_linear_run({**cfg, "name": "step2", "scheduler": {"name": "step", "lr_decay_steps": [3]}})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"finetune": "no"}, "finetune must be True or False, got 'no'"),
+        ({"max_epochs": 2.5}, "max_epochs must be a whole number, got 2.5"),
+        ({"optimizer": {"lr": "abc"}}, "optimizer.lr must be a number, got 'abc'"),
+    ],
+)
+def test_linear_values_of_the_wrong_kind_are_named(override: dict, message: str, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        prepare_linear_config({"pretrained_feature_extractor": "x", **override})
+
+
+def test_linear_keys_nothing_reads_are_named_in_a_warning() -> None:
+    from ivreg.config import UnreadConfigKeyWarning
+
+    with pytest.warns(UnreadConfigKeyWarning, match=r"max_epoch is not read .*did you mean max_epochs\?"):
+        prepare_linear_config({"pretrained_feature_extractor": "x", "max_epoch": 1})
+    with pytest.warns(UnreadConfigKeyWarning, match=r"optimizer.lrr is not read .*did you mean optimizer.lr\?"):
+        prepare_linear_config({"pretrained_feature_extractor": "x", "optimizer": {"lrr": 3}})
