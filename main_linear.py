@@ -10,7 +10,7 @@ key overrides them. Without --config-path it uses the CPU settings of scripts/li
 import hydra
 from omegaconf import DictConfig
 
-from ivreg.cli import exit_on_user_error
+from ivreg.cli import exit_after_sweep, exit_on_user_error
 from ivreg.eval.linear import linear_eval
 
 
@@ -22,3 +22,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_sweep()  # a sweep (-m) whose jobs failed exits with 1, naming them

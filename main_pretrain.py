@@ -9,7 +9,7 @@ Without arguments it runs the offline demo on the digits set that ships with sci
 import hydra
 from omegaconf import DictConfig
 
-from ivreg.cli import exit_on_user_error
+from ivreg.cli import exit_after_sweep, exit_on_user_error
 from ivreg.train import pretrain
 
 
@@ -21,3 +21,4 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_sweep()  # a sweep (-m) whose jobs failed exits with 1, naming them

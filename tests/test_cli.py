@@ -68,3 +68,32 @@ def test_gpu_config_on_a_machine_without_gpu_says_how_to_run_on_cpu(tmp_path: Pa
     )
     assert proc.returncode == 2
     assert "error: accelerator=gpu but no CUDA GPU is visible; run with accelerator=cpu" in proc.stderr
+
+
+def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path: Path) -> None:
+    """An lr search expects some jobs to fail: the sweep goes on, then names them and exits 1."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "main_pretrain.py"),
+            "-m",
+            "optimizer.lr=-1,0.5",
+            "name=sw${optimizer.lr}",
+            f"checkpoint.dir={tmp_path}",
+            "max_epochs=1",
+            "scheduler.warmup_epochs=0",
+            "++limit_train_batches=1",
+            "++limit_val_batches=1",
+            "++num_sanity_val_steps=0",
+            "report.compare_random_init=False",
+            "logger.tensorboard=False",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "error: optimizer.lr must be >= 0, got -1.0 [job 0 (optimizer.lr=-1" in proc.stderr
+    assert "error: 1 job(s) of the sweep failed:\n  job 0 (optimizer.lr=-1" in proc.stderr
+    assert (tmp_path / "sw0.5" / "last.ckpt").is_file() and not (tmp_path / "sw-1").exists()
