@@ -164,10 +164,11 @@ class NonFiniteLossGuard(L.Callback):
             hint = "a lower optimizer.lr" + (
                 "" if precision.startswith("32") or precision.startswith("64") else ", precision=bf16 or precision=32"
             )
+            last = Path(trainer.default_root_dir) / "last.ckpt"
+            kept = f"{last}, from the last finite epoch, is kept" if last.is_file() else "No checkpoint was written"
             raise TrainingError(
                 f"the SSL loss became NaN or infinite in {bad} step(s) of epoch {trainer.current_epoch} "
-                f"(global step {trainer.global_step}). The last checkpoint from a finite epoch is kept. "
-                f"Try {hint}."
+                f"(global step {trainer.global_step}). {kept}. Try {hint}."
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

@@ -44,6 +44,12 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     import torch
 
     p = resolve_path(path)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a pickle
+        raise CheckpointError(
+            f"{p} is not a PyTorch checkpoint; pass a run's last.ckpt (or epoch<N>.ckpt), or its run folder"
+        )
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # garbage bytes fail anywhere in the (weights-only, safe) unpickler

@@ -40,7 +40,7 @@ from ivreg.callbacks import (
     checkpoint_io,
     remove_stale_temporaries,
 )
-from ivreg.checkpoints import config_of, read_checkpoint, require_pretraining_config
+from ivreg.checkpoints import config_of, read_checkpoint, require_pretraining_config, resolve_path
 from ivreg.config import (
     CUDAGRAPH_COMPILE_MODES,
     DEFAULTS,
@@ -194,9 +194,10 @@ def check_resume(
     ``pretraining``: the checkpoint must be a pretraining run's."""
     explicit = cfg.get("resume_from_checkpoint")
     if explicit:
-        path = Path(explicit).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"resume_from_checkpoint={path} does not exist")
+        try:
+            path = resolve_path(explicit)  # a run folder stands for its last.ckpt
+        except CheckpointError as exc:
+            raise ConfigError(f"resume_from_checkpoint: {exc}") from None
         advice = "Resume with the config it was trained with, or start a new run without resume_from_checkpoint"
         _require_same_run(path, cfg, keys, defaults, pretraining, advice)
         return path
@@ -229,6 +230,12 @@ def _require_same_run(
     diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults, ckpt.get(WORLD_SIZE_KEY))
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
+    done = finished_epochs(path, ckpt)
+    if done is not None and cfg.get("max_epochs") is not None and done > int(cfg.max_epochs):
+        raise ConfigError(
+            f"{path} has finished {done} epochs, more than max_epochs={cfg.max_epochs}; set max_epochs={done} "
+            f"or more to resume it (nothing is trained at {done}), or choose another name=..."
+        )
     then, now = saved.get("max_epochs"), cfg.get("max_epochs")
     if then is not None and now is not None and int(then) != int(now) and int(now) > (finished_epochs(path, ckpt) or 0):
         warnings.warn(

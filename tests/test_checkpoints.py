@@ -54,8 +54,12 @@ def test_missing_file(tmp_path):
 def test_corrupt_and_foreign_files(tmp_path, resnet18_ckpt):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"this is not a checkpoint" * 10)
-    with pytest.raises(CheckpointError, match="garbage.ckpt is not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="garbage.ckpt is not a PyTorch checkpoint; pass a run's last.ckpt"):
         load_backbone(garbage)
+    config = tmp_path / "config.yaml"  # the run folder's other file, given by mistake
+    config.write_text("name: run\nseed: 5\n")
+    with pytest.raises(CheckpointError, match="config.yaml is not a PyTorch checkpoint; pass a run's last.ckpt"):
+        load_backbone(config)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(resnet18_ckpt[0].read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):

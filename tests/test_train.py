@@ -282,6 +282,30 @@ def test_resume_compares_the_processes_the_checkpoint_ran_with(image_data, tmp_p
     assert run.resume_from == last
 
 
+def test_a_relaunch_under_fewer_epochs_than_done_is_refused_before_writing(image_data, tmp_path: Path) -> None:
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=2", "scheduler.name=none"))
+    run_dir = tmp_path / "tiny"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    with pytest.raises(ConfigError, match=r"has finished 2 epochs, more than max_epochs=1; set max_epochs=2"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # config.yaml, logs: untouched
+    # an explicit resume may name the run folder (its last.ckpt)
+    run = build_run(
+        _cfg(
+            "isoloss-noema.yaml",
+            image_data,
+            tmp_path,
+            "max_epochs=3",
+            "scheduler.name=none",
+            f"++resume_from_checkpoint={run_dir}",
+            name="again",
+        )
+    )
+    assert run.resume_from == run_dir / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint: checkpoint .*nowhere does not exist"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, f"++resume_from_checkpoint={tmp_path}/nowhere"))
+
+
 def test_explicit_resume_refuses_a_checkpoint_of_another_run(image_data, tmp_path: Path) -> None:
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", name="iso"))
     ckpt = tmp_path / "iso" / "last.ckpt"
