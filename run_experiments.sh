@@ -20,6 +20,14 @@ if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 FAILED=()
+MATCHED=0
+if [ -n "${ONLY:-}" ]; then
+    [[ "" =~ $ONLY ]]
+    if [ $? -eq 2 ]; then
+        echo "error: ONLY='${ONLY}' is not a valid (extended) regular expression" >&2
+        exit 2
+    fi
+fi
 
 data_paths() {  # data_paths <dataset>: the overrides of its <DATASET>_TRAIN / <DATASET>_VAL
     local key
@@ -34,6 +42,7 @@ run() {  # run <config folder> <config file> <dataset> <name> [overrides...]
     local folder=$1 config=$2 dataset=$3 name=$4
     shift 4
     [[ "$name" =~ ${ONLY:-.} ]] || return 0
+    MATCHED=$((MATCHED + 1))
     local paths
     mapfile -t paths < <(data_paths "$dataset")
     for seed in ${SEEDS:-5}; do
@@ -65,6 +74,10 @@ for pair in cifar:cifar10 cifar:cifar100 stl-10:stl10 tinyimagenet:tinyimagenet;
     run "$folder" isoloss-noema.yaml    "$dataset" "directcopy-isocopy-noema_${dataset}" optimizer.weight_decay=1e-4 "${DIRECTCOPY[@]}"
 done
 
+if [ "$MATCHED" -eq 0 ]; then
+    echo "error: no run's name matches ONLY='${ONLY:-}' (names look like isoloss-noema_cifar10; DRY_RUN=1 lists them)" >&2
+    exit 1
+fi
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "failed: ${FAILED[*]}" >&2
     exit 1

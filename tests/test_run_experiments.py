@@ -57,3 +57,18 @@ def test_run_experiments_filters_sets_paths_per_dataset_and_goes_on_after_a_fail
     )
     assert failing.returncode == 1
     assert failing.stderr.strip().endswith("failed: isoloss_cifar10 isoloss-noema_cifar10")
+
+
+def test_a_filter_that_matches_nothing_or_is_no_regex_is_an_error() -> None:
+    """A mistyped ONLY printed nothing and exited 0, as if the runs had been done."""
+    for only, status, message in (
+        ("^isoloss_cifar1$", 1, "no run's name matches ONLY='^isoloss_cifar1$'"),
+        ("[", 2, "ONLY='[' is not a valid (extended) regular expression"),
+    ):
+        proc = subprocess.run(
+            ["bash", str(ROOT / "run_experiments.sh")],
+            env={**os.environ, "DRY_RUN": "1", "ONLY": only},
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == status and message in proc.stderr and not proc.stdout
