@@ -424,6 +424,9 @@ def release_run_folder(run_dir: Path) -> None:
 def build_run(cfg: DictConfig | dict) -> Run:
     """Validate the config and build data, model and trainer; touches only the run folder."""
     cfg = prepare_config(cfg)
+    for key in ("train_path", "val_path"):  # as absolute paths: the evaluation tools read them from anywhere
+        if cfg.data.get(key):
+            cfg.data[key] = str(Path(str(cfg.data[key])).expanduser().resolve())
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     hw = hardware_kwargs(cfg)
     run_dir = run_dir_of(cfg)

@@ -14,11 +14,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ivreg.config import compose
 from ivreg.errors import ConfigError, DataError, TrainingError
 from ivreg.targets import cosine_tau
-from ivreg.train import build_run, pretrain
+from ivreg.train import build_run, pretrain, release_run_folder
 
 from .conftest import CIFAR_CONFIGS, ROOT, KillAtEpoch, tiny_overrides
 
@@ -359,6 +360,18 @@ def test_nonfinite_loss_stops_with_a_clear_error(image_data, tmp_path: Path) -> 
     with pytest.raises(TrainingError, match="NaN or infinite"):  # from the guard or from eigh
         run.trainer.fit(run.model, datamodule=run.datamodule)
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
+
+
+def test_relative_data_paths_are_stored_absolute(image_data, tmp_path: Path, monkeypatch) -> None:
+    """main_linear, main_knn and main_umap read the data paths from the checkpoint, launched
+    from anywhere: the shipped configs' ./datasets would not be found from another folder."""
+    train, val = image_data
+    monkeypatch.chdir(train.parent)
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "data.train_path=./train", "data.val_path=val"))
+    assert (run.cfg.data.train_path, run.cfg.data.val_path) == (str(train.resolve()), str(val.resolve()))
+    saved = OmegaConf.load(tmp_path / "tiny" / "config.yaml")
+    assert saved.data.train_path == str(train.resolve())
+    release_run_folder(run.run_dir)
 
 
 def test_missing_data_folder_is_named(tmp_path: Path, image_data) -> None:
