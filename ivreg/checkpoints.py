@@ -164,6 +164,29 @@ def load_backbone_and_config(
     return net.eval(), cfg
 
 
+PROJECTOR_PREFIX = "projector."
+
+
+def load_projector(path: str | Path, cfg: Mapping[str, Any], in_dim: int, map_location: Any = "cpu") -> nn.Module:
+    """The pretrained projector MLP of a pretraining checkpoint (whose config is ``cfg``), in
+    eval mode (its BatchNorm uses the running statistics), with ``num_features`` set: for
+    evaluating the projections ``z`` the loss saw instead of the backbone's features."""
+    from ivreg.heads import mlp
+
+    ckpt = read_checkpoint(path, map_location)
+    state = {k[len(PROJECTOR_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(PROJECTOR_PREFIX)}
+    if not state:
+        raise CheckpointError(f"{path} holds no projector weights (no '{PROJECTOR_PREFIX}*' entries)")
+    mk = cfg["method_kwargs"]
+    net = mlp(in_dim, int(mk["proj_hidden_dim"]), int(mk["proj_output_dim"]))
+    problem = _mismatch_report(net, state)
+    if problem:
+        raise CheckpointError(f"the projector weights in {path} do not fit its config's method_kwargs: {problem}")
+    net.load_state_dict(state, strict=True)
+    net.num_features = int(mk["proj_output_dim"])
+    return net.eval()
+
+
 def load_backbone(path: str | Path, map_location: Any = "cpu", arch: str | None = None) -> nn.Module:
     """The pretrained backbone of a checkpoint, in eval mode.
 

@@ -194,6 +194,7 @@ KNN_DEFAULTS: dict[str, Any] = {
     "k": [10, 20, 100, 200],
     "temperature": 0.07,
     "distance": "cosine",
+    "features": "backbone",  # or projector: the projections z the loss saw (solo-learn's feature_type)
     "batch_size": 256,
     "test_chunk_size": 1024,
     "bank_chunk_size": 65536,
@@ -202,6 +203,9 @@ KNN_DEFAULTS: dict[str, Any] = {
     "out": None,
     "data": EVAL_DATA_DEFAULTS,
 }
+
+
+FEATURES = ("backbone", "projector")
 
 
 def _as_list(value: Any) -> list:
@@ -231,7 +235,7 @@ def write_results(path: Path, results: Sequence[KNNResult], extra: Mapping[str, 
 def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     """``main_knn.py``: features of a checkpoint's backbone on the train (bank) and test splits,
     then weighted kNN for every k and temperature. Prints a table; writes ``out`` (CSV) if set."""
-    from ivreg.checkpoints import load_backbone_and_config
+    from ivreg.checkpoints import load_backbone_and_config, load_projector
 
     user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     user = OmegaConf.create({k: v for k, v in user.items() if k != "hydra"})
@@ -250,7 +254,13 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     check_knn_args(ks, temps, distance, bank_size=max(ks, default=1))  # names and signs; the bank comes below
     device = default_device(str(cfg.accelerator))
 
+    features = str(cfg.features)
+    if features not in FEATURES:
+        raise ConfigError(f"unknown features '{features}'; choose one of {list(FEATURES)}")
     backbone, pretrain_cfg = load_backbone_and_config(str(ckpt), map_location=device, pretraining=True)
+    if features == "projector":
+        projector = load_projector(str(ckpt), pretrain_cfg, int(backbone.num_features), map_location=device)
+        backbone = torch.nn.Sequential(backbone, projector).eval()
     data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]
     train, val, num_classes = eval_datasets(data, int(cfg.seed))
     check_knn_args(ks, temps, distance, bank_size=len(train))  # type: ignore[arg-type]
@@ -272,11 +282,12 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     )
     print(
         f"kNN ({distance}) on {data['dataset']}: {len(train_x)} train / {len(test_x)} test images, "
-        f"features of {ckpt}\n{format_results(results)}",
+        f"{features} features of {ckpt}\n{format_results(results)}",
         flush=True,
     )
     if cfg.out:
-        write_results(Path(str(cfg.out)).expanduser(), results, {"checkpoint": str(ckpt), "dataset": data["dataset"]})
+        extra = {"checkpoint": str(ckpt), "dataset": data["dataset"], "features": features}
+        write_results(Path(str(cfg.out)).expanduser(), results, extra)
     return results
 
 

@@ -175,3 +175,38 @@ def test_online_knn_encodes_only_what_limited_loops_see(pipeline: str, image_dat
     (knn,) = [cb for cb in run.trainer.callbacks if isinstance(cb, OnlineKNN)]
     assert (knn.bank_size, knn.query_size) == (2 * 8, 8)
     assert 0.0 <= float(run.trainer.callback_metrics["val_knn_acc1"]) <= 100.0
+
+
+def test_knn_on_projector_features_uses_the_trained_projector(image_data, tmp_path):
+    """features=projector (solo-learn's feature_type): the kNN runs on z = projector(backbone(x))
+    with the checkpoint's projector in eval mode."""
+    from ivreg.checkpoints import load_backbone, load_projector
+    from ivreg.config import compose
+    from ivreg.eval.common import eval_view, extract_features
+    from ivreg.train import pretrain
+
+    from ..conftest import CIFAR_CONFIGS, tiny_overrides
+
+    train, val = image_data
+    overrides = tiny_overrides(train, val, tmp_path) + ["max_epochs=1", "scheduler.warmup_epochs=0"]
+    run = pretrain(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", overrides))
+    ckpt = tmp_path / "tiny" / "last.ckpt"
+    projector = load_projector(ckpt, run.cfg, in_dim=run.model.backbone.num_features)
+    assert not projector.training and projector.num_features == 16
+    for key, value in projector.state_dict().items():
+        torch.testing.assert_close(value, run.model.projector.state_dict()[key], msg=key)
+
+    out = tmp_path / "knn.csv"
+    cfg = {"pretrained_feature_extractor": str(ckpt), "k": [3], "accelerator": "cpu", "features": "projector"}
+    (result,) = run_knn({**cfg, "out": str(out)})
+    assert "projector" in out.read_text().splitlines()[1]
+    # the same accuracy from the projections computed here
+    net = torch.nn.Sequential(load_backbone(ckpt), projector).eval()
+    data = {**run.cfg.data, "crop_size": 32, "mean": run.datamodule.mean, "std": run.datamodule.std}
+    feats = {}
+    for split, raw in (("train", run.datamodule.raw_train), ("val", run.datamodule.raw_val)):
+        feats[split] = extract_features(net, eval_view(raw, data), batch_size=16)
+    (expected,) = knn_accuracy(*feats["train"], *feats["val"], ks=[3])
+    assert result.acc1 == expected.acc1 and result.acc5 == expected.acc5
+    with pytest.raises(ConfigError, match="unknown features 'logits'"):
+        run_knn({**cfg, "features": "logits"})
