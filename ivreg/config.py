@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ivreg.backbones import check_backbone_name
 from ivreg.data.datasets import DATASETS
 from ivreg.errors import ConfigError, DataError
-from ivreg.optim import check_optimizer, check_schedule, schedule_options
+from ivreg.optim import check_optimizer, check_schedule_section
 
 METHODS = ("byol", "directpred")
 
@@ -371,10 +371,7 @@ def validate(cfg: DictConfig) -> None:
         f"optimizer.lr_scaling '{opt.get('lr_scaling')}' is not supported; choose one of {list(LR_SCALINGS)}",
     )
     _require(int(cfg.max_epochs) >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
-    opts = schedule_options(cfg.scheduler)
-    check_schedule(
-        str(cfg.scheduler.name), opts["warmup_epochs"], int(cfg.max_epochs), opts["lr_decay_steps"], opts["gamma"]
-    )
+    check_schedule_section(cfg.scheduler, int(cfg.max_epochs))
     _require(
         str(cfg.precision) in PRECISIONS,
         f"precision '{cfg.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",

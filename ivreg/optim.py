@@ -286,6 +286,13 @@ def schedule_options(scheduler_cfg: Mapping) -> dict[str, Any]:
     }
 
 
+def check_schedule_section(scheduler_cfg: Mapping, max_epochs: int) -> None:
+    """``check_schedule`` of a config's ``scheduler`` section."""
+    opts = schedule_options(scheduler_cfg)
+    name = str(scheduler_cfg["name"])
+    check_schedule(name, opts["warmup_epochs"], max_epochs, opts["lr_decay_steps"], opts["gamma"])
+
+
 def optimizers_with_schedule(
     optimizer: torch.optim.Optimizer, scheduler_cfg: Mapping, total_steps: int, max_epochs: int
 ) -> dict:

@@ -230,14 +230,15 @@ def _require_same_run(
     diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults, ckpt.get(WORLD_SIZE_KEY))
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
-    done = finished_epochs(path, ckpt)
-    if done is not None and cfg.get("max_epochs") is not None and done > int(cfg.max_epochs):
+    done, then, now = finished_epochs(path, ckpt) or 0, saved.get("max_epochs"), cfg.get("max_epochs")
+    if now is None:
+        return
+    if done > int(now):
         raise ConfigError(
-            f"{path} has finished {done} epochs, more than max_epochs={cfg.max_epochs}; set max_epochs={done} "
-            f"or more to resume it (nothing is trained at {done}), or choose another name=..."
+            f"{path} has finished {done} epochs, more than max_epochs={now}; set max_epochs={done} or more "
+            f"to go on from it ({done}: nothing is left to train), or choose another name=..."
         )
-    then, now = saved.get("max_epochs"), cfg.get("max_epochs")
-    if then is not None and now is not None and int(then) != int(now) and int(now) > (finished_epochs(path, ckpt) or 0):
+    if then is not None and int(then) != int(now) and int(now) > done:
         warnings.warn(
             f"{path} was trained towards max_epochs={then}; resumed with max_epochs={now}, its learning-rate "
             f"(and EMA) schedules are recomputed over {now} epochs from its step on, so the rate jumps there "

@@ -46,7 +46,7 @@ from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
 from ivreg.method import backbone_from_config, backbone_kwargs
-from ivreg.optim import check_schedule, optimizers_with_schedule, planned_optimizer_steps, schedule_options
+from ivreg.optim import check_schedule_section, optimizers_with_schedule, planned_optimizer_steps
 from ivreg.train import (
     build_loggers,
     check_resume,
@@ -198,10 +198,7 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     # its options, on a stand-in parameter, before anything is loaded or written
     linear_optimizer(OmegaConf.to_object(opt), [{"params": [torch.zeros(1, requires_grad=True)]}], float(opt.lr))  # type: ignore[arg-type]
     _check(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
-    opts = schedule_options(merged.scheduler)
-    check_schedule(
-        str(merged.scheduler.name), opts["warmup_epochs"], int(merged.max_epochs), opts["lr_decay_steps"], opts["gamma"]
-    )
+    check_schedule_section(merged.scheduler, int(merged.max_epochs))
     _check(
         str(merged.precision) in PRECISIONS,
         f"precision '{merged.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
