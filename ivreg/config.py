@@ -249,11 +249,25 @@ def warn_unread_keys(cfg: DictConfig, **where: Any) -> None:
         warnings.warn(line, UnreadConfigKeyWarning, stacklevel=3)
 
 
+def _decoded(text: str, kind: type) -> Any:
+    """``text`` as a ``kind`` (bool, int or float) when it spells one, else None: an
+    interpolation such as ``${oc.env:EPOCHS}`` resolves to a string."""
+    word = text.strip()
+    if kind is bool:
+        return {"true": True, "false": False}.get(word.lower())
+    try:
+        return kind(word) if kind is float or word.lstrip("+-").isdigit() else None
+    except ValueError:
+        return None
+
+
 def check_value_types(cfg: DictConfig, defaults: Mapping[str, Any], flexible: Iterable[str] = ()) -> None:
     """Raise ConfigError for a value of another kind than its key's default: a switch must be
     True or False (``iso=no`` would count as True), a count a whole number (``max_epochs=2.5``
-    would be rounded down, ``abc`` fail with a traceback), a rate a number. ``flexible``: keys
-    that take other kinds too (``devices=auto``, ``precision=bf16``)."""
+    would be rounded down, ``abc`` fail with a traceback), a rate a number. A string that
+    spells the right kind (an environment variable through ``${oc.env:...}``) is converted in
+    place; null passes (the reader of the key decides). ``flexible``: keys that take other
+    kinds too (``devices=auto``, ``precision=bf16``)."""
     missing = object()
     skip = set(flexible)
     for dotted, default in config_leaves(dict(defaults), "").items():
@@ -261,15 +275,19 @@ def check_value_types(cfg: DictConfig, defaults: Mapping[str, Any], flexible: It
         if "[" in key or key in skip or default is None or isinstance(default, str):
             continue
         value = OmegaConf.select(cfg, key, default=missing)
-        if value is missing:
+        if value is missing or value is None:
             continue
-        if isinstance(default, bool):
+        kind = bool if isinstance(default, bool) else int if isinstance(default, int) else float
+        if isinstance(value, str) and _decoded(value, kind) is not None:
+            value = _decoded(value, kind)
+            OmegaConf.update(cfg, key, value, merge=False)
+        if kind is bool:
             _require(isinstance(value, bool), f"{key} must be True or False, got {value!r}")
-        elif isinstance(default, int):
+        elif kind is int:
             _require(
                 isinstance(value, int) and not isinstance(value, bool), f"{key} must be a whole number, got {value!r}"
             )
-        elif isinstance(default, float):
+        else:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
             _require(number, f"{key} must be a number, got {value!r}")
 

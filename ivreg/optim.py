@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from ivreg.errors import ConfigError
@@ -277,6 +278,8 @@ def schedule_options(scheduler_cfg: Mapping) -> dict[str, Any]:
     config section (whose warmup_epochs, warmup_start_lr and min_lr each entry point's
     defaults fill in; lr_decay_steps and gamma only ``step`` needs)."""
     steps = scheduler_cfg.get("lr_decay_steps")
+    if steps is not None and not isinstance(steps, (list, tuple)) and not OmegaConf.is_list(steps):
+        steps = [steps]  # one milestone given as a number
     return {
         "warmup_epochs": float(scheduler_cfg["warmup_epochs"]),
         "warmup_start_lr": float(scheduler_cfg.get("warmup_start_lr", 0.0)),

@@ -83,6 +83,9 @@ RESUME_KEYS = (
 # Leaves under RESUME_KEYS that may change: they alter no trained number (the images per
 # optimizer step, of which the batch size is one factor, are compared apart).
 RESUME_FREE = ("method_kwargs.log_eigvals", "method_kwargs.eigh_on_host", "optimizer.batch_size")
+# Leaves compared only when the checkpoint recorded them: a linear run begun before its
+# pretrained weights' digest was recorded resumes as before (nothing to compare it with).
+RECORDED_ONLY = ("pretrained_backbone_sha256",)
 # Trainer arguments this module sets itself; other top-level keys matching Trainer's
 # signature (limit_train_batches, num_nodes, gradient_clip_val, ...) are passed through.
 MANAGED_TRAINER_KEYS = {
@@ -275,7 +278,8 @@ def _differing_keys(
         then, now = config_leaves(then, key), config_leaves(plain(cfg, key), key)
         default = config_leaves(plain(defaults_cfg, key), key)
         diffs += [k for k, v in then.items() if k not in RESUME_FREE and (k not in now or now[k] != v)]
-        diffs += [k for k, v in now.items() if k not in then and k not in RESUME_FREE and default.get(k, missing) != v]
+        only_now = [k for k in now if k not in then and k not in RESUME_FREE and k not in RECORDED_ONLY]
+        diffs += [k for k in only_now if default.get(k, missing) != now[k]]
     then, now = images_per_step(saved, saved_world_size), images_per_step(cfg)
     if then != now:
         diffs.append(

@@ -164,6 +164,19 @@ def test_flexible_keys_take_their_other_kinds() -> None:
     assert (cfg.devices, cfg.precision, cfg.scheduler.warmup_epochs, cfg.optimizer.lr) == ("auto", "bf16", 0.5, 2)
 
 
+def test_values_from_environment_variables_are_converted_and_null_passes(monkeypatch) -> None:
+    """${oc.env:...} resolves to a string: one that spells the key's kind is taken as that kind
+    (a SLURM array's seed, an epoch count); null is left to the key's reader."""
+    monkeypatch.setenv("IVREG_TEST_EPOCHS", "12")
+    monkeypatch.setenv("IVREG_TEST_ISO", "False")
+    overrides = ["max_epochs=${oc.env:IVREG_TEST_EPOCHS}", "method_kwargs.iso=${oc.env:IVREG_TEST_ISO}"]
+    cfg = prepare_config(_cifar([*overrides, "++benchmark=null", "++log_every_n_steps=null"]))
+    assert cfg.max_epochs == 12 and cfg.method_kwargs.iso is False and cfg.benchmark is None
+    monkeypatch.setenv("IVREG_TEST_ISO", "no")
+    with pytest.raises(ConfigError, match="method_kwargs.iso must be True or False, got 'no'"):
+        prepare_config(_cifar(overrides))
+
+
 def test_trainer_arguments_and_resume_keys_are_read() -> None:
     import warnings
 

@@ -158,6 +158,10 @@ def test_step_schedule_multiplies_by_gamma_at_its_epochs_as_multisteplr() -> Non
             build_scheduler("step", opt, 10, 10, warmup_epochs=2, lr_decay_steps=steps)
     with pytest.raises(ConfigError, match="applies to scheduler.name=step"):
         build_scheduler("cosine", opt, 10, 10, lr_decay_steps=[6])
+    # one milestone may be given as a number (lr_decay_steps=6 on the command line)
+    section = {"name": "step", "warmup_epochs": 0, "lr_decay_steps": 6, "gamma": 0.5}
+    sched = optimizers_with_schedule(opt, section, total_steps=100, max_epochs=10)["lr_scheduler"]["scheduler"]
+    assert sched.lr_lambdas[0](59) == 1.0 and sched.lr_lambdas[0](60) == 0.5
 
 
 def test_optimizers_with_schedule_reads_the_scheduler_section() -> None:

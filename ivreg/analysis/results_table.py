@@ -18,6 +18,7 @@ left out with a warning unless ``--include-unfinished``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import statistics
@@ -196,10 +197,18 @@ LINEAR_SETTINGS = (
 def settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The options that shape a run's numbers (those resumption compares, the seed aside, and
     ``max_epochs``); for a linear run its pretraining run's, then its own under ``linear.``."""
-    from ivreg.config import config_leaves
+    from omegaconf import OmegaConf
+
+    from ivreg.config import DEFAULTS, config_leaves
+    from ivreg.eval.linear import LINEAR_DEFAULTS
     from ivreg.train import RESUME_FREE, RESUME_KEYS
 
-    def pick(config: Mapping[str, Any], keys: Iterable[str], prefix: str = "") -> dict[str, Any]:
+    def pick(
+        config: Mapping[str, Any], keys: Iterable[str], defaults: Mapping[str, Any], prefix: str = ""
+    ) -> dict[str, Any]:
+        # options a run's version of ivreg did not have yet count at their defaults
+        with contextlib.suppress(Exception):  # a hand-edited config the defaults do not merge with: as it is
+            config = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(dict(defaults)), dict(config)))
         out: dict[str, Any] = {}
         for key in keys:
             node: Any = config
@@ -211,8 +220,9 @@ def settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
     keys = [k for k in RESUME_KEYS if k != "seed"] + ["max_epochs"]
     if is_linear_run(cfg):
         pretrain = cfg.get("pretrain_cfg") if isinstance(cfg.get("pretrain_cfg"), Mapping) else {}
-        return {**pick(pretrain, keys), **pick(cfg, LINEAR_SETTINGS, "linear.")}  # type: ignore[arg-type]
-    return pick(cfg, keys)
+        linear = pick(cfg, LINEAR_SETTINGS, LINEAR_DEFAULTS, "linear.")
+        return {**pick(pretrain, keys, DEFAULTS), **linear}  # type: ignore[arg-type]
+    return pick(cfg, keys, DEFAULTS)
 
 
 def mixed_settings(results: Iterable[RunResult]) -> list[str]:

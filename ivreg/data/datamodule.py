@@ -334,6 +334,11 @@ class PretrainDataModule(L.LightningDataModule):
         (torchmetrics sums the counts over the ranks)."""
         trainer = self._trainer_or_none()
         if trainer is not None and trainer.world_size > 1:
+            if n < trainer.world_size:  # a process without an image would stop Lightning
+                raise DataError(
+                    f"the validation split has {n} images, fewer than the {trainer.world_size} processes; "
+                    "validate on more images or train on fewer devices"
+                )
             return FixedShardSampler(n, self.seed, trainer.global_rank, trainer.world_size)
         return FixedShuffleSampler(n, self.seed)
 

@@ -36,6 +36,7 @@ from ivreg.callbacks import EpochCheckpoint, EpochSummary, StopAllProcessesOnErr
 from ivreg.config import (
     PRECISIONS,
     check_value_types,
+    config_leaves,
     lr_scale,
     to_container,
     trainer_arguments,
@@ -389,12 +390,14 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     cfg.pretrained_backbone_sha256 = weights_sha256(pretrained)
     cfg.pretrain_cfg = pretrain_cfg
     backbone = resolved_backbone(pretrain_cfg)
-    given = OmegaConf.to_object(cfg.backbone) if "backbone" in cfg else backbone
-    _check(
-        given == backbone,
-        f"backbone={given} differs from the pretrained one, {backbone}: the backbone and its options come "
-        f"from {ckpt_path}; drop the backbone settings",
-    )
+    if "backbone" in cfg:  # the keys given (null: whatever the checkpoint has) must be the checkpoint's
+        given, known = config_leaves(OmegaConf.to_object(cfg.backbone), "backbone"), config_leaves(backbone, "backbone")
+        differ = [f"{k}={v!r}" for k, v in given.items() if k not in known or (v is not None and known[k] != v)]
+        _check(
+            not differ,
+            f"{', '.join(differ)} differs from the pretrained backbone, {backbone}: the backbone and its options "
+            f"come from {ckpt_path}; drop the backbone settings",
+        )
     cfg.backbone = backbone
     data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]
     if not cfg.name:

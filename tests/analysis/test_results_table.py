@@ -165,3 +165,14 @@ def test_linear_runs_on_other_label_fractions_are_named(tmp_path: Path, capsys):
         _run(root, f"lin-{seed}", {**linear, "data": {"dataset": "cifar10", "fraction": fraction}}, [90])
     assert main([str(root), "--kind", "linear"]) == 0
     assert "differ in linear.data.fraction (0.01, 1.0)" in capsys.readouterr().err
+
+
+def test_options_newer_than_a_run_count_at_their_defaults(tmp_path: Path, capsys):
+    """A run from before scheduler.gamma existed and one with it at its default are one setting."""
+    root = tmp_path / "runs"
+    old = {**_pretrain("byol", EMA, "cifar10"), "seed": 1, "scheduler": {"name": "warmup_cosine"}}
+    new = {**_pretrain("byol", EMA, "cifar10"), "seed": 2, "scheduler": {"name": "warmup_cosine", "gamma": 0.1}}
+    _run(root, "old", old, [80])
+    _run(root, "new", new, [82])
+    assert main([str(root)]) == 0
+    assert "differ in" not in capsys.readouterr().err

@@ -83,3 +83,14 @@ def test_a_batch_per_process_is_required(image_data) -> None:
         dm.setup()
     dm.trainer = SimpleNamespace(world_size=3, global_rank=0, is_global_zero=True, strategy=cpu)
     dm.setup()  # 16 each
+    # validation: each of the 3 processes gets its share of the 18 images, once overall;
+    # 18 images on 20 processes would leave some without any (Lightning stops on an empty loader)
+    shares = []
+    for rank in range(3):
+        dm.trainer = SimpleNamespace(world_size=3, global_rank=rank, is_global_zero=rank == 0, strategy=cpu)
+        shares.append(list(dm.val_dataloader().sampler))
+    assert sorted(sum(shares, [])) == list(range(18)) and [len(s) for s in shares] == [6, 6, 6]
+    dm = PretrainDataModule(data, views, batch_size=2)
+    dm.trainer = SimpleNamespace(world_size=20, global_rank=0, is_global_zero=True, strategy=cpu)
+    with pytest.raises(DataError, match="the validation split has 18 images, fewer than the 20 processes"):
+        dm.val_dataloader()

@@ -296,10 +296,19 @@ def test_a_changed_pretraining_checkpoint_is_not_resumed_and_the_backbone_is_its
     torch.save(state, ckpt)
     with pytest.raises(ConfigError, match=r"differs from this config in \['pretrained_backbone_sha256'\]"):
         build_linear_run(_linear_cfg(ckpt, tmp_path, epochs=2, name="lin"))
+    # a linear run from before the digest was recorded resumes as it did then (nothing to compare)
+    linear_ckpt = torch.load(tmp_path / "lin" / "last.ckpt", weights_only=True)
+    del linear_ckpt["hyper_parameters"]["cfg"]["pretrained_backbone_sha256"]
+    torch.save(linear_ckpt, tmp_path / "lin" / "last.ckpt")
+    assert build_linear_run(_linear_cfg(ckpt, tmp_path, epochs=2, name="lin")).resume_from is not None
     saved = torch.load(tmp_path / "lin" / "last.ckpt", weights_only=True)["hyper_parameters"]["cfg"]
-    with pytest.raises(ConfigError, match=r"backbone=.*resnet50.* differs from the pretrained one"):
+    with pytest.raises(ConfigError, match=r"backbone.name='resnet50' differs from the pretrained backbone"):
         build_linear_run({**_linear_cfg(ckpt, tmp_path, name="other"), "backbone": {"name": "resnet50"}})
     run = build_linear_run({**_linear_cfg(colour_ckpt, tmp_path, name="same"), "backbone": saved["backbone"]})
+    assert run.cfg.backbone == saved["backbone"]
+    # a part of the section, or null (the checkpoint's value), is the checkpoint's too
+    partial = {"name": saved["backbone"]["name"], "kwargs": {"cifar_stem": None}}
+    run = build_linear_run({**_linear_cfg(colour_ckpt, tmp_path, name="part"), "backbone": partial})
     assert run.cfg.backbone == saved["backbone"]
 
 
