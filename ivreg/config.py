@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ivreg.backbones import check_backbone_name
-from ivreg.data.datasets import DATASETS
+from ivreg.data.datasets import DATASETS, FRACTION_DRAWS
 from ivreg.errors import ConfigError, DataError
 from ivreg.optim import check_optimizer, check_schedule_section
 
@@ -53,6 +53,8 @@ DEFAULTS: dict[str, Any] = {
         "num_workers": 4,
         "download": True,
         "fraction": 1.0,
+        # per_class (stratified) or random (the whole set): how a fraction < 1 is drawn
+        "fraction_draw": "per_class",
         "mean": None,
         "std": None,
         "pipeline": "auto",
@@ -403,6 +405,8 @@ def validate(cfg: DictConfig) -> None:
     _require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
     fraction = _number(cfg, "data.fraction")
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
+    draw = cfg.data.get("fraction_draw")
+    _require(draw in FRACTION_DRAWS, f"data.fraction_draw must be one of {list(FRACTION_DRAWS)}, got {draw!r}")
     frequency = _whole_number(cfg, "checkpoint.frequency")
     _require(frequency >= 1, f"checkpoint.frequency must be >= 1 (epochs), got {frequency}")
     keep = _whole_number(cfg, "checkpoint.keep_every_n_epochs")

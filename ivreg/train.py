@@ -223,6 +223,14 @@ def check_resume(
     return last
 
 
+def keep_fraction_draw(cfg: DictConfig, resume_from: Path | None) -> None:
+    """A resumed run keeps the images it began with: ``data.fraction_draw`` is its checkpoint's,
+    ``random`` for a checkpoint from before the option existed (the draw of that time)."""
+    if resume_from is not None:
+        saved = config_of(read_checkpoint(resume_from, mmap=True), resume_from)
+        cfg.data.fraction_draw = (saved.get("data") or {}).get("fraction_draw") or "random"
+
+
 def _require_same_run(
     path: Path, cfg: DictConfig, keys: tuple[str, ...], defaults: Mapping[str, Any], pretraining: bool, advice: str
 ) -> None:
@@ -436,6 +444,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     hw = hardware_kwargs(cfg)
     run_dir = run_dir_of(cfg)
     resume_from = check_resume(cfg, run_dir)
+    keep_fraction_draw(cfg, resume_from)
     views = parse_view_specs(OmegaConf.to_object(cfg.augmentations))  # type: ignore[arg-type]
     datamodule = PretrainDataModule(cfg.data, views, int(cfg.optimizer.batch_size), int(cfg.seed))
     cfg.data.num_classes = datamodule.num_classes

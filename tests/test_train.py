@@ -362,6 +362,29 @@ def test_nonfinite_loss_stops_with_a_clear_error(image_data, tmp_path: Path) -> 
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
 
 
+def test_a_resumed_run_keeps_the_images_its_fraction_drew(image_data, tmp_path: Path) -> None:
+    """data.fraction draws per class since 2026-11-28; a run begun before (its checkpoint has no
+    data.fraction_draw) must go on with the images it drew then, at random from the whole set."""
+    from ivreg.data.datasets import subset_fraction
+
+    extra = ("max_epochs=1", "scheduler.name=none", "++data.fraction=0.5")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))
+    last = tmp_path / "tiny" / "last.ckpt"
+    resumed = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra[1:], "max_epochs=2"))
+    assert resumed.cfg.data.fraction_draw == "per_class"
+    release_run_folder(resumed.run_dir)
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["hyper_parameters"]["cfg"]["data"]["fraction_draw"]  # as an older ivreg wrote it
+    torch.save(ckpt, last)
+    resumed = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra[1:], "max_epochs=2"))
+    assert resumed.cfg.data.fraction_draw == "random"
+    resumed.datamodule.prepare_raw()
+    full = resumed.datamodule.raw_train.dataset
+    assert resumed.datamodule.raw_train.indices == subset_fraction(full, 0.5, 5, "random").indices
+    assert resumed.datamodule.raw_train.indices != subset_fraction(full, 0.5, 5, "per_class").indices
+    release_run_folder(resumed.run_dir)
+
+
 def test_relative_data_paths_are_stored_absolute(image_data, tmp_path: Path, monkeypatch) -> None:
     """main_linear, main_knn and main_umap read the data paths from the checkpoint, launched
     from anywhere: the shipped configs' ./datasets would not be found from another folder."""

@@ -220,7 +220,8 @@ class PretrainDataModule(L.LightningDataModule):
             return
         download = bool(self.data_cfg.get("download", False))
         train = build_dataset(self.name, self.data_cfg.get("train_path"), train=True, download=download)
-        self.raw_train = subset_fraction(train, float(self.data_cfg.get("fraction", 1.0)), self.seed)
+        fraction, draw = float(self.data_cfg.get("fraction", 1.0)), self.data_cfg.get("fraction_draw") or "per_class"
+        self.raw_train = subset_fraction(train, fraction, self.seed, draw)
         val_path = self.data_cfg.get("val_path")
         if val_path is not None or self.info.source == "embedded":
             self.raw_val = build_dataset(self.name, val_path, train=False, download=download)

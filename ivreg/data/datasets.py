@@ -284,17 +284,25 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     raise DataError(f"{type(dataset).__name__} does not expose its labels")
 
 
-def subset_fraction(dataset: Dataset, fraction: float, seed: int) -> Dataset:
-    """A fixed random ``fraction`` of ``dataset`` (all of it when fraction is 1), drawn per
-    class (stratified, as solo-learn's ``data_fraction``): every class keeps its share, at
-    least one image, so a 1% label split has no empty class. Datasets whose labels cannot be
-    read without loading the images are drawn as a whole."""
+FRACTION_DRAWS = ("per_class", "random")
+
+
+def subset_fraction(dataset: Dataset, fraction: float, seed: int, draw: str = "per_class") -> Dataset:
+    """A fixed random ``fraction`` of ``dataset`` (all of it when fraction is 1). ``per_class``
+    draws each class's share (stratified, as solo-learn's ``data_fraction``): every class keeps
+    at least one image, so a 1% label split has no empty class. ``random`` draws from the
+    whole set (ivreg before 2026-11-28; a resumed run keeps the draw it began with). Datasets
+    whose labels cannot be read without loading the images are drawn as a whole."""
     if not 0 < fraction <= 1:
         raise DataError(f"data.fraction must be in (0, 1], got {fraction}")
+    if draw not in FRACTION_DRAWS:
+        raise DataError(f"data.fraction_draw must be one of {list(FRACTION_DRAWS)}, got {draw!r}")
     if fraction == 1:
         return dataset
     rng = np.random.default_rng(seed)
     try:
+        if draw == "random":
+            raise DataError("drawn from the whole set")
         labels = labels_of(dataset)
     except DataError:
         n = len(dataset)  # type: ignore[arg-type]

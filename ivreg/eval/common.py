@@ -35,7 +35,18 @@ INHERITED_DATA_KEYS = ("dataset", "train_path", "val_path", "download", "num_wor
 # (crop_size: the first pretraining view's; fraction: all labelled training images).
 EVAL_DATA_DEFAULTS: dict[str, Any] = {
     key: None
-    for key in ("dataset", "train_path", "val_path", "download", "num_workers", "crop_size", "mean", "std", "fraction")
+    for key in (
+        "dataset",
+        "train_path",
+        "val_path",
+        "download",
+        "num_workers",
+        "crop_size",
+        "mean",
+        "std",
+        "fraction",
+        "fraction_draw",
+    )
 }
 
 
@@ -56,7 +67,7 @@ def eval_data_config(pretrain_cfg: Mapping[str, Any], overrides: Mapping[str, An
     """
     base = pretrain_cfg.get("data") or {}
     data: dict[str, Any] = {k: base.get(k) for k in INHERITED_DATA_KEYS}
-    data.update({"crop_size": pretrain_crop_size(pretrain_cfg), "fraction": 1.0})
+    data.update({"crop_size": pretrain_crop_size(pretrain_cfg), "fraction": 1.0, "fraction_draw": "per_class"})
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     if not data.get("dataset"):
         raise ConfigError("no dataset to evaluate on: the checkpoint's config names none; set data.dataset")
@@ -87,7 +98,8 @@ def eval_datasets(data: Mapping[str, Any], seed: int = 0) -> tuple[Dataset, Data
     download = bool(data.get("download", False))
     full_train = build_dataset(name, data.get("train_path"), train=True, download=download, labelled=True)
     num_classes = num_classes_of(full_train, name)
-    train = subset_fraction(labelled_only(full_train), float(data.get("fraction", 1.0)), seed)
+    fraction, draw = float(data.get("fraction", 1.0)), data.get("fraction_draw") or "per_class"
+    train = subset_fraction(labelled_only(full_train), fraction, seed, draw)
     if data.get("val_path") is None and dataset_info(name).source != "embedded":
         raise DataError(f"evaluation needs a test split: set data.val_path for dataset '{name}'")
     raw_val = build_dataset(name, data.get("val_path"), train=False, download=download)

@@ -55,6 +55,7 @@ from ivreg.train import (
     exit_143_on_sigterm,
     hardware_kwargs,
     is_finished,
+    keep_fraction_draw,
     make_trainer,
     passthrough_trainer_kwargs,
     release_run_folder,
@@ -402,6 +403,11 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]
     if not cfg.name:
         cfg.name = f"{pretrain_cfg.get('name', 'run')}-{'finetune' if cfg.finetune else 'linear'}"
+    cfg.data = data
+    run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
+    resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS, pretraining=False, defaults=LINEAR_DEFAULTS)
+    keep_fraction_draw(cfg, resume_from)  # before the data module draws the labelled subset
+    data = OmegaConf.to_object(cfg.data)  # type: ignore[assignment]
     datamodule = LinearDataModule(
         data,
         int(cfg.optimizer.batch_size),
@@ -414,8 +420,6 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     datamodule.compile_augmentation = on_gpu  # as pretraining's default: eager it is launch bound
     datamodule.channels_last = on_gpu
 
-    run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
-    resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS, pretraining=False, defaults=LINEAR_DEFAULTS)
     model = LinearEvalModule(to_container(cfg))
     model.backbone.load_state_dict(pretrained.state_dict())
     if on_gpu:
