@@ -58,42 +58,96 @@ def dataset_info(name: str) -> DatasetInfo:
     return DATASETS[name]
 
 
+# Names of split folders: a root holding several of them is a folder of splits, not of classes.
+SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "unlabeled", "unlabelled"}
+
+
+def _hidden(name: str) -> bool:
+    """Folders and files that tools leave behind (.ipynb_checkpoints, macOS's ._x.jpg and
+    __MACOSX, Synology's @eaDir): never classes, never images."""
+    return name.startswith((".", "@")) or name == "__MACOSX"
+
+
+def _class_folders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not _hidden(p.name))
+
+
 def is_image_folder(path: Path) -> bool:
-    """True when ``path`` has class sub-folders holding image files (checks one folder), also
-    in Tiny ImageNet's ``<wnid>/images/`` layout (ImageFolder walks class folders recursively).
-    Deeper trees are not accepted: a folder of splits (``train/``, ``val/``) would pass as one
-    of classes."""
+    """True when ``path`` has class sub-folders holding image files, also in Tiny ImageNet's
+    ``<wnid>/images/`` layout (ImageFolder walks class folders recursively). Deeper trees are
+    not accepted: a folder of splits (``train/``, ``val/``) would pass as one of classes."""
     if not path.is_dir():
         return False
-    for sub in sorted(path.iterdir()):
-        if sub.is_dir():
-            return _holds_images(sub) or _holds_images(sub / "images")
-    return False
+    return any(_holds_images(sub) or _holds_images(sub / "images") for sub in _class_folders(path))
 
 
 def _holds_images(folder: Path) -> bool:
-    return folder.is_dir() and any(f.suffix.lower() in _IMAGE_SUFFIXES for f in folder.iterdir())
+    return folder.is_dir() and any(_is_image_file(f.name) for f in folder.iterdir())
+
+
+def _is_image_file(name: str) -> bool:
+    return Path(name).suffix.lower() in _IMAGE_SUFFIXES and not _hidden(Path(name).name)
+
+
+def _to_8_bits(img: Image.Image, path: str) -> Image.Image:
+    """16-bit (and 32-bit integer) grey images scaled to 8 bits: Pillow's convert("RGB")
+    clips them, and every pixel above 255 became white. Float images have no fixed range."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        pixels = np.asarray(img, dtype=np.int64)
+        top = int(pixels.max(initial=0))
+        if pixels.min(initial=0) < 0 or top > 65535:
+            raise DataError(f"cannot read image {path}: integer pixels outside 0-65535 (mode {img.mode})")
+        if img.mode.startswith("I;16") or top > 255:  # 16 bits: 65535 -> 255
+            pixels = pixels // 257
+        return Image.fromarray(pixels.astype(np.uint8), mode="L")
+    if img.mode == "F":
+        raise DataError(
+            f"cannot read image {path}: its pixels are floats (mode F), which have no fixed range; "
+            "convert the images to 8 or 16 bits"
+        )
+    return img
 
 
 def _checked_loader(path: str) -> Image.Image:
-    """ImageFolder's loader, but a corrupt file becomes an error naming the file."""
+    """ImageFolder's loader, but a corrupt file becomes an error naming the file, and 16-bit
+    images are scaled to 8 bits instead of clipped."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")
+            return _to_8_bits(img, path).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+class _ImageFolder(tvd.ImageFolder):
+    """ImageFolder without the folders and files that tools leave behind (``_hidden``)."""
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = [p.name for p in _class_folders(Path(directory))]
+        return classes, {c: i for i, c in enumerate(classes)}
 
 
 def image_folder(path: Path, what: str) -> tvd.ImageFolder:
     if not path.exists():
         raise DataError(f"{what} folder {path} does not exist; set data.{what} to an ImageFolder root")
+    splits = sorted(p.name for p in _class_folders(path) if p.name.lower() in SPLIT_NAMES)
+    if len(splits) >= 2:
+        raise DataError(
+            f"{what} {path} holds the splits {', '.join(s + '/' for s in splits)}, not class folders; set "
+            f"data.train_path and data.val_path to the split folders (e.g. {path / splits[-1]})"
+        )
     if not is_image_folder(path):
         raise DataError(
             f"{what} {path} is not an ImageFolder root (expected <class>/<image> sub-folders); "
             f"set data.{what} to such a folder"
         )
-    return tvd.ImageFolder(str(path), loader=_checked_loader)
+    try:
+        return _ImageFolder(str(path), loader=_checked_loader, is_valid_file=_is_image_file)
+    except FileNotFoundError as exc:  # a class folder without any image
+        empty = [p.name for p in _class_folders(path) if not any(_is_image_file(f.name) for f in p.rglob("*"))]
+        raise DataError(
+            f"{what} {path}: the class folder(s) {', '.join(empty)} hold no images; add images or remove them"
+        ) from exc
 
 
 class AnnotatedImages(Dataset):

@@ -33,21 +33,30 @@ class _DecodeUint8(Dataset):
         return self.to_tensor(self.dataset[i][0]).as_subclass(torch.Tensor)
 
 
-def _collate_same_size(items: list[torch.Tensor]) -> torch.Tensor:
-    sizes = {tuple(t.shape) for t in items}
-    if len(sizes) != 1:
-        raise ValueError(f"images of different sizes {sorted(sizes)[:3]}")
-    return torch.stack(items)
+def _image_name(dataset: Dataset, i: int) -> str:
+    """The file of item ``i`` where the dataset knows it (ImageFolder), else its index."""
+    if isinstance(dataset, Subset):
+        return _image_name(dataset.dataset, int(dataset.indices[i]))
+    samples = getattr(dataset, "samples", None)
+    return str(samples[i][0]) if samples is not None else f"image {i}"
+
+
+def _in_memory(dataset: Dataset) -> bool:
+    """Datasets that hold their images as arrays (sliced, not decoded)."""
+    return isinstance(dataset, (tvd.CIFAR10, tvd.CIFAR100, tvd.STL10, DigitsDataset)) or isinstance(
+        getattr(dataset, "images", None), torch.Tensor
+    )
 
 
 def load_uint8(dataset: Dataset, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of ``dataset`` as one uint8 (N, 3, H, W) tensor, and the labels.
 
     Reads the arrays torchvision keeps in memory (CIFAR, STL-10) directly; decodes other
-    datasets (ImageFolder) once with ``num_workers`` processes. Raises ValueError when the
-    images do not all have the same size.
+    datasets (ImageFolder, or the subset of one that ``data.fraction`` keeps, and only that)
+    once with ``num_workers`` processes. Raises ValueError naming the files when the images
+    do not all have the same size.
     """
-    if isinstance(dataset, Subset):
+    if isinstance(dataset, Subset) and _in_memory(dataset.dataset):
         images, labels = load_uint8(dataset.dataset, num_workers)
         index = torch.as_tensor(np.asarray(dataset.indices))
         return images[index], labels[index]
@@ -56,10 +65,26 @@ def load_uint8(dataset: Dataset, num_workers: int = 0) -> tuple[torch.Tensor, to
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), labels
     if isinstance(dataset, tvd.STL10):
         return torch.from_numpy(dataset.data).contiguous(), labels
-    if isinstance(dataset, DigitsDataset) or isinstance(getattr(dataset, "images", None), torch.Tensor):
+    if _in_memory(dataset):
         return dataset.images, labels  # datasets that already hold a uint8 (N, 3, H, W) tensor
-    loader = DataLoader(_DecodeUint8(dataset), batch_size=512, num_workers=num_workers, collate_fn=_collate_same_size)
-    images = torch.cat(list(loader))
+    # Workers decode; the batches are lists, copied into one tensor allocated for the first
+    # image's size, so that an odd image is named here (not lost in a worker's traceback).
+    loader = DataLoader(_DecodeUint8(dataset), batch_size=512, num_workers=num_workers, collate_fn=list)
+    images: torch.Tensor | None = None
+    i = 0
+    for batch in loader:
+        for image in batch:
+            if images is None:
+                images = torch.empty((len(labels), *image.shape), dtype=torch.uint8)
+            if image.shape != images.shape[1:]:
+                raise ValueError(
+                    f"images of different sizes: {_image_name(dataset, i)} is {tuple(image.shape)}, "
+                    f"{_image_name(dataset, 0)} {tuple(images.shape[1:])} (C, H, W)"
+                )
+            images[i] = image
+            i += 1
+    if images is None:
+        raise ValueError("no images to load")
     return images, labels
 
 

@@ -1,8 +1,10 @@
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ivreg.data.datasets import (
     DigitsDataset,
@@ -250,3 +252,44 @@ def test_seeded_items_draw_their_augmentation_from_their_seed_alone() -> None:
     sampler = EpochShuffleSampler(4, seed=0, with_seeds=True, current_epoch=lambda: 3)
     sampler.set_epoch(0)  # the trainer's epoch, read when iteration starts, wins
     assert sorted(iter(sampler)) == [(i, sample_seed(0, 3, i)) for i in range(4)]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    """Pillow's convert("RGB") clips 16-bit pixels: every one above 255 became white."""
+    folder = tmp_path / "data" / "cls"
+    folder.mkdir(parents=True)
+    ramp = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(folder / "deep.png")  # a 16-bit greyscale PNG
+    Image.fromarray(np.zeros((8, 8), dtype=np.float32), mode="F").save(folder / "float.tif")
+    dataset = build_dataset("custom", str(tmp_path / "data"), train=True)
+    names = [Path(p).name for p, _ in dataset.samples]
+    image = np.asarray(dataset[names.index("deep.png")][0])
+    assert image.shape == (32, 32, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image[..., 0], (ramp.astype(np.int64) // 257).astype(np.uint8))
+    with pytest.raises(DataError, match=r"float.tif: its pixels are floats \(mode F\)"):
+        dataset[names.index("float.tif")]
+
+
+def test_folders_and_files_tools_leave_behind_are_not_data(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=2)
+    for hidden in (".ipynb_checkpoints", "@eaDir", "__MACOSX"):
+        (root / hidden).mkdir()
+        Image.new("RGB", (32, 32)).save(root / hidden / "x.png")
+    (root / "aaa_empty").mkdir()
+    (root / "class_0" / "._000.png").write_bytes(b"AppleDouble")  # macOS metadata, not an image
+    with pytest.raises(DataError, match="the class folder.s. aaa_empty hold no images; add images or remove them"):
+        build_dataset("custom", str(root), train=True)
+    (root / "aaa_empty").rmdir()
+    dataset = build_dataset("custom", str(root), train=True)
+    assert dataset.classes == ["class_0", "class_1"] and len(dataset) == 4
+
+
+def test_a_folder_of_splits_is_not_taken_for_classes(tmp_path: Path) -> None:
+    """Tiny ImageNet's root (train/, val/, test/images/): its splits passed as three classes."""
+    root = tmp_path / "tiny-imagenet-200"
+    make_image_folder(root / "train", classes=2, per_class=2)
+    (root / "test" / "images").mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(root / "test" / "images" / "test_0.JPEG")
+    (root / "val").mkdir()
+    with pytest.raises(DataError, match=r"holds the splits test/, train/, val/, not class folders"):
+        build_dataset("custom", str(root), train=True)

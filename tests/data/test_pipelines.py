@@ -94,3 +94,31 @@ def test_a_batch_per_process_is_required(image_data) -> None:
     dm.trainer = SimpleNamespace(world_size=20, global_rank=0, is_global_zero=True, strategy=cpu)
     with pytest.raises(DataError, match="the validation split has 18 images, fewer than the 20 processes"):
         dm.val_dataloader()
+
+
+def test_resident_loading_decodes_only_the_subset_and_names_an_odd_image(tmp_path: Path) -> None:
+    """data.fraction: only the kept images are decoded (a 10% Tiny ImageNet run decoded all
+    100k); an image of another size is named by its file, also when workers decode."""
+    from PIL import Image
+
+    from ivreg.data.datasets import build_dataset, subset_fraction
+    from ivreg.data.resident import load_uint8
+
+    from ..conftest import make_image_folder
+
+    root = make_image_folder(tmp_path / "train", classes=2, per_class=10)
+    data = build_dataset("custom", str(root), train=True)
+    decoded: list[int] = []
+    loader = data.loader
+    data.loader = lambda path: decoded.append(1) or loader(path)
+    subset = subset_fraction(data, 0.2, seed=1)
+    images, labels = load_uint8(subset)
+    assert images.shape == (4, 3, 32, 32) and len(decoded) == 4
+    assert labels.tolist() == [data.targets[i] for i in subset.indices]
+    for i, index in enumerate(subset.indices):  # the same pixels as decoding that image alone
+        assert torch.equal(images[i], load_uint8(torch.utils.data.Subset(data, [index]))[0][0])
+    Image.new("RGB", (40, 30)).save(root / "class_1" / "999.png")
+    data = build_dataset("custom", str(root), train=True)
+    for workers in (0, 2):
+        with pytest.raises(ValueError, match=r"class_1/999.png is \(3, 30, 40\), .*class_0/000.png \(3, 32, 32\)"):
+            load_uint8(data, num_workers=workers)
