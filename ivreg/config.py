@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ivreg.backbones import check_backbone_name
-from ivreg.data.datasets import DATASETS, FRACTION_DRAWS
+from ivreg.data.datasets import DATASETS, FRACTION_DRAWS, check_normalisation
 from ivreg.errors import ConfigError, DataError
 from ivreg.optim import check_optimizer, check_schedule_section
 
@@ -141,6 +141,11 @@ def _number(cfg: DictConfig, key: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be a number, got {value!r}") from None
+
+
+def _plain(value: Any) -> Any:
+    """A config node as plain Python (lists and dicts), other values as they are."""
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
 
 def config_leaves(node: Any, prefix: str) -> dict[str, Any]:
@@ -405,6 +410,7 @@ def validate(cfg: DictConfig) -> None:
     _require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
     fraction = _number(cfg, "data.fraction")
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
+    check_normalisation(*(_plain(cfg.data.get(key)) for key in ("mean", "std")))
     draw = cfg.data.get("fraction_draw")
     _require(draw in FRACTION_DRAWS, f"data.fraction_draw must be one of {list(FRACTION_DRAWS)}, got {draw!r}")
     frequency = _whole_number(cfg, "checkpoint.frequency")

@@ -123,6 +123,10 @@ def _cifar(overrides: list[str]):
         (["max_epochs=5"], r"scheduler.warmup_epochs \(10\) must be shorter than max_epochs \(5\)"),
         (["scheduler.name=exponential"], "unknown scheduler.name 'exponential'"),
         (["scheduler.name=step"], "scheduler.name=step needs scheduler.lr_decay_steps"),
+        # normalisation on the 0-1 scale of the images, three channels, no zero std
+        (["++data.mean=[123.675,116.28,103.53]"], r"data.mean must be three numbers in \[0, 1\] .*got \[123.675"),
+        (["++data.std=[0,0.5,0.5]"], r"data.std must be three numbers in \(0, 1\]"),
+        (["++data.mean=[0.5]"], r"data.mean must be three numbers"),
         # a switch is True or False ("no" would count as True), a count a whole number, a rate a number
         (["method_kwargs.iso=no"], "method_kwargs.iso must be True or False, got 'no'"),
         (["method_kwargs.use_l2=off"], "method_kwargs.use_l2 must be True or False, got 'off'"),

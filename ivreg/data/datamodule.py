@@ -21,7 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ivreg.data.augment import (
     MultiViewTransform,
@@ -234,9 +234,12 @@ class PretrainDataModule(L.LightningDataModule):
         n = len(self.raw_train)  # type: ignore[arg-type]
         if n // world < (self.batch_size if self.drop_last else 1):
             per = f" for each of the {world} processes" if world > 1 else ""
+            cut = ""
+            if isinstance(self.raw_train, Subset):
+                cut = f" (data.fraction={self.data_cfg.get('fraction')} of {len(self.raw_train.dataset)})"  # type: ignore[arg-type]
             raise DataError(
-                f"the training set has {n} images, fewer than one batch (optimizer.batch_size={self.batch_size})"
-                f"{per}; lower the batch size"
+                f"the training set has {n} images{cut}, fewer than one batch "
+                f"(optimizer.batch_size={self.batch_size}){per}; lower the batch size"
             )
 
     @property

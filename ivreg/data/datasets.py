@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
 
-from ivreg.errors import DataError
+from ivreg.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,6 +51,23 @@ DATASETS: dict[str, DatasetInfo] = {
 
 _TORCHVISION_FILES = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "stl10": "stl10_binary"}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def check_normalisation(mean: object, std: object) -> None:
+    """Raise ConfigError unless ``mean`` and ``std`` (each None or three numbers) are on the 0-1
+    scale the images are normalised on: ImageNet's 0-255 values ([123.675, ...]) made every
+    input nearly constant, a zero std NaN."""
+    for key, values, low in (("mean", mean, 0.0), ("std", std, None)):
+        if values is None:
+            continue
+        numbers = list(values) if isinstance(values, (list, tuple)) else [values]
+        good = len(numbers) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers)
+        if not good or not all((0.0 <= v <= 1.0) if low is not None else (0.0 < v <= 1.0) for v in numbers):
+            scale = "in [0, 1]" if low is not None else "in (0, 1]"
+            raise ConfigError(
+                f"data.{key} must be three numbers {scale} (per RGB channel, on the 0-1 scale of the images, e.g. "
+                f"{list(IMAGENET_MEAN if low is not None else IMAGENET_STD)}), got {numbers}"
+            )
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -186,6 +204,13 @@ def check_same_classes(train: Dataset, val: Dataset, name: str) -> None:
     if a is None or b is None or list(a) == list(b):
         return
     only_train, only_val = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    nfc = [unicodedata.normalize("NFC", c) for c in only_train]
+    if sorted(nfc) == sorted(unicodedata.normalize("NFC", c) for c in only_val):
+        raise DataError(
+            f"the {name} training and validation splits spell the class names {nfc[:3]} with different Unicode "
+            "normalisation (NFD and NFC, e.g. one copied from macOS): they look alike but differ; rename the "
+            "folders of one split"
+        )
     raise DataError(
         f"the {name} training and validation splits name different classes ({len(a)} against {len(b)}; "
         f"only in training: {only_train[:3]}{'...' if len(only_train) > 3 else ''}, only in validation: "

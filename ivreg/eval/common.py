@@ -19,6 +19,7 @@ from ivreg.data.augment import build_eval_transform
 from ivreg.data.datasets import (
     Transformed,
     build_dataset,
+    check_normalisation,
     check_same_classes,
     dataset_info,
     labels_of,
@@ -72,6 +73,7 @@ def eval_data_config(pretrain_cfg: Mapping[str, Any], overrides: Mapping[str, An
     if not data.get("dataset"):
         raise ConfigError("no dataset to evaluate on: the checkpoint's config names none; set data.dataset")
     info = dataset_info(str(data["dataset"]))
+    check_normalisation(data.get("mean"), data.get("std"))
     data["mean"] = [float(x) for x in (data.get("mean") or info.mean)]
     data["std"] = [float(x) for x in (data.get("std") or info.std)]
     data["crop_size"] = int(data["crop_size"])

@@ -293,3 +293,17 @@ def test_a_folder_of_splits_is_not_taken_for_classes(tmp_path: Path) -> None:
     (root / "val").mkdir()
     with pytest.raises(DataError, match=r"holds the splits test/, train/, val/, not class folders"):
         build_dataset("custom", str(root), train=True)
+
+
+def test_class_names_that_differ_only_in_unicode_normalisation_are_named(tmp_path: Path) -> None:
+    import unicodedata
+
+    from ivreg.data.datasets import check_same_classes
+
+    make_image_folder(tmp_path / "train", classes=1, per_class=1)
+    make_image_folder(tmp_path / "val", classes=1, per_class=1)
+    (tmp_path / "train" / "class_0").rename(tmp_path / "train" / unicodedata.normalize("NFD", "café"))
+    (tmp_path / "val" / "class_0").rename(tmp_path / "val" / unicodedata.normalize("NFC", "café"))
+    train, val = (build_dataset("custom", str(tmp_path / split), train=split == "train") for split in ("train", "val"))
+    with pytest.raises(DataError, match="with different Unicode normalisation"):
+        check_same_classes(train, val, "custom")

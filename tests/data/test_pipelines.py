@@ -76,6 +76,8 @@ def test_a_batch_per_process_is_required(image_data) -> None:
     views = parse_view_specs([{"crop_size": 32, "num_crops": 2}])
     with pytest.raises(DataError, match=r"has 48 images, fewer than one batch \(optimizer.batch_size=64\); lower"):
         PretrainDataModule(data, views, batch_size=64).prepare_raw()  # one process, before any trainer
+    with pytest.raises(DataError, match=r"has 24 images \(data.fraction=0.5 of 48\), fewer than one batch"):
+        PretrainDataModule({**data, "fraction": 0.5}, views, batch_size=32).prepare_raw()
     dm = PretrainDataModule(data, views, batch_size=16)
     cpu = SimpleNamespace(root_device=torch.device("cpu"))
     dm.trainer = SimpleNamespace(world_size=4, global_rank=0, is_global_zero=True, strategy=cpu)
