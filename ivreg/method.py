@@ -79,7 +79,8 @@ class SSLMethod(L.LightningModule):
         self.save_hyperparameters({"cfg": cfg})
         self.cfg = cfg
         mk = cfg["method_kwargs"]
-        num_classes = int(cfg["data"]["num_classes"])
+        # (unlabelled images, or one class: a readout of two classes keeps the metrics defined)
+        num_classes = max(int(cfg["data"]["num_classes"]), 2)
         self.backbone = backbone_from_config(cfg)
         feat_dim = self.backbone.num_features
         self.projector = mlp(feat_dim, int(mk["proj_hidden_dim"]), int(mk["proj_output_dim"]))
@@ -266,7 +267,8 @@ class SSLMethod(L.LightningModule):
         totals = self._global_metric_sums()
         sums = dict(zip(self._metric_names, totals[:-1]))
         n = totals[-1].clamp_min(1)
-        count = sums["train_count"].clamp_min(1)
+        # labelled images seen (none on unlabelled images: accuracy NaN, not 0)
+        count = torch.where(sums["train_count"] > 0, sums["train_count"], torch.nan)
         epoch = {
             "train_neg_cos_sim": sums["train_neg_cos_sim"] / n,
             "train_z_std": sums["train_z_std"] / n,

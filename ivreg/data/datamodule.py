@@ -226,7 +226,10 @@ class PretrainDataModule(L.LightningDataModule):
         if val_path is not None or self.info.source == "embedded":
             self.raw_val = build_dataset(self.name, val_path, train=False, download=download)
             check_same_classes(train, self.raw_val, self.name)
-        self._num_classes = num_classes_of(train, self.name)
+        if getattr(train, "classes", None) == [] and self.info.num_classes is None:  # unlabelled images
+            self._num_classes = num_classes_of(self.raw_val, self.name) if self.raw_val is not None else 0
+        else:
+            self._num_classes = num_classes_of(train, self.name)
         self._require_a_batch(world=1)  # before the trainer exists; setup checks per process
 
     def _require_a_batch(self, world: int) -> None:

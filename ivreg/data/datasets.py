@@ -137,6 +137,28 @@ def _checked_loader(path: str) -> Image.Image:
         raise DataError(f"cannot read image {path}: {exc}") from exc
 
 
+UNLABELLED = -1  # the label of an unlabelled image (STL-10's convention; the readout skips it)
+
+
+class UnlabelledImages(Dataset):
+    """The images directly in a folder, without classes (label -1, as STL-10's unlabelled
+    split): pretraining on one's own images needs no class folders. The online readout then
+    trains on nothing; a labelled ``data.val_path`` still gives it classes to validate on."""
+
+    def __init__(self, root: Path):
+        self.root = str(root)
+        files = sorted(p for p in Path(root).iterdir() if p.is_file() and _is_image_file(p.name))
+        self.samples = [(str(p), UNLABELLED) for p in files]
+        self.targets = [UNLABELLED] * len(files)
+        self.classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return _checked_loader(self.samples[i][0]), UNLABELLED
+
+
 class _ImageFolder(tvd.ImageFolder):
     """ImageFolder without the folders and files that tools leave behind (``_hidden``)."""
 
@@ -201,7 +223,7 @@ def check_same_classes(train: Dataset, val: Dataset, name: str) -> None:
     """Raise DataError when the two splits name different classes: labels are indices into
     each split's own sorted class list, so any difference makes val_acc1 silently wrong."""
     a, b = getattr(train, "classes", None), getattr(val, "classes", None)
-    if a is None or b is None or list(a) == list(b):
+    if not a or not b or list(a) == list(b):  # (unlabelled training images have no classes)
         return
     only_train, only_val = sorted(set(a) - set(b)), sorted(set(b) - set(a))
     nfc = [unicodedata.normalize("NFC", c) for c in only_train]
@@ -329,6 +351,8 @@ def build_dataset(name: str, path: str | None, train: bool, download: bool = Fal
         return _torchvision_dataset(name, root, train, download, labelled)
     if not train and AnnotatedImages.holds(root):
         return AnnotatedImages(root)
+    if train and root.is_dir() and not is_image_folder(root) and _holds_images(root):
+        return UnlabelledImages(root)  # a flat folder of images: unlabelled pretraining data
     return image_folder(root, what)
 
 

@@ -1,6 +1,7 @@
 """The three data pipelines, and the resident one with compiled augmentation, train the same
 model to the same accuracy (CPU, digits)."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,28 @@ def test_resident_loading_decodes_only_the_subset_and_names_an_odd_image(tmp_pat
     for workers in (0, 2):
         with pytest.raises(ValueError, match=r"class_1/999.png is \(3, 30, 40\), .*class_0/000.png \(3, 32, 32\)"):
             load_uint8(data, num_workers=workers)
+
+
+@pytest.mark.parametrize("pipeline", ["workers", "resident"])
+def test_pretraining_on_a_flat_folder_of_unlabelled_images(pipeline: str, image_data, tmp_path: Path) -> None:
+    """One's own images, no class folders (as STL-10's unlabelled split): the SSL loss trains,
+    the readout has nothing to learn from; a labelled val_path still gives it classes."""
+    import csv
+    import shutil
+
+    train, val = image_data
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, image in enumerate(sorted(train.rglob("*.png"))):
+        shutil.copy(image, flat / f"{i:03d}.png")
+    for val_path, name in ((None, "noval"), (val, "withval")):
+        overrides = [*tiny_overrides(flat, val, tmp_path, name), "max_epochs=1", "scheduler.warmup_epochs=0"]
+        overrides += [f"++data.pipeline={pipeline}", f"data.val_path={val_path or 'null'}"]
+        run = pretrain(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", overrides))
+        assert len(run.datamodule.raw_train) == 48 and set(run.datamodule.raw_train.targets) == {-1}
+        with open(tmp_path / name / "epochs.csv", newline="") as f:
+            (row,) = list(csv.DictReader(f))
+        assert math.isfinite(float(row["train_neg_cos_sim"])) and math.isnan(float(row["train_acc1"]))
+        assert run.cfg.data.num_classes == (3 if val_path else 0)
+        if val_path:
+            assert 0.0 <= float(row["val_acc1"]) <= 100.0
