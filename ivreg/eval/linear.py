@@ -195,6 +195,11 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     opt = merged.optimizer
     _check(opt.name in ("sgd", "adamw"), f"unknown optimizer.name '{opt.name}'; choose sgd or adamw")
     _check(int(opt.batch_size) >= 1, f"optimizer.batch_size must be >= 1, got {opt.batch_size}")
+    _check(
+        not merged.finetune or int(opt.batch_size) >= 2,
+        f"finetune=True trains the backbone's BatchNorm layers on batch statistics: optimizer.batch_size must be "
+        f">= 2, got {opt.batch_size}",
+    )
     for key in ("lr", "weight_decay", "backbone_lr_scale"):
         _check(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
     # its options, on a stand-in parameter, before anything is loaded or written

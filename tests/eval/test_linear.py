@@ -369,6 +369,7 @@ def test_step_schedule_from_the_config_decays_at_its_epochs(colour_ckpt, tmp_pat
         ({"finetune": "no"}, "finetune must be True or False, got 'no'"),
         ({"max_epochs": 2.5}, "max_epochs must be a whole number, got 2.5"),
         ({"optimizer": {"lr": "abc"}}, "optimizer.lr must be a number, got 'abc'"),
+        ({"finetune": True, "optimizer": {"batch_size": 1}}, "optimizer.batch_size must be >= 2, got 1"),
     ],
 )
 def test_linear_values_of_the_wrong_kind_are_named(override: dict, message: str, tmp_path) -> None:
