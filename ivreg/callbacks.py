@@ -143,6 +143,21 @@ class EpochCheckpoint(L.Callback):
             trainer.save_checkpoint(self.run_dir / f"epoch{done:04d}.ckpt", weights_only=False)
 
 
+class ScheduledRatesAtStart(L.Callback):
+    """Sets each optimizer's rates to what its per-step schedule gives at the (restored) step
+    when training starts. A checkpoint restores the rates of the schedule it was trained
+    towards: resumed under a raised max_epochs, the first step ran at the old schedule's last
+    rate (0) before the new schedule took over. Otherwise this changes nothing."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+                rates = zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas)
+                for group, base, factor in rates:
+                    group["lr"] = base * factor(scheduler.last_epoch)
+
+
 class NonFiniteLossGuard(L.Callback):
     """Stops training with a clear error when the SSL loss became NaN or infinite.
 
@@ -164,11 +179,9 @@ class NonFiniteLossGuard(L.Callback):
             hint = "a lower optimizer.lr" + (
                 "" if precision.startswith("32") or precision.startswith("64") else ", precision=bf16 or precision=32"
             )
-            last = Path(trainer.default_root_dir) / "last.ckpt"
-            kept = f"{last}, from the last finite epoch, is kept" if last.is_file() else "No checkpoint was written"
             raise TrainingError(
                 f"the SSL loss became NaN or infinite in {bad} step(s) of epoch {trainer.current_epoch} "
-                f"(global step {trainer.global_step}). {kept}. Try {hint}."
+                f"(global step {trainer.global_step}). Try {hint}."
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

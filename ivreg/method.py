@@ -25,6 +25,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
 from torch._dynamo.exc import TorchDynamoException
 from torch._inductor.exc import InductorError
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ivreg.backbones import build_backbone, is_timm
@@ -108,6 +109,9 @@ class SSLMethod(L.LightningModule):
             self.val_acc1_raw = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        # per image, summed over the DDP ranks' uneven shares (Lightning's sync_dist mean
+        # divided by a truncated mean count)
+        self.val_loss = MeanMetric()
         self.base_tau = float(cfg["momentum"]["base_tau"])
         self.final_tau = float(cfg["momentum"]["final_tau"])
         # Counted on the device; NonFiniteLossGuard reads it now and then (no per-step sync).
@@ -359,12 +363,14 @@ class SSLMethod(L.LightningModule):
         self.val_acc5.update(logits, labels)
         if self.raw_readout is not None:
             self.val_acc1_raw.update(self.raw_readout(feats).float()[labelled], labels)
-        self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
+        self.val_loss.update(F.cross_entropy(logits, labels, reduction="none"))
         if self.random_backbone is not None and self.random_readout is not None:
             random_logits = self.random_readout(self.random_backbone(images)).float()[labelled]
             self.val_acc1_random.update(random_logits, labels)
 
     def on_validation_epoch_end(self) -> None:
+        self.log("val_loss", self.val_loss.compute(), sync_dist=False)
+        self.val_loss.reset()
         self.log("val_acc1", 100.0 * self.val_acc1.compute(), sync_dist=False)
         self.log("val_acc5", 100.0 * self.val_acc5.compute(), sync_dist=False)
         self.val_acc1.reset()

@@ -57,6 +57,14 @@ class RunningCorrelation(nn.Module):
                 self.C.mul_(self.tau).add_((1.0 - self.tau) * gram / batch)
 
 
+def decomposition_failed(exc: BaseException) -> TrainingError:
+    """The error for an eigendecomposition of C that failed (C holds NaN or inf)."""
+    return TrainingError(
+        f"the eigendecomposition of the projection correlation matrix C failed ({str(exc).splitlines()[0]}); "
+        "the projections have become NaN or infinite. Try a lower optimizer.lr or precision=32."
+    )
+
+
 def spectrum_metrics(eigvals: torch.Tensor) -> dict[str, torch.Tensor]:
     """Summary of C's eigenvalues, under the names the paper's tooling logs."""
     s = eigvals.float()
@@ -97,7 +105,10 @@ class MLPPredictor(nn.Module):
         """Eigenvalues of C in descending order (computed on demand: BYOL does not need them
         in its step)."""
         with _no_autocast(self.corr.C):
-            return torch.linalg.eigvalsh(self.corr.C).flip(0)
+            try:
+                return torch.linalg.eigvalsh(self.corr.C).flip(0)
+            except RuntimeError as exc:  # C holds NaN: on a logging step before the loss guard looks
+                raise decomposition_failed(exc) from exc
 
 
 class SpectralPredictor(nn.Module):
@@ -159,11 +170,7 @@ class SpectralPredictor(nn.Module):
             except RuntimeError as exc:
                 # eigh fails to converge on some C holding NaN or inf; on others it returns NaN
                 # eigenvalues, and NonFiniteLossGuard stops the run
-                raise TrainingError(
-                    "the eigendecomposition of the projection correlation matrix C failed "
-                    f"({str(exc).splitlines()[0]}); the projections have become NaN or infinite. "
-                    "The last checkpoint from a finite epoch is kept; try a lower optimizer.lr or precision=32."
-                ) from exc
+                raise decomposition_failed(exc) from exc
         self._decomposed = True
 
     def _eigh_on_host(self) -> None:

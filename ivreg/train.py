@@ -35,6 +35,7 @@ from ivreg.callbacks import (
     EpochCheckpoint,
     EpochSummary,
     NonFiniteLossGuard,
+    ScheduledRatesAtStart,
     StopAllProcessesOnError,
     atomic_write_text,
     checkpoint_io,
@@ -53,7 +54,7 @@ from ivreg.config import (
 )
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
-from ivreg.errors import CheckpointError, ConfigError
+from ivreg.errors import CheckpointError, ConfigError, TrainingError
 from ivreg.method import SSLMethod
 
 # What must match for a run to resume from a checkpoint: every leaf under these keys (a
@@ -329,6 +330,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         StopAllProcessesOnError(),
         NonFiniteLossGuard(int(cfg.log_every_n_steps)),
+        ScheduledRatesAtStart(),
         EpochSummary(run_dir, log_eigvals=bool(cfg.method_kwargs.log_eigvals)),
     ]
     if cfg.logger.csv or cfg.logger.tensorboard or cfg.logger.wandb.enabled:
@@ -493,7 +495,7 @@ def fit(run: Run) -> None:
     started = _TrainStarted()
     run.trainer.callbacks.append(started)
     try:
-        with exit_143_on_sigterm(run.trainer, run.run_dir):
+        with exit_143_on_sigterm(run.trainer, run.run_dir), say_what_is_kept(run.run_dir):
             ckpt_path = str(run.resume_from) if run.resume_from else None
             run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
     finally:
@@ -548,6 +550,18 @@ def is_finished(trainer: L.Trainer, resume_from: Path | None) -> bool:
         return False
     done = finished_epochs(resume_from)
     return done is not None and done >= trainer.max_epochs
+
+
+@contextmanager
+def say_what_is_kept(run_dir: Path) -> Iterator[None]:
+    """A training error (a NaN loss) ends with what the run folder keeps of the run."""
+    try:
+        yield
+    except TrainingError as exc:
+        last = run_dir / "last.ckpt"
+        done = finished_epochs(last)
+        kept = f"{last} keeps {done} finished epoch(s)" if done else f"no checkpoint was written in {run_dir}"
+        raise TrainingError(f"{str(exc).rstrip('.')}. {kept[0].upper()}{kept[1:]}.") from exc
 
 
 def _kept(run_dir: Path) -> str:

@@ -23,10 +23,14 @@ class SaveRankState(L.Callback):
         self.val_images = 0
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.val_images = 0
+        self.val_images, self.val_loss_sum = 0, 0.0
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, *args) -> None:
-        self.val_images += len(batch[1])
+        images, labels = batch
+        self.val_images += len(labels)
+        with torch.no_grad():  # this rank's share of the summed per-image loss
+            logits = pl_module.readout(pl_module.backbone(images)).float()
+            self.val_loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.metrics = {k: float(v) for k, v in pl_module.epoch_metrics().items()}
@@ -43,6 +47,8 @@ class SaveRankState(L.Callback):
                 "epoch_metrics": self.metrics,
                 "local_sums": self.local,
                 "val_images": self.val_images,
+                "val_loss_sum": self.val_loss_sum,
+                "val_loss": float(trainer.callback_metrics["val_loss"]),
                 "knn_acc1": float(trainer.callback_metrics.get("val_knn_acc1", float("nan"))),
                 "knn_bank": next((cb.bank_size for cb in trainer.callbacks if hasattr(cb, "bank_size")), 0),
                 "pipeline": trainer.datamodule.pipeline,

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from ivreg.config import compose
 from ivreg.errors import ConfigError, DataError, TrainingError
 from ivreg.targets import cosine_tau
-from ivreg.train import build_run, pretrain, release_run_folder
+from ivreg.train import build_run, fit, pretrain, release_run_folder
 
 from .conftest import CIFAR_CONFIGS, ROOT, KillAtEpoch, tiny_overrides
 
@@ -353,12 +353,16 @@ def test_a_refused_launch_leaves_the_run_it_would_resume_untouched(image_data, t
         torch.testing.assert_close(value, trained[key], msg=key)
 
 
-def test_nonfinite_loss_stops_with_a_clear_error(image_data, tmp_path: Path) -> None:
-    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
+@pytest.mark.parametrize("config", ["isoloss-noema.yaml", "byol.yaml"])
+def test_nonfinite_loss_stops_with_a_clear_error(config: str, image_data, tmp_path: Path) -> None:
+    """From the guard or from eigh (BYOL's spectrum on a logging step, before the guard looks):
+    one TrainingError that says what the run folder keeps."""
+    extra = ("max_epochs=1", "scheduler.name=none", "++log_every_n_steps=1")
+    run = build_run(_cfg(config, image_data, tmp_path, *extra))
     with torch.no_grad():
         run.model.projector[0].weight.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="NaN or infinite"):  # from the guard or from eigh
-        run.trainer.fit(run.model, datamodule=run.datamodule)
+    with pytest.raises(TrainingError, match=r"NaN or infinite.* No checkpoint was written in"):
+        fit(run)
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
 
 

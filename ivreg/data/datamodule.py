@@ -94,14 +94,20 @@ class EpochShuffleSampler(Sampler):
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         self.epoch = _epoch_now(self.current_epoch, self.epoch)
-        gen = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
-        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        order = epoch_order(self.num_samples, self.seed, self.epoch)
         return iter(_with_seeds(order, self.seed, self.epoch) if self.with_seeds else order)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The epoch's permutation of the training images, on one process or many."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch)).tolist()
 
 
 class EpochDistributedSampler(DistributedSampler):
     """``DistributedSampler`` (so Lightning does not wrap it in another) that reads the epoch
-    and yields items as ``EpochShuffleSampler`` does."""
+    and yields this rank's share of ``EpochShuffleSampler``'s order, every ``world_size``-th
+    image: the ranks' k-th batches together hold the images of one process's k-th batch of
+    ``world_size`` times the size (the images left over by an uneven split are dropped)."""
 
     def __init__(
         self,
@@ -118,7 +124,7 @@ class EpochDistributedSampler(DistributedSampler):
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         self.epoch = _epoch_now(self.current_epoch, self.epoch)
-        order = list(super().__iter__())
+        order = epoch_order(len(self.dataset), self.seed, self.epoch)[self.rank : self.total_size : self.num_replicas]
         return iter(_with_seeds(order, self.seed, self.epoch) if self.with_seeds else order)
 
 

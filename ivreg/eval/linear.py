@@ -29,10 +29,17 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
 
-from ivreg.callbacks import EpochCheckpoint, EpochSummary, StopAllProcessesOnError, checkpoint_io
+from ivreg.callbacks import (
+    EpochCheckpoint,
+    EpochSummary,
+    ScheduledRatesAtStart,
+    StopAllProcessesOnError,
+    checkpoint_io,
+)
 from ivreg.config import (
     PRECISIONS,
     check_value_types,
@@ -59,6 +66,7 @@ from ivreg.train import (
     make_trainer,
     passthrough_trainer_kwargs,
     release_run_folder,
+    say_what_is_kept,
 )
 
 LINEAR_DEFAULTS: dict[str, Any] = {
@@ -295,6 +303,7 @@ class LinearEvalModule(L.LightningModule):
         self.top5 = min(5, num_classes)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=self.top5, average="micro")
+        self.val_loss = MeanMetric()  # per image over the DDP ranks' uneven shares, as in pretraining
 
     def train(self, mode: bool = True) -> LinearEvalModule:
         """As ``nn.Module.train``, but a frozen backbone stays in eval mode: its BatchNorm keeps
@@ -324,9 +333,11 @@ class LinearEvalModule(L.LightningModule):
         logits = self(images).float()
         self.val_acc1.update(logits, labels)
         self.val_acc5.update(logits, labels)
-        self.log("val_loss", F.cross_entropy(logits, labels), on_epoch=True, sync_dist=True, batch_size=len(labels))
+        self.val_loss.update(F.cross_entropy(logits, labels, reduction="none"))
 
     def on_validation_epoch_end(self) -> None:
+        self.log("val_loss", self.val_loss.compute())
+        self.val_loss.reset()
         self.log("val_acc1", 100.0 * self.val_acc1.compute())
         self.log("val_acc5", 100.0 * self.val_acc5.compute())
         self.val_acc1.reset()
@@ -430,7 +441,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     if on_gpu:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
 
-    callbacks: list[L.Callback] = [StopAllProcessesOnError(), LinearEpochSummary(run_dir)]
+    callbacks: list[L.Callback] = [StopAllProcessesOnError(), ScheduledRatesAtStart(), LinearEpochSummary(run_dir)]
     loggers = build_loggers(cfg, run_dir)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
@@ -458,7 +469,7 @@ def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     elif run.resume_from is not None and run.trainer.is_global_zero:
         print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
     try:
-        with warnings.catch_warnings(), exit_143_on_sigterm(run.trainer, run.run_dir):
+        with warnings.catch_warnings(), exit_143_on_sigterm(run.trainer, run.run_dir), say_what_is_kept(run.run_dir):
             # A frozen backbone is in eval mode on purpose; Lightning would warn about it.
             warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
             run.trainer.fit(

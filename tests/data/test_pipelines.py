@@ -150,3 +150,23 @@ def test_pretraining_on_a_flat_folder_of_unlabelled_images(pipeline: str, image_
         assert run.cfg.data.num_classes == (3 if val_path else 0)
         if val_path:
             assert 0.0 <= float(row["val_acc1"]) <= 100.0
+
+
+def test_ranks_batches_together_are_one_process_batch_of_the_total_size() -> None:
+    """2 processes at batch 8 see, step by step, the images 1 process sees at batch 16 (every
+    epoch, not only the first); an uneven split drops the left-over images."""
+    from ivreg.data.datamodule import EpochDistributedSampler, EpochShuffleSampler
+
+    for epoch in (0, 1, 5):
+        single = EpochShuffleSampler(50, seed=3)
+        single.set_epoch(epoch)
+        whole = list(single)
+        shares = []
+        for rank in range(2):
+            sampler = EpochDistributedSampler(50, world_size=2, rank=rank, seed=3)
+            sampler.set_epoch(epoch)
+            shares.append(list(sampler))
+        assert [len(s) for s in shares] == [25, 25]
+        for k in range(3):  # batches of 8 per rank, 16 in one process
+            together = sorted(shares[0][8 * k : 8 * k + 8] + shares[1][8 * k : 8 * k + 8])
+            assert together == sorted(whole[16 * k : 16 * k + 16]), (epoch, k)

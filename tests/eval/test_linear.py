@@ -270,6 +270,8 @@ def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ck
     assert "resuming" in capsys.readouterr().out
     rows = _rows(tmp_path / "again" / "epochs.csv")
     assert [int(r["epoch"]) for r in rows] == [0, 1] and int(rows[1]["step"]) == 2 * int(rows[0]["step"])
+    # the resumed epoch begins at the 2-epoch schedule's rate (half-way: 0.05), not at the 1-epoch one's end (0)
+    assert float(rows[1]["lr"]) == pytest.approx(0.05)
     versions = sorted(p.name for p in (tmp_path / "again").glob("*/version_*"))
     linear_eval(_linear_cfg(colour_ckpt, tmp_path, epochs=2, name="again"))  # finished: trains nothing
     assert "final val_acc1" in capsys.readouterr().out
