@@ -87,7 +87,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
+        try:
+            atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
+        except CheckpointError as exc:  # (with async writes it surfaces at the next write: say which failed)
+            epoch = checkpoint.get("epoch")
+            raise CheckpointError(f"epoch {epoch}'s checkpoint: {exc}" if epoch is not None else str(exc)) from exc
 
 
 def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | AsyncCheckpointIO:

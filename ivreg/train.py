@@ -6,7 +6,8 @@ A run lives in ``<checkpoint.dir>/<name>/``::
     last.ckpt       written atomically after every ``checkpoint.frequency`` epochs
     epochs.csv      one row per epoch: times, losses, val_acc1/5, spectrum summary
     eigvals.csv     the full spectrum of C per epoch (``method_kwargs.log_eigvals``)
-    logs/           CSV metrics per step (``logs/version_<k>/metrics.csv``), TensorBoard
+    logs/           CSV metrics per step (``logs/version_<k>/metrics.csv``, one version per launch)
+    tensorboard/    the same for TensorBoard (``logger.tensorboard``)
 
 With ``auto_resume.enabled`` a second launch with the same name continues from
 ``last.ckpt``.
@@ -197,6 +198,9 @@ def check_resume(
     whose own config differs under ``keys`` or in its images per optimizer step.
     ``pretraining``: the checkpoint must be a pretraining run's."""
     explicit = cfg.get("resume_from_checkpoint")
+    last = run_dir / "last.ckpt"
+    if last.is_dir():
+        raise ConfigError(f"{last} is a folder, not a checkpoint; move it away")
     if explicit:
         try:
             path = resolve_path(explicit)  # a run folder stands for its last.ckpt
@@ -204,9 +208,27 @@ def check_resume(
             raise ConfigError(f"resume_from_checkpoint: {exc}") from None
         advice = "Resume with the config it was trained with, or start a new run without resume_from_checkpoint"
         _require_same_run(path, cfg, keys, defaults, pretraining, advice)
+        if last.exists() and not last.samefile(path):
+            # the folder's own run would be overwritten: it must be the same run, rolled back
+            advice = f"{run_dir} holds another run, which resume_from_checkpoint would overwrite; choose another name"
+            _require_same_run(last, cfg, keys, defaults, pretraining, advice)
+            then, now = finished_epochs(path) or 0, finished_epochs(last) or 0
+            if then < now:
+                warnings.warn(
+                    f"rolling {run_dir} back from {now} finished epochs to {path}'s {then}: the later epochs' rows "
+                    "and checkpoint are replaced. Relaunch without resume_from_checkpoint to go on from last.ckpt "
+                    "(with it, every relaunch rolls back again)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         return path
-    last = run_dir / "last.ckpt"
     if not last.exists():
+        if not cfg.get("checkpoint", {}).get("enabled", True) and _has_epoch_rows(run_dir):
+            raise ConfigError(
+                f"{run_dir} holds the record of a run (epochs.csv) without a checkpoint to resume "
+                "(checkpoint.enabled=False); a relaunch would start over and overwrite it. Choose another "
+                "name=... or delete the folder"
+            )
         return None
     if not cfg.auto_resume.enabled:
         raise ConfigError(
@@ -230,6 +252,11 @@ def keep_fraction_draw(cfg: DictConfig, resume_from: Path | None) -> None:
     if resume_from is not None:
         saved = config_of(read_checkpoint(resume_from, mmap=True), resume_from)
         cfg.data.fraction_draw = (saved.get("data") or {}).get("fraction_draw") or "random"
+
+
+def _has_epoch_rows(run_dir: Path) -> bool:
+    path = run_dir / "epochs.csv"
+    return path.is_file() and len(path.read_text().strip().splitlines()) > 1
 
 
 def _require_same_run(
@@ -407,7 +434,11 @@ def lock_run_folder(run_dir: Path) -> None:
         import fcntl
     except ImportError:  # not a POSIX system
         return
-    f = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open for the life of the process)
+    try:
+        f = open(run_dir / ".lock", "a+")  # noqa: SIM115 (held open for the life of the process)
+    except OSError as exc:  # a read-only folder: nothing could be written there anyway
+        where = f"the run folder {run_dir} ({exc.strerror})"
+        raise ConfigError(f"cannot write in {where}; choose another checkpoint.dir") from exc
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

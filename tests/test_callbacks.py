@@ -102,8 +102,8 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match=r"could not write .*last.ckpt .*previous version is kept"):
-        io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"epoch 4's checkpoint: could not write .*last.ckpt .*previous version"):
+        io.save_checkpoint({"w": torch.ones(3), "epoch": 4}, tmp_path / "last.ckpt")
     monkeypatch.undo()
     assert torch.equal(torch.load(tmp_path / "last.ckpt")["w"], torch.zeros(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

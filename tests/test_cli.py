@@ -97,3 +97,38 @@ def test_a_failed_sweep_job_does_not_stop_the_others(tmp_path: Path) -> None:
     assert "error: optimizer.lr must be >= 0, got -1.0 [job 0 (optimizer.lr=-1" in proc.stderr
     assert "error: 1 job(s) of the sweep failed:\n  job 0 (optimizer.lr=-1" in proc.stderr
     assert (tmp_path / "sw0.5" / "last.ckpt").is_file() and not (tmp_path / "sw-1").exists()
+
+
+def test_sigterm_to_the_whole_process_group_exits_with_143(tmp_path: Path) -> None:
+    """SLURM (and kill -- -<pgid>) signal every process of the job, DataLoader workers too: a
+    worker killed by it stopped the run with a traceback and status 1 instead of 143."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "main_pretrain.py"),
+            f"checkpoint.dir={tmp_path}",
+            "data.num_workers=2",
+            "max_epochs=20",
+            "report.compare_random_init=False",
+            "++limit_val_batches=1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if line.startswith("epoch    0"):  # one epoch done: the workers are running
+                break
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM in epoch" in err and "DataLoader worker" not in err

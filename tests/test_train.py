@@ -307,6 +307,35 @@ def test_a_relaunch_under_fewer_epochs_than_done_is_refused_before_writing(image
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, f"++resume_from_checkpoint={tmp_path}/nowhere"))
 
 
+def test_explicit_resume_keeps_the_target_folders_own_run(image_data, tmp_path: Path) -> None:
+    """resume_from_checkpoint into a folder holding another run overwrote it without a word;
+    into its own run's kept checkpoint it rolls back, and says that every relaunch with it will."""
+    base = ("scheduler.name=none", "++checkpoint.keep_every_n_epochs=1")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=2", *base, name="base"))
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=2", *base, "++seed=7", name="victim"))
+    other = f"++resume_from_checkpoint={tmp_path / 'base' / 'last.ckpt'}"
+    with pytest.raises(ConfigError, match=r"victim holds another run, which resume_from_checkpoint would overwrite"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", *base, other, name="victim"))
+    back = f"++resume_from_checkpoint={tmp_path / 'base' / 'epoch0001.ckpt'}"
+    with pytest.warns(UserWarning, match=r"rolling .*base back from 2 finished epochs to .*epoch0001.ckpt's 1"):
+        run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", *base, back, name="base"))
+    release_run_folder(run.run_dir)
+    # a folder whose last.ckpt is a folder is named, not handed to Lightning
+    (tmp_path / "odd" / "last.ckpt").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"odd/last.ckpt is a folder, not a checkpoint"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *base, name="odd"))
+
+
+def test_a_finished_run_without_checkpoints_is_not_overwritten(image_data, tmp_path: Path) -> None:
+    """checkpoint.enabled=False: epochs.csv is the run's only record, and a relaunch started over."""
+    extra = ("max_epochs=1", "scheduler.name=none", "checkpoint.enabled=False")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))
+    rows = (tmp_path / "tiny" / "epochs.csv").read_text()
+    with pytest.raises(ConfigError, match=r"holds the record of a run \(epochs.csv\) without a checkpoint"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))
+    assert (tmp_path / "tiny" / "epochs.csv").read_text() == rows
+
+
 def test_explicit_resume_refuses_a_checkpoint_of_another_run(image_data, tmp_path: Path) -> None:
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", name="iso"))
     ckpt = tmp_path / "iso" / "last.ckpt"

@@ -111,7 +111,7 @@ def test_run_knn_on_a_checkpoint_finds_the_colour_classes(tmp_path):
     results = run_knn({"pretrained_feature_extractor": str(ckpt), "k": [1, 10], "accelerator": "cpu", "out": str(out)})
     assert [r.k for r in results] == [1, 10]
     assert all(r.acc1 == 100.0 for r in results)  # one colour per class: trivially close neighbours
-    assert out.read_text().splitlines()[0] == "checkpoint,dataset,k,temperature,distance,acc1,acc5"
+    assert out.read_text().splitlines()[0] == "checkpoint,dataset,features,k,temperature,distance,acc1,acc5"
     with pytest.raises(ConfigError, match="k=37 is larger than the feature bank"):
         run_knn({"pretrained_feature_extractor": str(ckpt), "k": [37], "accelerator": "cpu"})
 
