@@ -390,6 +390,13 @@ def labels_of(dataset: Dataset) -> np.ndarray:
 FRACTION_DRAWS = ("per_class", "random")
 
 
+def _labels_or_none(dataset: Dataset) -> np.ndarray | None:
+    try:
+        return labels_of(dataset)
+    except DataError:  # labels only by loading every image
+        return None
+
+
 def subset_fraction(dataset: Dataset, fraction: float, seed: int, draw: str = "per_class") -> Dataset:
     """A fixed random ``fraction`` of ``dataset`` (all of it when fraction is 1). ``per_class``
     draws each class's share (stratified, as solo-learn's ``data_fraction``): every class keeps
@@ -403,11 +410,8 @@ def subset_fraction(dataset: Dataset, fraction: float, seed: int, draw: str = "p
     if fraction == 1:
         return dataset
     rng = np.random.default_rng(seed)
-    try:
-        if draw == "random":
-            raise DataError("drawn from the whole set")
-        labels = labels_of(dataset)
-    except DataError:
+    labels = _labels_or_none(dataset) if draw == "per_class" else None
+    if labels is None:
         n = len(dataset)  # type: ignore[arg-type]
         return Subset(dataset, np.sort(rng.permutation(n)[: max(1, int(round(n * fraction)))]).tolist())
     keep = []
