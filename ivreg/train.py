@@ -136,18 +136,24 @@ def _world_size(devices: Any, num_nodes: int, accelerator: Any = "auto") -> int:
     return n * num_nodes
 
 
-def images_per_step(cfg: Any, world_size: int | None = None) -> int:
-    """Images per optimizer step: per-device batch x devices x nodes x accumulated batches.
-    The learning rate, the step counts of the schedules and a checkpoint's position in them
-    all depend on it, so a run cannot resume under another value. ``world_size``: the
-    processes the run had (a checkpoint records them), else counted from the config on this
-    machine."""
+def step_split(cfg: Any, world_size: int | None = None) -> tuple[int, int, int]:
+    """(per-process batch, processes, accumulated batches) of an optimizer step. ``world_size``:
+    the processes the run had (a checkpoint records them), else counted from the config on
+    this machine."""
     nodes = int(OmegaConf.select(cfg, "num_nodes", default=1) or 1)
     world = world_size or _world_size(
         OmegaConf.select(cfg, "devices"), nodes, OmegaConf.select(cfg, "accelerator", default="auto")
     )
     accumulate = int(OmegaConf.select(cfg, "accumulate_grad_batches", default=1) or 1)
-    return int(OmegaConf.select(cfg, "optimizer.batch_size")) * world * accumulate
+    return int(OmegaConf.select(cfg, "optimizer.batch_size")), world, accumulate
+
+
+def images_per_step(cfg: Any, world_size: int | None = None) -> int:
+    """Images per optimizer step: per-device batch x devices x nodes x accumulated batches.
+    The learning rate, the step counts of the schedules and a checkpoint's position in them
+    all depend on it, so a run cannot resume under another value."""
+    batch, world, accumulate = step_split(cfg, world_size)
+    return batch * world * accumulate
 
 
 def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -317,10 +323,18 @@ def _differing_keys(
         only_now = [k for k in now if k not in then and k not in RESUME_FREE and k not in RECORDED_ONLY]
         diffs += [k for k in only_now if default.get(k, missing) != now[k]]
     then, now = images_per_step(saved, saved_world_size), images_per_step(cfg)
+    split_then, split_now = step_split(saved, saved_world_size), step_split(cfg)
+    limit = OmegaConf.select(cfg, "limit_train_batches", default=None)
     if then != now:
         diffs.append(
             f"images per optimizer step (batch_size x devices x nodes x accumulate_grad_batches: "
             f"{then} then, {now} now)"
+        )
+    elif isinstance(limit, int) and not isinstance(limit, bool) and split_then != split_now:
+        diffs.append(
+            f"the split of each optimizer step's images (batch_size, processes, accumulate_grad_batches: "
+            f"{split_then} then, {split_now} now) under limit_train_batches={limit}, which counts each "
+            "process's batches: an epoch would hold other images"
         )
     return diffs
 

@@ -263,6 +263,13 @@ def test_resume_needs_the_same_images_per_optimizer_step(image_data, tmp_path: P
     half = ("optimizer.batch_size=4", "++accumulate_grad_batches=2", "scheduler.name=none")
     run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *half))
     assert run.resume_from == tmp_path / "tiny" / "last.ckpt"
+    release_run_folder(run.run_dir)
+    # ... but not under an integer limit_train_batches, which counts each process's batches
+    limit = ("max_epochs=1", "scheduler.name=none", "++limit_train_batches=3")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *limit, name="lim"))
+    split = r"in \[\"the split of .*\(8, 1, 1\) then, \(4, 1, 2\) now\) under limit_train_batches=3"
+    with pytest.raises(ConfigError, match=split):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *half, *limit, name="lim"))
 
 
 def test_resume_compares_the_processes_the_checkpoint_ran_with(image_data, tmp_path: Path) -> None:
