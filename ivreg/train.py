@@ -568,12 +568,16 @@ def exit_143_on_sigterm(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
     """SIGTERM (SLURM's preemption, ``scancel``) makes Lightning raise ``SIGTERMException``,
     a ``SystemExit`` without a code: the job ended with status 0 and said nothing, so a
     script's ``main_pretrain.py ... && main_linear.py ...`` went on with an unfinished run.
-    Here it says what is kept and exits with 143 (128 + SIGTERM), as a killed process would."""
+    Here it says what is kept and exits with 143 (128 + SIGTERM), as a killed process would.
+    SLURM and ``kill -- -<pgid>`` signal the DataLoader workers too: the error their death
+    raises once SIGTERM has arrived is the same stop, not a failure of the run."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     try:
         yield
-    except SIGTERMException:
+    except (SIGTERMException, Exception) as exc:  # (SIGTERMException is a SystemExit)
+        if not isinstance(exc, SIGTERMException) and not trainer.received_sigterm:
+            raise
         if trainer.is_global_zero:
             print(f"stopped by SIGTERM in epoch {trainer.current_epoch}: {_kept(run_dir)}", file=sys.stderr, flush=True)
         raise SystemExit(143) from None

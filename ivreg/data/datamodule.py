@@ -16,13 +16,11 @@ pipeline ran.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 from ivreg.data.augment import (
@@ -98,15 +96,6 @@ class EpochShuffleSampler(Sampler):
         self.epoch = _epoch_now(self.current_epoch, self.epoch)
         order = epoch_order(self.num_samples, self.seed, self.epoch)
         return iter(_with_seeds(order, self.seed, self.epoch) if self.with_seeds else order)
-
-
-def worker_ignores_sigterm(worker_id: int) -> None:
-    """A DataLoader worker leaves SIGTERM to the main process: SLURM and ``kill -- -<pgid>``
-    signal the whole process group, and a worker that died of it stopped the run with
-    "DataLoader worker is killed by signal" instead of Lightning's orderly SIGTERM exit (143).
-    The DataLoader still ends its workers itself. Then seeds the worker as Lightning would."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    pl_worker_init_function(worker_id)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -377,7 +366,6 @@ class PretrainDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
-            worker_init_fn=worker_ignores_sigterm,
         )
 
     def train_dataloader(self) -> DataLoader | DeviceBatches:
