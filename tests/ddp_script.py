@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ivreg.config import compose  # noqa: E402
-from ivreg.train import build_run  # noqa: E402
+from ivreg.train import build_run, fit  # noqa: E402
 from tests.conftest import CIFAR_CONFIGS, tiny_overrides  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def main() -> None:
         run.trainer.callbacks.append(NonFiniteOnRank1())
     if os.environ.get("IVREG_TEST_FAIL_ON_RANK0"):
         run.trainer.callbacks.append(FailOnRank0())
-    run.trainer.fit(run.model, datamodule=run.datamodule)
+    fit(run)  # as main_pretrain.py does: with the SIGTERM and error reporting around trainer.fit
 
 
 if __name__ == "__main__":
