@@ -606,11 +606,28 @@ def say_what_is_kept(run_dir: Path) -> Iterator[None]:
     """A training error (a NaN loss) ends with what the run folder keeps of the run."""
     try:
         yield
-    except TrainingError as exc:
+    except (TrainingError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not _peer_gone(exc):
+            raise
+        if isinstance(exc, RuntimeError):  # (its own error, the cause, is printed by that process)
+            first = str(exc).strip().splitlines()[-1]
+            exc = TrainingError(f"another process of this run stopped, and this one lost its connection ({first})")
         last = run_dir / "last.ckpt"
         done = finished_epochs(last)
         kept = f"{last} keeps {done} finished epoch(s)" if done else f"no checkpoint was written in {run_dir}"
         raise TrainingError(f"{str(exc).rstrip('.')}. {kept[0].upper()}{kept[1:]}.") from exc
+
+
+def _peer_gone(exc: RuntimeError) -> bool:
+    """The error a DDP process meets in a collective when another process of the run died."""
+    import torch.distributed as dist
+
+    text = str(exc)
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and ("Connection closed by peer" in text or "Connection reset by peer" in text)
+    )
 
 
 def _kept(run_dir: Path) -> str:

@@ -65,12 +65,15 @@ class NonFiniteOnRank1(L.Callback):
             pl_module.nonfinite_steps += 1
 
 
-class FailOnRank0(L.Callback):
-    """An error only the first process meets (as a full disk while it writes epochs.csv)."""
+class FailOnRank(L.Callback):
+    """An error only one process meets (as a full disk while rank 0 writes epochs.csv)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        if trainer.global_rank == 0 and trainer.global_step == 1:
-            raise OSError("No space left on device (simulated, rank 0 only)")
+        if trainer.global_rank == self.rank and trainer.global_step == 1:
+            raise OSError(f"No space left on device (simulated, rank {self.rank} only)")
 
 
 def main() -> None:
@@ -87,8 +90,8 @@ def main() -> None:
     run.trainer.callbacks.append(SaveRankState(out))
     if os.environ.get("IVREG_TEST_NONFINITE_ON_RANK1"):
         run.trainer.callbacks.append(NonFiniteOnRank1())
-    if os.environ.get("IVREG_TEST_FAIL_ON_RANK0"):
-        run.trainer.callbacks.append(FailOnRank0())
+    if os.environ.get("IVREG_TEST_FAIL_ON_RANK"):
+        run.trainer.callbacks.append(FailOnRank(int(os.environ["IVREG_TEST_FAIL_ON_RANK"])))
     fit(run)  # as main_pretrain.py does: with the SIGTERM and error reporting around trainer.fit
 
 

@@ -80,9 +80,18 @@ def test_an_error_on_the_first_process_ends_the_others(image_data, tmp_path: Pat
     """The error reaches the command line and no process is left behind. (With NCCL the others
     would wait in a collective for the process group's timeout unless killed; gloo notices the
     closed connection, so tests/test_callbacks.py checks the killing itself.)"""
-    proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", env={"IVREG_TEST_FAIL_ON_RANK0": "1"})
+    proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", env={"IVREG_TEST_FAIL_ON_RANK": "0"})
     assert proc.returncode != 0
     assert "No space left on device (simulated, rank 0 only)" in proc.stderr
+
+
+def test_an_error_on_the_second_process_is_what_the_first_reports(image_data, tmp_path: Path) -> None:
+    """The first process, waiting in a collective for the second, lost its connection: it says
+    so in one line (and what the run folder keeps), not with gloo's traceback."""
+    proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", env={"IVREG_TEST_FAIL_ON_RANK": "1"})
+    assert proc.returncode != 0
+    assert "No space left on device (simulated, rank 1 only)" in proc.stderr
+    assert "another process of this run stopped, and this one lost its connection" in proc.stderr
 
 
 def _correlation_worker(rank: int, world: int, port: int, out: str) -> None:
