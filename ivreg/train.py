@@ -15,6 +15,7 @@ With ``auto_resume.enabled`` a second launch with the same name continues from
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -152,8 +153,7 @@ def images_per_step(cfg: Any, world_size: int | None = None) -> int:
     """Images per optimizer step: per-device batch x devices x nodes x accumulated batches.
     The learning rate, the step counts of the schedules and a checkpoint's position in them
     all depend on it, so a run cannot resume under another value."""
-    batch, world, accumulate = step_split(cfg, world_size)
-    return batch * world * accumulate
+    return math.prod(step_split(cfg, world_size))
 
 
 def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -229,7 +229,7 @@ def check_resume(
                 )
         return path
     if not last.exists():
-        if not cfg.get("checkpoint", {}).get("enabled", True) and _has_epoch_rows(run_dir):
+        if not cfg.get("checkpoint", {}).get("enabled", True) and EpochSummary._read(run_dir / "epochs.csv"):
             raise ConfigError(
                 f"{run_dir} holds the record of a run (epochs.csv) without a checkpoint to resume "
                 "(checkpoint.enabled=False); a relaunch would start over and overwrite it. Choose another "
@@ -258,11 +258,6 @@ def keep_fraction_draw(cfg: DictConfig, resume_from: Path | None) -> None:
     if resume_from is not None:
         saved = config_of(read_checkpoint(resume_from, mmap=True), resume_from)
         cfg.data.fraction_draw = (saved.get("data") or {}).get("fraction_draw") or "random"
-
-
-def _has_epoch_rows(run_dir: Path) -> bool:
-    path = run_dir / "epochs.csv"
-    return path.is_file() and len(path.read_text().strip().splitlines()) > 1
 
 
 def _require_same_run(
@@ -322,8 +317,8 @@ def _differing_keys(
         diffs += [k for k, v in then.items() if k not in RESUME_FREE and (k not in now or now[k] != v)]
         only_now = [k for k in now if k not in then and k not in RESUME_FREE and k not in RECORDED_ONLY]
         diffs += [k for k in only_now if default.get(k, missing) != now[k]]
-    then, now = images_per_step(saved, saved_world_size), images_per_step(cfg)
     split_then, split_now = step_split(saved, saved_world_size), step_split(cfg)
+    then, now = math.prod(split_then), math.prod(split_now)
     limit = OmegaConf.select(cfg, "limit_train_batches", default=None)
     if then != now:
         diffs.append(
