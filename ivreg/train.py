@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -58,6 +58,9 @@ from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import CheckpointError, ConfigError, TrainingError
 from ivreg.method import SSLMethod
+
+if TYPE_CHECKING:
+    from ivreg.eval.linear import LinearRun
 
 # What must match for a run to resume from a checkpoint: every leaf under these keys (a
 # section stands for all its keys) that the checkpoint's config has. They fix the model, the
@@ -520,8 +523,9 @@ def make_trainer(**kwargs: Any) -> L.Trainer:
         raise ConfigError(f"Lightning refused the trainer settings: {exc}") from exc
 
 
-def fit(run: Run) -> None:
-    """``trainer.fit`` of a built run, from its checkpoint when ``build_run`` chose to resume.
+def fit(run: Run | LinearRun) -> None:
+    """``trainer.fit`` of a built run (pretraining's, or ``build_linear_run``'s), from its
+    checkpoint when the build chose to resume.
 
     Scripts that add callbacks between ``build_run`` and training call this instead of
     ``trainer.fit``: fitting without the checkpoint would start the run over and rewrite its

@@ -59,14 +59,11 @@ from ivreg.train import (
     build_loggers,
     check_resume,
     claim_run_folder,
-    exit_143_on_sigterm,
+    fit,
     hardware_kwargs,
-    is_finished,
     keep_fraction_draw,
     make_trainer,
     passthrough_trainer_kwargs,
-    release_run_folder,
-    say_what_is_kept,
 )
 
 LINEAR_DEFAULTS: dict[str, Any] = {
@@ -464,19 +461,10 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
 def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     """Build and fit; prints the final and best top-1 accuracy."""
     run = build_linear_run(cfg)
-    if is_finished(run.trainer, run.resume_from):  # trains nothing: no empty log versions either
-        run.trainer.loggers = []
-    elif run.resume_from is not None and run.trainer.is_global_zero:
-        print(f"resuming {run.run_dir} from {run.resume_from}", flush=True)
-    try:
-        with warnings.catch_warnings(), exit_143_on_sigterm(run.trainer, run.run_dir), say_what_is_kept(run.run_dir):
-            # A frozen backbone is in eval mode on purpose; Lightning would warn about it.
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-            run.trainer.fit(
-                run.model, datamodule=run.datamodule, ckpt_path=str(run.resume_from) if run.resume_from else None
-            )
-    finally:
-        release_run_folder(run.run_dir)
+    with warnings.catch_warnings():
+        # A frozen backbone is in eval mode on purpose; Lightning would warn about it.
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        fit(run)
     if run.trainer.is_global_zero:
         _print_result(run.run_dir)
     return run
