@@ -219,12 +219,15 @@ def warmup_cosine_factor(
     if base_lr <= 0:
         return 0.0
     if step < warmup_steps:
-        lr = warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps
-    else:
-        span = max(total_steps - warmup_steps, 1)
-        progress = min((step - warmup_steps) / span, 1.0)
-        lr = min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    return lr / base_lr
+        return _warmup_factor(step, warmup_steps, base_lr, warmup_start_lr)
+    span = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return (min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / base_lr
+
+
+def _warmup_factor(step: int, warmup_steps: int, base_lr: float, warmup_start_lr: float) -> float:
+    """Multiplier of ``base_lr`` during a linear warmup from warmup_start_lr."""
+    return (warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps) / base_lr
 
 
 def warmup_step_factor(
@@ -235,7 +238,7 @@ def warmup_step_factor(
     if base_lr <= 0:
         return 0.0
     if step < warmup_steps:
-        return (warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps) / base_lr
+        return _warmup_factor(step, warmup_steps, base_lr, warmup_start_lr)
     return gamma ** sum(step >= m for m in milestones)
 
 
@@ -259,17 +262,14 @@ def build_scheduler(
     warmup = int(round(warmup_epochs * steps_per_epoch)) if name in ("warmup_cosine", "step") else 0
     if warmup >= total:
         raise ConfigError(f"scheduler.warmup_epochs ({warmup_epochs}) must be shorter than max_epochs ({max_epochs})")
-    if name == "step":
-        milestones = [int(round(e * steps_per_epoch)) for e in lr_decay_steps or []]
-        lambdas = [
-            (lambda step, base=g["lr"]: warmup_step_factor(step, warmup, milestones, gamma, base, warmup_start_lr))
-            for g in optimizer.param_groups
-        ]
-    else:
-        lambdas = [
-            (lambda step, base=g["lr"]: warmup_cosine_factor(step, warmup, total, base, warmup_start_lr, min_lr))
-            for g in optimizer.param_groups
-        ]
+    milestones = [int(round(e * steps_per_epoch)) for e in lr_decay_steps or []]
+
+    def factor(step: int, base: float) -> float:
+        if name == "step":
+            return warmup_step_factor(step, warmup, milestones, gamma, base, warmup_start_lr)
+        return warmup_cosine_factor(step, warmup, total, base, warmup_start_lr, min_lr)
+
+    lambdas = [(lambda step, base=g["lr"]: factor(step, base)) for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
 
 
