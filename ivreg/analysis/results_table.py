@@ -108,10 +108,15 @@ def find_runs(root: Path) -> list[Path]:
     return sorted({p for p in candidates if (p / "config.yaml").is_file() and (p / "epochs.csv").is_file()})
 
 
-def run_value(epochs_csv: Path, metric: str, column: str = "val_acc1") -> float:
-    """The best (maximum) or final (last finite) value of ``column``; NaN when there is none."""
+def read_rows(epochs_csv: Path) -> list[dict[str, str]]:
+    """The rows of a run's ``epochs.csv``."""
     with open(epochs_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def run_value(rows: Sequence[Mapping[str, str]], metric: str, column: str = "val_acc1") -> float:
+    """The best (maximum) or final (last finite) value of ``column`` in ``epochs.csv``'s
+    ``rows``; NaN when there is none."""
     values = []
     for r in rows:
         try:
@@ -124,19 +129,13 @@ def run_value(epochs_csv: Path, metric: str, column: str = "val_acc1") -> float:
     return max(finite) if metric == "best" else finite[-1]
 
 
-def epochs_done(epochs_csv: Path) -> int:
-    """The epochs ``epochs.csv`` has a row for."""
-    with open(epochs_csv, newline="") as f:
-        return len({r.get("epoch") for r in csv.DictReader(f)})
-
-
-def unfinished(cfg: Mapping[str, Any], epochs_csv: Path) -> str | None:
-    """Why a run has not reached its ``max_epochs`` (None when it has, or when a ``max_steps``
-    limit makes the epoch count no measure of it)."""
+def unfinished(cfg: Mapping[str, Any], rows: Sequence[Mapping[str, str]]) -> str | None:
+    """Why a run (its config and ``epochs.csv``'s ``rows``) has not reached its ``max_epochs``
+    (None when it has, or when a ``max_steps`` limit makes the epoch count no measure of it)."""
     max_steps = cfg.get("max_steps")
     if max_steps is not None and int(max_steps) >= 0:
         return None
-    planned, done = int(cfg.get("max_epochs") or 0), epochs_done(epochs_csv)
+    planned, done = int(cfg.get("max_epochs") or 0), len({r.get("epoch") for r in rows})
     return f"unfinished ({done} of max_epochs={planned} epochs)" if done < planned else None
 
 
@@ -163,8 +162,8 @@ def collect(
             if is_linear_run(cfg) != (kind == "linear"):
                 continue
             label, dataset = run_key(cfg)
-            value = run_value(run_dir / "epochs.csv", metric, column)
-            short = unfinished(cfg, run_dir / "epochs.csv")
+            rows = read_rows(run_dir / "epochs.csv")
+            value, short = run_value(rows, metric, column), unfinished(cfg, rows)
         except Exception as exc:  # one broken folder must not hide the others
             warn(f"skipping {run_dir}: {exc}")
             continue
