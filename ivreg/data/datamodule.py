@@ -33,6 +33,7 @@ from ivreg.data.augment import (
 from ivreg.data.batched_aug import BatchedMultiView
 from ivreg.data.datasets import (
     Transformed,
+    UnlabelledImages,
     build_dataset,
     check_same_classes,
     dataset_info,
@@ -232,7 +233,7 @@ class PretrainDataModule(L.LightningDataModule):
         if val_path is not None or self.info.source == "embedded":
             self.raw_val = build_dataset(self.name, val_path, train=False, download=download)
             check_same_classes(train, self.raw_val, self.name)
-        if getattr(train, "classes", None) == [] and self.info.num_classes is None:  # unlabelled images
+        if isinstance(train, UnlabelledImages) and self.info.num_classes is None:  # classes only from val
             self._num_classes = num_classes_of(self.raw_val, self.name) if self.raw_val is not None else 0
         else:
             self._num_classes = num_classes_of(train, self.name)
