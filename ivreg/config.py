@@ -103,6 +103,9 @@ DEFAULTS: dict[str, Any] = {
     },
     "readout": {"batchnorm": True},
     "knn": {"enabled": False, "k": 20, "temperature": 0.07, "every_n_epochs": 1},
+    # a 2-D map of validation features, <run folder>/umap/<method>_epoch<N>.png (method: umap,
+    # which needs pip install 'ivreg[umap]', tsne or pca); max_samples 0: the whole split
+    "umap": {"enabled": False, "every_n_epochs": 50, "method": "umap", "max_samples": 5000},
     # compare_random_init: the same readout on a frozen random backbone (val_acc1_random);
     # raw_readout: also the reference's unstandardised readout (val_acc1_raw)
     "report": {"compare_random_init": False, "raw_readout": False},
@@ -195,6 +198,7 @@ CLOSED_SECTIONS = (
     "logger",
     "readout",
     "knn",
+    "umap",
     "report",
 )
 RUN_KEYS = {"data": {"num_classes"}}  # written by the run itself (train.build_run)

@@ -378,6 +378,13 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
         from ivreg.eval.knn import OnlineKNN
 
         callbacks.append(OnlineKNN(int(cfg.knn.k), float(cfg.knn.temperature), int(cfg.knn.every_n_epochs)))
+    if cfg.umap.enabled:
+        from ivreg.analysis.online_umap import OnlineUMAP
+
+        u = cfg.umap
+        callbacks.append(
+            OnlineUMAP(run_dir / "umap", int(u.every_n_epochs), str(u.method), int(u.max_samples), int(cfg.seed))
+        )
     if cfg.checkpoint.enabled:
         callbacks.append(EpochCheckpoint.from_config(cfg.checkpoint, run_dir))
     return callbacks
@@ -493,6 +500,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     views = parse_view_specs(OmegaConf.to_object(cfg.augmentations))  # type: ignore[arg-type]
     datamodule = PretrainDataModule(cfg.data, views, int(cfg.optimizer.batch_size), int(cfg.seed))
     cfg.data.num_classes = datamodule.num_classes
+    require_validation_split(cfg, datamodule)
     model = SSLMethod(to_container(cfg))
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
     apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)
@@ -510,6 +518,17 @@ def build_run(cfg: DictConfig | dict) -> Run:
     # the run it would have resumed.
     claim_run_folder(cfg, run_dir)
     return Run(cfg, model, datamodule, trainer, run_dir, resume_from)
+
+
+def require_validation_split(cfg: DictConfig, datamodule: PretrainDataModule) -> None:
+    """The online kNN and the online 2-D map read the validation split: refused at launch
+    without one, not at the end of the first epoch."""
+    online = [key for key in ("knn", "umap") if cfg[key].enabled]
+    if online and datamodule.raw_val is None:
+        raise ConfigError(
+            f"{' and '.join(f'{key}.enabled=True' for key in online)} needs a validation split, "
+            "but data.val_path is null; set data.val_path or turn it off"
+        )
 
 
 def make_trainer(**kwargs: Any) -> L.Trainer:

@@ -11,16 +11,20 @@ checkpoint was pretrained on, at most ``--max-samples`` of them drawn at random.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ivreg.cli import exit_on_user_error
 from ivreg.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 METHODS = ("umap", "tsne", "pca")
 UMAP_MISSING = (
@@ -59,14 +63,9 @@ def embed_2d(features: np.ndarray, method: str = "umap", seed: int = 0, metric: 
     return PCA(2, random_state=seed).fit_transform(x)
 
 
-def plot_embedding(
-    xy: np.ndarray,
-    labels: np.ndarray,
-    out: Path,
-    class_names: Sequence[str] | None = None,
-    title: str = "",
-    dpi: int = 150,
-) -> Path:
+def embedding_figure(
+    xy: np.ndarray, labels: np.ndarray, class_names: Sequence[str] | None = None, title: str = ""
+) -> Figure:
     """Scatter plot coloured by class (a legend up to 20 classes, a colour bar beyond)."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
@@ -92,13 +91,28 @@ def plot_embedding(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
+    return fig
+
+
+def plot_embedding(
+    xy: np.ndarray,
+    labels: np.ndarray,
+    out: Path,
+    class_names: Sequence[str] | None = None,
+    title: str = "",
+    dpi: int = 150,
+) -> Path:
+    """``embedding_figure`` written to ``out`` as a PNG, atomically (a killed run leaves no
+    half-written picture under the final name)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    tmp = out.with_name(f".{out.name}.tmp")
+    embedding_figure(xy, labels, class_names, title).savefig(tmp, dpi=dpi, format="png")
+    os.replace(tmp, out)
     return out
 
 
-def _class_names(dataset: Any) -> list[str] | None:
+def class_names_of(dataset: Any) -> list[str] | None:
     while hasattr(dataset, "dataset") and not hasattr(dataset, "classes"):
         dataset = dataset.dataset  # through Subset / Transformed
     names = getattr(dataset, "classes", None)
@@ -125,7 +139,7 @@ def checkpoint_features(
     data = eval_data_config(pretrain_cfg, data_overrides)
     train, val, _ = eval_datasets(data, seed)
     dataset = train if split == "train" else val
-    names = _class_names(dataset)
+    names = class_names_of(dataset)
     if max_samples > 0 and len(dataset) > max_samples:  # type: ignore[arg-type]
         keep = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:max_samples])  # type: ignore[arg-type]
         dataset = Subset(dataset, keep.tolist())

@@ -323,45 +323,19 @@ class OnlineKNN(L.Callback):
         self.bank_size = 0  # images in the last feature bank (all ranks')
         self.query_size = 0  # validation images it classified
 
-    def _due(self, trainer: L.Trainer) -> bool:
-        done = trainer.current_epoch + 1
-        return done % self.every_n_epochs == 0 or done == trainer.max_epochs
-
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self._due(trainer):
+        if not due_after_validation(trainer, self.every_n_epochs):
             return
         dm = trainer.datamodule
         if dm is None or getattr(dm, "raw_train", None) is None or getattr(dm, "raw_val", None) is None:
             raise DataError("OnlineKNN needs a data module with raw_train and raw_val (a validation set)")
-        transform = build_eval_transform(dm.crop_size, dm.mean, dm.std)
-        workers = int(getattr(dm, "num_workers", 0))
-        rank, world = trainer.global_rank, trainer.world_size
+        world = trainer.world_size
         limits = {
-            "train": _images_seen(trainer.limit_train_batches, trainer.num_training_batches, dm, world, self.k),
-            "val": _images_seen(trainer.limit_val_batches, sum(trainer.num_val_batches), dm, world, 1),
+            "train": images_seen(trainer.limit_train_batches, trainer.num_training_batches, dm, world, self.k),
+            "val": images_seen(trainer.limit_val_batches, sum(trainer.num_val_batches), dm, world, 1),
         }
-        seed = int(getattr(dm, "seed", 0))
-        feats = []
-        with trainer.precision_plugin.forward_context():
-            for split, raw in (("train", dm.raw_train), ("val", dm.raw_val)):
-                # the split's images on the device when the pipeline keeps them there, else workers
-                resident = (
-                    dm.eval_batches(split, self.batch_size, rank, world, limits[split])
-                    if hasattr(dm, "eval_batches")
-                    else None
-                )
-                if resident is not None:
-                    source: Any = resident
-                else:
-                    labelled = Transformed(labelled_only(raw), transform)
-                    sample = seeded_sample(len(labelled), limits[split], seed)
-                    positions = range(len(labelled)) if sample is None else sample.tolist()
-                    source = Subset(labelled, positions[rank::world]) if world > 1 or sample is not None else labelled
-                x, y = extract_features(pl_module.backbone, source, self.batch_size, workers)
-                if world > 1:
-                    x, y = gather_rows(trainer.strategy, x), gather_rows(trainer.strategy, y)
-                feats.append((x, y))
-        (train_x, train_y), (test_x, test_y) = feats
+        train_x, train_y = split_features(trainer, pl_module, "train", limits["train"], self.batch_size)
+        test_x, test_y = split_features(trainer, pl_module, "val", limits["val"], self.batch_size)
         self.bank_size, self.query_size = len(train_x), len(test_x)
         num_classes = getattr(dm, "num_classes", None)
         (result,) = knn_accuracy(
@@ -372,7 +346,44 @@ class OnlineKNN(L.Callback):
         pl_module.log("val_knn_acc5", result.acc5)
 
 
-def _images_seen(limit: float | int, batches: float | int, dm: Any, world: int, at_least: int) -> int | None:
+def due_after_validation(trainer: L.Trainer, every_n_epochs: int) -> bool:
+    """Whether an every-``every_n_epochs`` online evaluation runs after this validation: at
+    epochs n, 2n, ... and the last one, never in the sanity check."""
+    done = trainer.current_epoch + 1
+    return not trainer.sanity_checking and (done % every_n_epochs == 0 or done == trainer.max_epochs)
+
+
+def split_features(
+    trainer: L.Trainer, pl_module: L.LightningModule, split: str, limit: int | None, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backbone features and labels of the labelled images of the data module's raw ``train``
+    or ``val`` split (all, or the ``seeded_sample`` of ``limit``: the same images every epoch)
+    through the evaluation transform, gathered from every DDP rank (each extracts its share).
+
+    Reads the split's tensors on the device where the pipeline keeps them there
+    (``eval_batches``), else the images through DataLoader workers. Every rank must call it
+    (it is a collective under DDP)."""
+    dm = trainer.datamodule
+    rank, world = trainer.global_rank, trainer.world_size
+    raw = getattr(dm, f"raw_{split}", None) if dm is not None else None
+    if raw is None:
+        raise DataError(f"online evaluation needs a data module with raw_{split} (the non-augmented {split} split)")
+    with trainer.precision_plugin.forward_context():
+        resident = dm.eval_batches(split, batch_size, rank, world, limit) if hasattr(dm, "eval_batches") else None
+        if resident is not None:
+            source: Any = resident
+        else:
+            labelled = Transformed(labelled_only(raw), build_eval_transform(dm.crop_size, dm.mean, dm.std))
+            sample = seeded_sample(len(labelled), limit, int(getattr(dm, "seed", 0)))
+            positions = range(len(labelled)) if sample is None else sample.tolist()
+            source = Subset(labelled, positions[rank::world]) if world > 1 or sample is not None else labelled
+        x, y = extract_features(pl_module.backbone, source, batch_size, int(getattr(dm, "num_workers", 0)))
+    if world > 1:
+        x, y = gather_rows(trainer.strategy, x), gather_rows(trainer.strategy, y)
+    return x, y
+
+
+def images_seen(limit: float | int, batches: float | int, dm: Any, world: int, at_least: int) -> int | None:
     """How many images of a split the online kNN encodes: under ``limit_train_batches`` /
     ``limit_val_batches`` as many as that loop sees per epoch (a seeded sample, the same every
     epoch; for validation the very images it evaluated), else all (None). solo-learn's kNN,

@@ -1,0 +1,78 @@
+"""The online 2-D map: one picture per due epoch, of the same validation images each time, in
+TensorBoard too; settings refused at launch, not after training."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ivreg.analysis.online_umap import OnlineUMAP
+from ivreg.config import compose
+from ivreg.errors import ConfigError
+from ivreg.train import build_run
+
+from ..conftest import CIFAR_CONFIGS, tiny_overrides
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _run(image_data, tmp_path: Path, *extra: str):
+    train, val = image_data
+    overrides = tiny_overrides(train, val, tmp_path) + ["scheduler.warmup_epochs=0", *extra]
+    return build_run(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", overrides))
+
+
+def test_a_picture_per_due_epoch_of_the_same_images(image_data, tmp_path, monkeypatch) -> None:
+    """every_n_epochs=2 of 3 epochs: after epoch 2 and after the last; max_samples draws the
+    same validation images each time; TensorBoard receives the figure."""
+    import ivreg.analysis.online_umap as online
+
+    seen: list[torch.Tensor] = []
+    real = online.split_features
+
+    def recording(*args, **kwargs):
+        feats, labels = real(*args, **kwargs)
+        seen.append(labels.clone())
+        return feats, labels
+
+    monkeypatch.setattr(online, "split_features", recording)
+    extra = ["max_epochs=3", "++umap.enabled=True", "++umap.method=pca", "++umap.every_n_epochs=2"]
+    run = _run(image_data, tmp_path, *extra, "++umap.max_samples=10", "++logger.tensorboard=True")
+    run.trainer.fit(run.model, datamodule=run.datamodule)
+
+    (callback,) = [cb for cb in run.trainer.callbacks if isinstance(cb, OnlineUMAP)]
+    folder = run.run_dir / "umap"
+    assert callback.written == [folder / "pca_epoch0002.png", folder / "pca_epoch0003.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["pca_epoch0002.png", "pca_epoch0003.png"]
+    assert all(p.read_bytes().startswith(PNG_MAGIC) for p in callback.written)
+    assert len(seen) == 2 and len(seen[0]) == 10 and torch.equal(seen[0], seen[1])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run.run_dir / "tensorboard").rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0})
+    accumulator.Reload()
+    assert "val_pca" in accumulator.Tags()["images"]
+    assert len(accumulator.Images("val_pca")) == 2
+
+
+def test_bad_settings_are_refused_at_launch(image_data, tmp_path, monkeypatch) -> None:
+    with pytest.raises(ConfigError, match="umap.method must be one of"):
+        _run(image_data, tmp_path, "++umap.enabled=True", "++umap.method=isomap")
+    with pytest.raises(ConfigError, match="umap.every_n_epochs must be at least 1"):
+        _run(image_data, tmp_path, "++umap.enabled=True", "++umap.method=pca", "++umap.every_n_epochs=0")
+    with pytest.raises(ConfigError, match="umap.max_samples must be 0"):
+        _run(image_data, tmp_path, "++umap.enabled=True", "++umap.method=pca", "++umap.max_samples=2")
+    monkeypatch.setitem(sys.modules, "umap", None)  # umap-learn missing: said before training
+    with pytest.raises(ConfigError, match=r"pip install 'ivreg\[umap\]'"):
+        _run(image_data, tmp_path, "++umap.enabled=True")
+    assert not (tmp_path / "tiny" / "config.yaml").exists()  # nothing was launched
+
+
+@pytest.mark.parametrize("online", [["++knn.enabled=True"], ["++umap.enabled=True", "++umap.method=pca"]])
+def test_online_evaluation_without_a_validation_split_is_refused_at_launch(image_data, tmp_path, online) -> None:
+    with pytest.raises(ConfigError, match=r"needs a validation split, but data.val_path is null"):
+        _run(image_data, tmp_path, "data.val_path=null", *online)
