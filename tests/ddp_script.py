@@ -52,6 +52,7 @@ class SaveRankState(L.Callback):
                 "knn_acc1": float(trainer.callback_metrics.get("val_knn_acc1", float("nan"))),
                 "knn_bank": next((cb.bank_size for cb in trainer.callbacks if hasattr(cb, "bank_size")), 0),
                 "pipeline": trainer.datamodule.pipeline,
+                "maps": [str(path) for cb in trainer.callbacks for path in getattr(cb, "written", [])],
             },
             self.out / f"rank{trainer.global_rank}.pt",
         )

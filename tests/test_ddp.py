@@ -36,7 +36,11 @@ def _two_ranks(
         # the compiled step, with C's all-reduce between its two graphs
         ("isoloss-noema.yaml", ["++performance.compile=True", "++performance.compile_scope=step"]),
         # the splits on the device: training and validation sharded by the data module itself
-        ("byol.yaml", ["++data.pipeline=resident", "++knn.enabled=True", "++knn.k=5"]),
+        # and the online 2-D map: both ranks extract, rank 0 alone draws
+        (
+            "byol.yaml",
+            ["++data.pipeline=resident", "++knn.enabled=True", "++knn.k=5", "++umap.enabled=True", "++umap.method=pca"],
+        ),
     ],
 )
 def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], image_data, tmp_path: Path) -> None:
@@ -56,6 +60,9 @@ def test_ddp_ranks_share_the_correlation_matrix(config: str, extra: list[str], i
     if "++knn.enabled=True" in extra:
         assert r0["knn_bank"] == r1["knn_bank"] == 48  # every labelled training image once
         assert r0["knn_acc1"] == r1["knn_acc1"] and 0 <= r0["knn_acc1"] <= 100
+    if "++umap.enabled=True" in extra:
+        assert len(r0["maps"]) == 1 and r1["maps"] == [], (r0["maps"], r1["maps"])
+        assert Path(r0["maps"][0]).name == "pca_epoch0001.png" and Path(r0["maps"][0]).is_file()
     # The epoch's training metrics cover both ranks' shares of the batch, not rank 0's alone.
     m0, m1, l0, l1 = r0["epoch_metrics"], r1["epoch_metrics"], r0["local_sums"], r1["local_sums"]
     assert l0["train_neg_cos_sim"] != l1["train_neg_cos_sim"]  # the ranks saw different images
