@@ -317,7 +317,28 @@ def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), user)
     OmegaConf.set_struct(merged, False)
     validate(merged)
+    warn_off_paper_settings(merged)
     return merged
+
+
+class PaperSettingWarning(UserWarning):
+    """A combination of settings that the paper's runs do not use, probably left over from
+    another config (the run goes on as configured)."""
+
+
+def warn_off_paper_settings(cfg: DictConfig) -> None:
+    """The closed-form predictor's C averages over 500 steps with an EMA target
+    (``dp_tau=0.998``) and over 2 without one (0.5, the ``*-noema`` configs): turning the EMA
+    off on an EMA config keeps the slow average unless dp_tau is changed too."""
+    dp_tau = float(cfg.method_kwargs.dp_tau)
+    if cfg.method == "directpred" and not uses_ema(cfg) and dp_tau == DEFAULTS["method_kwargs"]["dp_tau"]:
+        warnings.warn(
+            f"method_kwargs.dp_tau={dp_tau} (the EMA configs' value) without an EMA target "
+            "(momentum.base_tau=final_tau=0): the paper's runs without EMA use dp_tau=0.5, as the "
+            "*-noema configs do; set method_kwargs.dp_tau to choose",
+            PaperSettingWarning,
+            stacklevel=3,
+        )
 
 
 # method_kwargs that only the closed-form predictor (method=directpred) reads.

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from ivreg.config import UnreadConfigKeyWarning, compose, method_label, prepare_config, uses_ema
+from ivreg.config import PaperSettingWarning, UnreadConfigKeyWarning, compose, method_label, prepare_config, uses_ema
 from ivreg.data.datasets import dataset_info
 from ivreg.errors import ConfigError
 from ivreg.method import SSLMethod
@@ -88,8 +88,8 @@ def test_method_labels(config: str, overrides: list[str], label: str) -> None:
     assert uses_ema(cfg) == ("noema" not in config)
 
 
-def _cifar(overrides: list[str]):
-    return compose(str(ROOT / "scripts/pretrain/cifar"), "isoloss.yaml", overrides)
+def _cifar(overrides: list[str], config: str = "isoloss.yaml"):
+    return compose(str(ROOT / "scripts/pretrain/cifar"), config, overrides)
 
 
 @pytest.mark.parametrize(
@@ -194,6 +194,7 @@ def test_shipped_configs_and_run_keys_warn_of_nothing() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnreadConfigKeyWarning)
+        warnings.simplefilter("error", PaperSettingWarning)
         for path in CONFIG_FILES:
             cfg = prepare_config(compose(str(path.parent), path.name, []))
             cfg.data.num_classes = 10  # as build_run writes it
@@ -226,3 +227,15 @@ def test_switching_the_optimizer_with_its_options_dropped() -> None:
     assert cfg.optimizer.name == "adamw" and len(cfg.optimizer.kwargs) == 0
     cfg = prepare_config(_cifar(["optimizer.name=sgd", "~optimizer.kwargs", "++optimizer.kwargs.momentum=0.8"]))
     assert cfg.optimizer.kwargs.momentum == 0.8
+
+
+def test_turning_off_the_ema_of_an_ema_config_warns_of_the_slow_correlation_average() -> None:
+    off = ["momentum.base_tau=0", "momentum.final_tau=0"]
+    with pytest.warns(PaperSettingWarning, match=r"dp_tau=0.998 .* without an EMA target .* use dp_tau=0.5"):
+        prepare_config(_cifar(off, "directpred.yaml"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PaperSettingWarning)
+        prepare_config(_cifar([*off, "method_kwargs.dp_tau=0.5"], "directpred.yaml"))  # chosen: no warning
+        prepare_config(_cifar(off, "byol.yaml"))  # SimSiam has no C to average
