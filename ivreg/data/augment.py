@@ -208,12 +208,18 @@ def build_geometric_transform(spec: ViewSpec) -> v2.Compose:
     return v2.Compose(ops)
 
 
+def eval_resize(crop_size: int) -> int:
+    """The short side evaluation resizes images to before its centre crop: the crop itself
+    for CIFAR-sized crops, 8/7 of it for ImageNet-sized ones (224 -> 256, as in ImageNet
+    evaluation)."""
+    return crop_size if crop_size < 128 else int(round(crop_size * 8 / 7))
+
+
 def build_eval_transform(crop_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
-    """Deterministic evaluation pipeline: resize the short side (to 8/7 of the crop for
-    ImageNet-sized crops, as in ImageNet evaluation), centre-crop, normalise."""
+    """Deterministic evaluation pipeline: resize the short side (``eval_resize``),
+    centre-crop, normalise."""
     ops: list[v2.Transform] = [v2.ToImage()]
-    resize = crop_size if crop_size < 128 else int(round(crop_size * 8 / 7))
-    ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(crop_size)]
+    ops += [v2.Resize(eval_resize(crop_size), antialias=True), v2.CenterCrop(crop_size)]
     ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(ops)
 

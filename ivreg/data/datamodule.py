@@ -22,6 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torchvision.transforms.v2 import functional as F
 
 from ivreg.data.augment import (
     MultiViewTransform,
@@ -29,6 +30,7 @@ from ivreg.data.augment import (
     build_eval_transform,
     build_geometric_transform,
     build_view_transform,
+    eval_resize,
 )
 from ivreg.data.batched_aug import BatchedMultiView
 from ivreg.data.datasets import (
@@ -404,8 +406,12 @@ class PretrainDataModule(L.LightningDataModule):
         return self._generator
 
     def _eval_view(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images that have the crop size through the evaluation transform (which for
-        them is only the normalisation)."""
+        """uint8 images that have the crop size through the evaluation transform, batched: for
+        CIFAR-sized crops only the normalisation; for ImageNet-sized ones also the resize to
+        8/7 and the centre crop back (torchvision's functions, as the per-image transform)."""
+        resize = eval_resize(self.crop_size)
+        if resize != self.crop_size:
+            images = F.center_crop(F.resize(images, [resize], antialias=True), [self.crop_size])
         mean, std = self._val_norm
         return self._memory_format([(images.float().div_(255) - mean) / std])[0]
 

@@ -170,3 +170,29 @@ def test_ranks_batches_together_are_one_process_batch_of_the_total_size() -> Non
         for k in range(3):  # batches of 8 per rank, 16 in one process
             together = sorted(shares[0][8 * k : 8 * k + 8] + shares[1][8 * k : 8 * k + 8])
             assert together == sorted(whole[16 * k : 16 * k + 16]), (epoch, k)
+
+
+def test_resident_validation_resizes_and_centre_crops_imagenet_sized_crops(tmp_path: Path) -> None:
+    """For crops of 128 and more the evaluation transform resizes to 8/7 and centre-crops
+    back: images stored at the crop size must go through it on the device too (the resident
+    path once only normalised them, a different picture from the worker path's)."""
+    from ivreg.data.augment import build_eval_transform
+
+    from ..conftest import make_image_folder
+
+    train = make_image_folder(tmp_path / "train", classes=2, per_class=4, size=128)
+    val = make_image_folder(tmp_path / "val", classes=2, per_class=2, size=128, seed=1)
+    cfg = compose(
+        str(CIFAR_CONFIGS), "isoloss-noema.yaml", [*tiny_overrides(train, val, tmp_path), "++data.pipeline=resident"]
+    )
+    for view in cfg.augmentations:
+        view.crop_size = 128
+    dm = build_run(cfg).datamodule
+    dm.setup("fit")
+    assert dm.pipeline == "resident" and "val_images" in dm._resident
+    on_device = dm._eval_view(dm._resident["val_images"])
+    transform = build_eval_transform(128, dm.mean, dm.std)
+    per_image = torch.stack([transform(image) for image, _ in dm.raw_val])
+    assert on_device.shape == per_image.shape == (4, 3, 128, 128)
+    level = 1.5 / 255 / min(dm.std)  # uint8 rounding of the resize, in normalised units
+    torch.testing.assert_close(on_device, per_image, rtol=0, atol=level)
