@@ -361,7 +361,9 @@ def eigen_ode_rhs(eigenvalues: torch.Tensor, setting: str | Setting, sigma: floa
     - no predictor: ``0`` (the expected gradient vanishes).
 
     For the cosine losses ``||p||``, ``||z'||`` and ``p . z'`` are replaced by their expected values
-    ``P = sqrt(sum lambda r^2)``, ``Z = sqrt((1 + sigma^2) sum lambda)``, ``D = sum lambda r``:
+    ``P = sqrt(sum lambda r^2)``, ``Z = sqrt((1 + sigma^2) sum lambda)``, ``D = sum lambda r``
+    (an approximation that holds as the norms concentrate, i.e. for many dimensions; with few,
+    the simulated slow modes drift away from it, while the Euclidean rules above are exact):
 
     - standard: ``(4 / PZ) lambda r (1 - D r / P^2)``;  IsoLoss: ``(4 / PZ) lambda (1 - D r / P^2)``;
     - no stop-gradient: ``(4 / PZ) lambda (2 r - D r^2 / P^2 - D / sum lambda)``;
