@@ -630,9 +630,7 @@ def say_what_is_kept(run_dir: Path) -> Iterator[None]:
         if isinstance(exc, RuntimeError):  # (its own error, the cause, is printed by that process)
             first = str(exc).strip().splitlines()[-1]
             exc = TrainingError(f"another process of this run stopped, and this one lost its connection ({first})")
-        last = run_dir / "last.ckpt"
-        done = finished_epochs(last)
-        kept = f"{last} keeps {done} finished epoch(s)" if done else f"no checkpoint was written in {run_dir}"
+        kept = _kept(run_dir)
         raise TrainingError(f"{str(exc).rstrip('.')}. {kept[0].upper()}{kept[1:]}.") from exc
 
 
@@ -652,8 +650,8 @@ def _kept(run_dir: Path) -> str:
     """What a relaunch of a stopped run would resume from."""
     last = run_dir / "last.ckpt"
     epochs = finished_epochs(last)
-    if epochs is None:  # none (checkpoint.enabled=False, or none written yet) or unreadable
-        return f"no checkpoint in {run_dir} to resume from; a relaunch starts over"
+    if not epochs:  # none (checkpoint.enabled=False, or none written yet) or unreadable
+        return f"no checkpoint was written in {run_dir}; a relaunch starts over"
     return f"{last} holds {epochs} finished epoch(s); launch the same command to resume"
 
 
