@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import socket
 import sys
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,7 +338,23 @@ def _differing_keys(
     return diffs
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+WANDB_ID_FILE = "wandb_id"
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id for a launch into ``run_dir``: the id its first launch chose (kept in
+    ``run_dir/wandb_id`` by ``claim_run_folder``) when this launch resumes, so that the charts
+    of a preempted run go on in one W&B run, as with solo-learn's auto-resume; a new one
+    when it starts over."""
+    saved = run_dir / WANDB_ID_FILE
+    if resuming and saved.is_file():
+        run_id = saved.read_text().strip()
+        if run_id:
+            return run_id
+    return secrets.token_hex(4)  # W&B's own ids: 8 characters of [0-9a-z]
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> list:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     loggers: list = []
@@ -360,6 +377,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
                 entity=wandb_cfg.entity,
                 offline=bool(wandb_cfg.offline),
                 save_dir=str(run_dir),
+                id=wandb_run_id(run_dir, resuming),
             )
         )
     return loggers
@@ -421,9 +439,10 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
 
 
 @rank_zero_only
-def claim_run_folder(cfg: DictConfig, run_dir: Path) -> None:
+def claim_run_folder(cfg: DictConfig, run_dir: Path, loggers: Sequence[Any] = ()) -> None:
     """On global rank 0, once the launch is accepted: lock ``run_dir`` for this process, clear
-    the temporary files that killed runs left there, and write ``config.yaml`` atomically."""
+    the temporary files that killed runs left there, and write ``config.yaml`` (and the W&B
+    run id of a W&B logger in ``loggers``, for a later resume) atomically."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -435,6 +454,9 @@ def claim_run_folder(cfg: DictConfig, run_dir: Path) -> None:
     except Exception:  # an interpolation that only resolves inside Hydra, outside it: as written
         text = OmegaConf.to_yaml(cfg)
     atomic_write_text(run_dir / "config.yaml", text)
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":  # (without importing wandb's logger)
+            atomic_write_text(run_dir / WANDB_ID_FILE, f"{logger.version}\n")
 
 
 _HELD_LOCKS: dict[Path, IO[str]] = {}
@@ -506,7 +528,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)
     trainer = make_trainer(
         max_epochs=int(cfg.max_epochs),
-        logger=build_loggers(cfg, run_dir) or False,
+        logger=build_loggers(cfg, run_dir, resuming=resume_from is not None) or False,
         callbacks=build_callbacks(cfg, run_dir),
         plugins=[checkpoint_io(cfg.checkpoint, on_gpu)],
         enable_checkpointing=False,  # EpochCheckpoint writes last.ckpt itself
@@ -516,7 +538,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     )
     # Only now, with everything checked: a launch that fails must not rewrite the config of
     # the run it would have resumed.
-    claim_run_folder(cfg, run_dir)
+    claim_run_folder(cfg, run_dir, trainer.loggers)
     return Run(cfg, model, datamodule, trainer, run_dir, resume_from)
 
 

@@ -834,3 +834,37 @@ def test_a_named_dataset_with_other_classes_is_refused(image_data, tmp_path: Pat
     with pytest.raises(DataError, match=r"data.dataset=cifar100 has 100 classes but .*train holds 3"):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "data.dataset=cifar100"))
     assert not (tmp_path / "tiny").exists()
+
+
+def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path: Path, monkeypatch) -> None:
+    """A relaunch that resumes passes W&B the id the first launch chose (kept in the run
+    folder), so a preempted run's charts stay one W&B run; a fresh start draws a new id."""
+    import importlib.machinery
+    import types
+
+    import lightning.pytorch.loggers
+
+    from ivreg.config import prepare_config
+    from ivreg.train import WANDB_ID_FILE, build_loggers, claim_run_folder
+
+    class WandbLogger:  # stands in for Lightning's (wandb is optional); the name is what counts
+        def __init__(self, **kwargs):
+            self.kwargs, self.version = kwargs, kwargs["id"]
+
+    fake_wandb = types.ModuleType("wandb")
+    fake_wandb.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    monkeypatch.setattr(lightning.pytorch.loggers, "WandbLogger", WandbLogger)
+    overrides = ["++logger.wandb.enabled=True", "++logger.csv=False", "++logger.tensorboard=False"]
+    cfg = prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", overrides))
+    run_dir = tmp_path / "run"
+
+    (first,) = build_loggers(cfg, run_dir, resuming=False)
+    claim_run_folder(cfg, run_dir, [first])
+    release_run_folder(run_dir)
+    assert (run_dir / WANDB_ID_FILE).read_text().strip() == first.kwargs["id"]
+    assert len(first.kwargs["id"]) == 8 and first.kwargs["save_dir"] == str(run_dir)
+    (resumed,) = build_loggers(cfg, run_dir, resuming=True)
+    assert resumed.kwargs["id"] == first.kwargs["id"]
+    (fresh,) = build_loggers(cfg, run_dir, resuming=False)
+    assert fresh.kwargs["id"] != first.kwargs["id"]

@@ -439,7 +439,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
 
     callbacks: list[L.Callback] = [StopAllProcessesOnError(), ScheduledRatesAtStart(), LinearEpochSummary(run_dir)]
-    loggers = build_loggers(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir, resuming=resume_from is not None)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.checkpoint.enabled:
@@ -454,7 +454,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         **hw,
         **passthrough_trainer_kwargs(cfg),
     )
-    claim_run_folder(cfg, run_dir)  # only once everything is checked, as in pretraining
+    claim_run_folder(cfg, run_dir, trainer.loggers)  # only once everything is checked, as in pretraining
     return LinearRun(cfg, model, datamodule, trainer, run_dir, resume_from)
 
 
