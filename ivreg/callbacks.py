@@ -171,7 +171,8 @@ class NonFiniteLossGuard(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 50):
-        self.every_n_steps = max(every_n_steps, 1)
+        # log_every_n_steps=0 turns logging off, not the guard: it then reads every 50 steps
+        self.every_n_steps = every_n_steps if every_n_steps > 0 else 50
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         count = pl_module.nonfinite_steps

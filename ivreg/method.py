@@ -256,8 +256,14 @@ class SSLMethod(L.LightningModule):
             self.log_dict(step_metrics, on_step=True, on_epoch=False)
 
     def _is_logging_step(self) -> bool:
-        every = max(int(self.trainer.log_every_n_steps), 1) if self._trainer is not None else 1
-        return self.global_step % every == 0
+        """Whether Lightning writes this optimizer step's ``on_step`` values to the loggers:
+        its rule is the (k+1)-th step for k+1 a multiple of ``log_every_n_steps`` (0: never),
+        in the row labelled k. Values logged at other steps would wait, unwritten, and land
+        in the next written row, under that row's step."""
+        if self._trainer is None:
+            return True
+        every = int(self.trainer.log_every_n_steps)
+        return every > 0 and (self.global_step + 1) % every == 0
 
     def epoch_metrics(self) -> dict[str, torch.Tensor]:
         """Epoch means of the step metrics, the spectrum of C at the end of the epoch, and tau.

@@ -868,3 +868,27 @@ def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path: Path, monkeypatch) -> 
     assert resumed.kwargs["id"] == first.kwargs["id"]
     (fresh,) = build_loggers(cfg, run_dir, resuming=False)
     assert fresh.kwargs["id"] != first.kwargs["id"]
+
+
+def test_step_metrics_land_in_the_row_of_their_own_step(image_data, tmp_path: Path, monkeypatch) -> None:
+    """log_every_n_steps=2: Lightning writes the rows of steps 1, 3, 5; each must hold that
+    step's loss (values computed at steps 0, 2, 4 once waited and landed a row later)."""
+    from ivreg.method import SSLMethod
+
+    losses: dict[int, float] = {}
+    record = SSLMethod._record
+
+    def recording(self, metrics):
+        losses[self.global_step] = float(metrics["train_neg_cos_sim"])
+        return record(self, metrics)
+
+    monkeypatch.setattr(SSLMethod, "_record", recording)
+    train, val = image_data
+    overrides = [*tiny_overrides(train, val, tmp_path), "max_epochs=1", "scheduler.warmup_epochs=0"]
+    run = pretrain(compose(str(CIFAR_CONFIGS), "byol.yaml", [*overrides, "++log_every_n_steps=2", "logger.csv=True"]))
+    with open(run.run_dir / "logs" / "version_0" / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train_neg_cos_sim_step")]
+    assert sorted(losses) == list(range(6))  # 48 images, batches of 8
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]
+    for r in rows:
+        assert float(r["train_neg_cos_sim_step"]) == pytest.approx(losses[int(r["step"])], rel=1e-6)
