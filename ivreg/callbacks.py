@@ -86,8 +86,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                where = f"{path.parent} for {path.name}"
+                raise CheckpointError(f"could not create {where} ({exc.strerror or exc})") from exc
             atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True)
         except CheckpointError as exc:  # (with async writes it surfaces at the next write: say which failed)
             epoch = checkpoint.get("epoch")

@@ -38,6 +38,7 @@ def test_background_checkpoint_writes_are_point_in_time_atomic_and_report_failur
     from omegaconf import OmegaConf
 
     from ivreg.callbacks import AtomicCheckpointIO, checkpoint_io
+    from ivreg.errors import CheckpointError
 
     assert type(checkpoint_io(OmegaConf.create({"async_write": False}), on_gpu=True)) is AtomicCheckpointIO
     assert type(checkpoint_io(OmegaConf.create({}), on_gpu=False)) is AtomicCheckpointIO  # auto: sync on the CPU
@@ -53,9 +54,14 @@ def test_background_checkpoint_writes_are_point_in_time_atomic_and_report_failur
     assert not list(tmp_path.glob("*.tmp"))
 
     (tmp_path / "blocked").write_text("a file where the run folder should be")
-    with pytest.raises(OSError):  # the background failure is raised (at the next write or the end), not lost
-        io.save_checkpoint({"w": weight}, tmp_path / "blocked" / "last.ckpt")
+    # the background failure is raised (at the next write or the end), not lost, and names the epoch
+    io.save_checkpoint({"w": weight, "epoch": 3}, tmp_path / "blocked" / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"epoch 3's checkpoint: could not create .*blocked for last.ckpt"):
         io.teardown()
+    with pytest.raises(CheckpointError, match=r"epoch 4's checkpoint: could not create .*blocked"):
+        checkpoint_io(OmegaConf.create({"async_write": False}), on_gpu=False).save_checkpoint(
+            {"epoch": 4}, tmp_path / "blocked" / "last.ckpt"
+        )
 
 
 def test_an_error_in_the_launching_process_kills_the_processes_it_started() -> None:
