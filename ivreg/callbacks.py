@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from ivreg.config import auto_switch
-from ivreg.errors import CheckpointError, TrainingError
+from ivreg.errors import CheckpointError, TrainingError, first_line
 
 # epochs.csv column -> logged metric name
 EPOCH_COLUMNS = {
@@ -64,7 +64,7 @@ def atomic_write(path: Path, write: Callable[[IO[Any]], None], binary: bool = Fa
             tmp.unlink()
         if not isinstance(exc, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         kept = "the previous version is kept" if path.exists() else "nothing was written"
         raise CheckpointError(f"could not write {path} ({first}; disk full or read-only?); {kept}") from exc
 

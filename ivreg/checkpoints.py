@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ivreg.errors import CheckpointError
+from ivreg.errors import CheckpointError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -53,8 +53,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # garbage bytes fail anywhere in the (weights-only, safe) unpickler
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{p} is not a readable PyTorch checkpoint (corrupt or truncated?): {first}") from exc
+        raise CheckpointError(
+            f"{p} is not a readable PyTorch checkpoint (corrupt or truncated?): {first_line(exc)}"
+        ) from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise CheckpointError(f"{p} is not a Lightning checkpoint: it has no 'state_dict'")
     return ckpt

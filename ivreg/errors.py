@@ -19,3 +19,10 @@ class TrainingError(IvregError):
 
 class CheckpointError(IvregError):
     """A checkpoint is missing, corrupt or does not fit the requested model."""
+
+
+def first_line(exc: BaseException, last: bool = False) -> str:
+    """The first (or ``last``) non-empty line of an exception's message, for a one-line
+    report; the exception's type name when the message is empty."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[-1] if last else lines[0]) if lines else type(exc).__name__

@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ivreg.backbones import build_backbone, is_timm
 from ivreg.config import lr_scale, uses_ema
 from ivreg.data.datasets import dataset_info
-from ivreg.errors import TrainingError
+from ivreg.errors import TrainingError, first_line
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.norms import ViewGroups, follows_view_groups, run_views, share_view_groups
@@ -160,9 +160,8 @@ class SSLMethod(L.LightningModule):
         try:
             loss, metrics = self.step_fn(views, labels)
         except (TorchDynamoException, InductorError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise TrainingError(
-                f"torch.compile of the training step failed ({type(exc).__name__}: {first}); "
+                f"torch.compile of the training step failed ({type(exc).__name__}: {first_line(exc)}); "
                 "train eagerly with performance.compile=False"
             ) from exc
         self._record(metrics)

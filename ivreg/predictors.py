@@ -17,7 +17,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ivreg.errors import TrainingError
+from ivreg.errors import TrainingError, first_line
 from ivreg.heads import mlp
 from ivreg.norms import ViewGroups, run_views
 from ivreg.timing import time_runs
@@ -60,7 +60,7 @@ class RunningCorrelation(nn.Module):
 def decomposition_failed(exc: BaseException) -> TrainingError:
     """The error for an eigendecomposition of C that failed (C holds NaN or inf)."""
     return TrainingError(
-        f"the eigendecomposition of the projection correlation matrix C failed ({str(exc).splitlines()[0]}); "
+        f"the eigendecomposition of the projection correlation matrix C failed ({first_line(exc)}); "
         "the projections have become NaN or infinite. Try a lower optimizer.lr or precision=32."
     )
 
@@ -276,7 +276,7 @@ def choose_eigh_on_host(dim: int, device: torch.device) -> bool:
     try:
         on_host = time_decompose(sample, True)
     except (RuntimeError, TrainingError) as exc:  # e.g. page-locked memory refused: auto must not fail a run
-        rank_zero_info(f"spectral predictor: eigh of C on the GPU (the host path failed: {str(exc).splitlines()[0]})")
+        rank_zero_info(f"spectral predictor: eigh of C on the GPU (the host path failed: {first_line(exc)})")
         return False
     rank_zero_info(
         f"spectral predictor: eigh of C ({dim}x{dim}) on the {'host' if on_host < on_device else 'GPU'}: "

@@ -57,7 +57,7 @@ from ivreg.config import (
 )
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
-from ivreg.errors import CheckpointError, ConfigError, TrainingError
+from ivreg.errors import CheckpointError, ConfigError, TrainingError, first_line
 from ivreg.method import SSLMethod
 
 if TYPE_CHECKING:
@@ -650,7 +650,7 @@ def say_what_is_kept(run_dir: Path) -> Iterator[None]:
         if isinstance(exc, RuntimeError) and not _peer_gone(exc):
             raise
         if isinstance(exc, RuntimeError):  # (its own error, the cause, is printed by that process)
-            first = str(exc).strip().splitlines()[-1]
+            first = first_line(exc, last=True)
             exc = TrainingError(f"another process of this run stopped, and this one lost its connection ({first})")
         kept = _kept(run_dir)
         raise TrainingError(f"{str(exc).rstrip('.')}. {kept[0].upper()}{kept[1:]}.") from exc

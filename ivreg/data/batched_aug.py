@@ -65,10 +65,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._dynamo.exc import TorchDynamoException
 from torch.nn import functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from ivreg.data.augment import BLUR_KERNEL, SOLARIZE_THRESHOLD, ViewSpec
+from ivreg.errors import first_line
 
 RRC_ATTEMPTS = 10  # as torchvision's RandomResizedCrop
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, the constants torchvision uses
@@ -476,10 +478,10 @@ class BatchedViewAugment(nn.Module):
         if self._compiled is not None:
             try:
                 return self._compiled[index](*args)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back, once
+            except TorchDynamoException as exc:  # a compiler failure (Inductor's too): fall back, once
                 warnings.warn(
                     f"torch.compile of the batched augmentation failed ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); using the eager ops",
+                    f"{first_line(exc)}); using the eager ops",
                     RuntimeWarning,
                     stacklevel=3,
                 )

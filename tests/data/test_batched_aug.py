@@ -634,9 +634,11 @@ def test_compiled_ops_match_the_eager_ops() -> None:
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.exc import InductorError
+
     def broken_compile(fn, **kwargs):  # noqa: ANN001, ANN202
         def run(*args):  # noqa: ANN002, ANN202
-            raise RuntimeError("no C++ compiler")
+            raise InductorError(RuntimeError("no C++ compiler"), None)
 
         return run
 
@@ -651,3 +653,20 @@ def test_compile_failure_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch) ->
         u8, generator=torch.Generator().manual_seed(2)
     )
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_an_error_of_the_compiled_ops_that_is_not_the_compilers_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory in a compiled call is the run's error, not a reason to drop compilation."""
+
+    def out_of_memory_compile(fn, **kwargs):  # noqa: ANN001, ANN202
+        def run(*args):  # noqa: ANN002, ANN202
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+        return run
+
+    monkeypatch.setattr(ba.torch, "compile", out_of_memory_compile)
+    aug = ba.BatchedViewAugment(CIFAR_SPECS[1], CIFAR_MEAN, CIFAR_STD)
+    aug.compile_ops()
+    with pytest.raises(torch.OutOfMemoryError):
+        aug(smooth_images(8, 32, seed=3), generator=torch.Generator().manual_seed(2))
+    assert aug.compiled
