@@ -175,8 +175,20 @@ def collect(
         if not math.isfinite(value):
             warn(f"skipping {run_dir}: no finite {column} in epochs.csv")
             continue
-        results.append(RunResult(run_dir, label, dataset, value, seed_of(cfg), settings_of(cfg)))
+        settings = settings_of(cfg, recorded_world_size(run_dir / "last.ckpt"))
+        results.append(RunResult(run_dir, label, dataset, value, seed_of(cfg), settings))
     return results
+
+
+def recorded_world_size(checkpoint: Path) -> int | None:
+    """The processes a run trained with, as its checkpoint records them (None if it does not)."""
+    from ivreg.callbacks import WORLD_SIZE_KEY
+    from ivreg.checkpoints import read_checkpoint
+
+    with contextlib.suppress(Exception):
+        world = read_checkpoint(checkpoint, mmap=True).get(WORLD_SIZE_KEY)
+        return int(world) if world else None
+    return None
 
 
 # What a linear run adds to its pretraining run's settings.
@@ -193,14 +205,21 @@ LINEAR_SETTINGS = (
 )
 
 
-def settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def settings_of(cfg: Mapping[str, Any], world_size: int | None = None) -> dict[str, Any]:
     """The options that shape a run's numbers (those resumption compares, the seed aside, and
-    ``max_epochs``); for a linear run its pretraining run's, then its own under ``linear.``."""
+    ``max_epochs``, and the images per optimizer step: batch x processes (``world_size``, else
+    as the config counts them) x accumulation, which set the learning rate and the schedule's
+    step counts); for a linear run its pretraining run's, then its own under ``linear.``."""
     from omegaconf import OmegaConf
 
     from ivreg.config import DEFAULTS, config_leaves
     from ivreg.eval.linear import LINEAR_DEFAULTS
-    from ivreg.train import RESUME_FREE, RESUME_KEYS
+    from ivreg.train import RESUME_FREE, RESUME_KEYS, images_per_step
+
+    def per_step(config: Mapping[str, Any], world: int | None) -> dict[str, int]:
+        with contextlib.suppress(Exception):  # an incomplete hand-made config: not compared
+            return {"images_per_step": images_per_step(OmegaConf.create(dict(config)), world)}
+        return {}
 
     def pick(
         config: Mapping[str, Any], keys: Iterable[str], defaults: Mapping[str, Any], prefix: str = ""
@@ -220,8 +239,9 @@ def settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if is_linear_run(cfg):
         pretrain = cfg.get("pretrain_cfg") if isinstance(cfg.get("pretrain_cfg"), Mapping) else {}
         linear = pick(cfg, LINEAR_SETTINGS, LINEAR_DEFAULTS, "linear.")
-        return {**pick(pretrain, keys, DEFAULTS), **linear}  # type: ignore[arg-type]
-    return pick(cfg, keys, DEFAULTS)
+        linear.update({f"linear.{k}": v for k, v in per_step(cfg, world_size).items()})
+        return {**pick(pretrain, keys, DEFAULTS), **per_step(pretrain, None), **linear}  # type: ignore[arg-type]
+    return {**pick(cfg, keys, DEFAULTS), **per_step(cfg, world_size)}
 
 
 def mixed_settings(results: Iterable[RunResult]) -> list[str]:

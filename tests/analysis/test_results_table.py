@@ -176,3 +176,23 @@ def test_options_newer_than_a_run_count_at_their_defaults(tmp_path: Path, capsys
     _run(root, "new", new, [82])
     assert main([str(root)]) == 0
     assert "differ in" not in capsys.readouterr().err
+
+
+def test_a_cell_mixing_images_per_step_is_named(tmp_path: Path, capsys):
+    """batch_size alone may change with the processes (256 x 1 = 128 x 2), but runs with
+    other images per step (another rate and schedule) must not be averaged silently; the
+    processes come from the checkpoint where it records them (devices=auto says nothing)."""
+    import torch
+
+    root = tmp_path / "runs"
+    iso = _pretrain("directpred", EMA, "cifar10", iso=True)
+    _run(root, "iso-1", {**iso, "seed": 1, "optimizer": {"batch_size": 256}, "devices": 1}, [90])
+    _run(root, "iso-2", {**iso, "seed": 2, "optimizer": {"batch_size": 128}, "devices": 2}, [91])
+    auto = _run(root, "iso-3", {**iso, "seed": 3, "optimizer": {"batch_size": 64}, "devices": "auto"}, [92])
+    torch.save({"state_dict": {}, "epoch": 0, "world_size": 4}, auto / "last.ckpt")  # 64 x 4 = 256
+    assert main([str(root)]) == 0
+    assert "differ in" not in capsys.readouterr().err
+    _run(root, "iso-4", {**iso, "seed": 4, "optimizer": {"batch_size": 64}, "devices": 1}, [80])
+    assert main([str(root)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "differ in" in line]
+    assert len(warnings) == 1 and "differ in images_per_step (256, 64)" in warnings[0], warnings
