@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from ivreg.callbacks import (
@@ -178,6 +178,13 @@ def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
     strategy = str(cfg.strategy)
     if world == 1 and strategy.startswith("ddp"):
         strategy = "auto"  # one process: DDP would only add its wrapper and all-reduces
+    if bool(cfg.sync_batchnorm) and world > 1 and not on_gpu:
+        rank_zero_warn(
+            f"sync_batchnorm=True has no effect on the CPU (torch's SyncBatchNorm runs on GPUs only): each of "
+            f"the {world} processes normalises with its own batch of {cfg.optimizer.batch_size}, so the run "
+            "differs from one process with the whole batch",
+            category=UserWarning,
+        )
     return {
         "accelerator": accelerator,
         "devices": devices,

@@ -684,6 +684,19 @@ def test_world_size_reads_every_form_of_devices() -> None:
         _world_size("gpus", 1)
 
 
+def test_sync_batchnorm_on_cpu_processes_is_said_to_have_no_effect() -> None:
+    from ivreg.config import prepare_config
+    from ivreg.train import hardware_kwargs
+
+    cpu = ["accelerator=cpu", "precision=32", "sync_batchnorm=True"]
+    with pytest.warns(UserWarning, match="sync_batchnorm=True has no effect on the CPU .* each of the 2 processes"):
+        kwargs = hardware_kwargs(prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", [*cpu, "devices=2"])))
+    assert kwargs["sync_batchnorm"] is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one process: nothing to synchronise, nothing to say
+        hardware_kwargs(prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", [*cpu, "devices=1"])))
+
+
 def test_only_global_rank_zero_writes_the_config_of_a_multi_node_launch(
     image_data, tmp_path: Path, monkeypatch
 ) -> None:
