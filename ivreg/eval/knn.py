@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -224,12 +225,18 @@ def format_results(results: Sequence[KNNResult]) -> str:
 
 
 def write_results(path: Path, results: Sequence[KNNResult], extra: Mapping[str, Any]) -> None:
+    """The results as a CSV file, written atomically (a reader never sees half a table)."""
+    from ivreg.callbacks import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{**extra, **asdict(r)} for r in results]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+
+    def write(f: Any) -> None:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
@@ -280,6 +287,8 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
         int(cfg.test_chunk_size),
         int(cfg.bank_chunk_size),
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # launched by torchrun: every process computed it, one reports
+        return results
     print(
         f"kNN ({distance}) on {data['dataset']}: {len(train_x)} train / {len(test_x)} test images, "
         f"{features} features of {ckpt}\n{format_results(results)}",

@@ -105,13 +105,21 @@ def test_bad_settings_are_clear_errors():
         run_knn({"pretrained_feature_extractor": "/nonexistent.ckpt", "kk": 5})
 
 
-def test_run_knn_on_a_checkpoint_finds_the_colour_classes(tmp_path):
+def test_run_knn_on_a_checkpoint_finds_the_colour_classes(tmp_path, monkeypatch, capsys):
     _, _, ckpt = colour_checkpoint(tmp_path, per_class_train=12, per_class_val=4)
     out = tmp_path / "knn.csv"
     results = run_knn({"pretrained_feature_extractor": str(ckpt), "k": [1, 10], "accelerator": "cpu", "out": str(out)})
     assert [r.k for r in results] == [1, 10]
     assert all(r.acc1 == 100.0 for r in results)  # one colour per class: trivially close neighbours
-    assert out.read_text().splitlines()[0] == "checkpoint,dataset,features,k,temperature,distance,acc1,acc5"
+    lines = out.read_text().splitlines()
+    assert lines[0] == "checkpoint,dataset,features,k,temperature,distance,acc1,acc5" and len(lines) == 3
+    assert "kNN (cosine)" in capsys.readouterr().out
+    out.unlink()
+    monkeypatch.setenv("RANK", "1")  # another process of a torchrun launch: computes, does not report
+    cfg = {"pretrained_feature_extractor": str(ckpt), "k": [1], "accelerator": "cpu", "out": str(out)}
+    assert run_knn(cfg)[0].acc1 == 100.0
+    assert not out.exists() and capsys.readouterr().out == ""
+    monkeypatch.delenv("RANK")
     with pytest.raises(ConfigError, match="k=37 is larger than the feature bank"):
         run_knn({"pretrained_feature_extractor": str(ckpt), "k": [37], "accelerator": "cpu"})
 
