@@ -31,6 +31,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 
 from ivreg.callbacks import (
@@ -571,6 +572,9 @@ def make_trainer(**kwargs: Any) -> L.Trainer:
         raise ConfigError(f"Lightning refused the trainer settings: {exc}") from exc
 
 
+OWN_METRICS_SYNC_ADVICE = r"It is recommended to use `self\.log\('(val_|train_|eigval_|part_ratio|tau'|lr')"
+
+
 def fit(run: Run | LinearRun) -> None:
     """``trainer.fit`` of a built run (pretraining's, or ``build_linear_run``'s), from its
     checkpoint when the build chose to resume.
@@ -587,7 +591,11 @@ def fit(run: Run | LinearRun) -> None:
     started = _TrainStarted()
     run.trainer.callbacks.append(started)
     try:
-        with exit_143_on_sigterm(run.trainer, run.run_dir), say_what_is_kept(run.run_dir):
+        with exit_143_on_sigterm(run.trainer, run.run_dir), say_what_is_kept(run.run_dir), warnings.catch_warnings():
+            # Every epoch-level value ivreg logs is reduced over the processes already
+            # (torchmetrics, all-reduced sums, gathered kNN features): under DDP Lightning's
+            # advice to add sync_dist=True, twenty lines per process, would only mislead.
+            warnings.filterwarnings("ignore", message=OWN_METRICS_SYNC_ADVICE, category=PossibleUserWarning)
             ckpt_path = str(run.resume_from) if run.resume_from else None
             run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
     finally:
