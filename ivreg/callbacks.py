@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ivreg.config import auto_switch
 from ivreg.errors import CheckpointError, TrainingError, first_line
@@ -221,6 +221,56 @@ class StopAllProcessesOnError(L.Callback):
         launcher = trainer.strategy.launcher
         if isinstance(launcher, _SubprocessScriptLauncher):
             launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+class StopTogetherOnSigterm(L.Callback):
+    """Under DDP, a SIGTERM that reaches some processes only (``kill <pid>``; a preemption
+    whose signals arrive at different steps on different nodes) stops every process at the
+    end of the same training step, so each exits with 143 and says what ``last.ckpt`` keeps.
+
+    Lightning 2.6's own handler broadcasts inside the signal handler; that broadcast pairs
+    with whatever collective the other processes are in, and they hung (a second SIGTERM did
+    nothing) or lost their connection. Here the handler only notes the signal; after every
+    training step the processes agree on it with one all-reduce of a CPU flag over a gloo
+    group, which waits for no GPU work, and all of them mark the trainer as signalled at
+    once (Lightning then stops each at that step's end). One process: Lightning's handler.
+    """
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._installed = False
+        self._group: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import threading
+
+        import torch.distributed as dist
+
+        main_thread = threading.current_thread() is threading.main_thread()  # (signal.signal needs it)
+        if trainer.world_size <= 1 or not dist.is_initialized() or not main_thread:
+            return
+        # every process calls new_group here (it is collective); gloo runs the flag's all-reduce on the CPU
+        try:
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        except (RuntimeError, ValueError) as exc:  # a torch build without gloo: Lightning's handling stays
+            rank_zero_warn(f"no gloo process group to agree on SIGTERM ({first_line(exc)}); Lightning's handler stays")
+            return
+        signal.signal(signal.SIGTERM, self._note)  # Lightning restores its predecessor's handler at teardown
+        self._installed = True
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signalled = True  # nothing else in a signal handler: no collective, no I/O
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if not self._installed:
+            return
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.signalled)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item():
+            # the Trainer's received_sigterm reads this flag of its signal connector (no public setter)
+            trainer._signal_connector.received_sigterm = True
 
 
 def _finite(value: Any) -> bool:

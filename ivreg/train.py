@@ -41,6 +41,7 @@ from ivreg.callbacks import (
     NonFiniteLossGuard,
     ScheduledRatesAtStart,
     StopAllProcessesOnError,
+    StopTogetherOnSigterm,
     atomic_write_text,
     checkpoint_io,
     remove_stale_temporaries,
@@ -394,6 +395,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path, resuming: bool = False) -> lis
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         StopAllProcessesOnError(),
+        StopTogetherOnSigterm(),
         NonFiniteLossGuard(int(cfg.log_every_n_steps)),
         ScheduledRatesAtStart(),
         EpochSummary(run_dir, log_eigvals=bool(cfg.method_kwargs.log_eigvals)),

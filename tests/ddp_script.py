@@ -2,6 +2,7 @@
 for rank 1, so it cannot live inside pytest. Each rank saves its correlation matrix C and its epoch metrics."""
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -77,6 +78,18 @@ class FailOnRank(L.Callback):
             raise OSError(f"No space left on device (simulated, rank {self.rank} only)")
 
 
+class SigtermOnRank(L.Callback):
+    """A SIGTERM that reaches one process only (``kill <pid>``; a preemption signal that
+    arrives at another step on each node), in the second epoch."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_rank == self.rank and trainer.global_step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def main() -> None:
     train, val, out, config = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     overrides = tiny_overrides(train, val, out, "ddp") + [
@@ -93,6 +106,8 @@ def main() -> None:
         run.trainer.callbacks.append(NonFiniteOnRank1())
     if os.environ.get("IVREG_TEST_FAIL_ON_RANK"):
         run.trainer.callbacks.append(FailOnRank(int(os.environ["IVREG_TEST_FAIL_ON_RANK"])))
+    if os.environ.get("IVREG_TEST_SIGTERM_ON_RANK"):
+        run.trainer.callbacks.append(SigtermOnRank(int(os.environ["IVREG_TEST_SIGTERM_ON_RANK"])))
     fit(run)  # as main_pretrain.py does: with the SIGTERM and error reporting around trainer.fit
 
 

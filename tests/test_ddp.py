@@ -13,7 +13,7 @@ from .conftest import ROOT, make_image_folder
 
 
 def _two_ranks(
-    image_data, tmp_path: Path, config: str, *extra: str, env: dict[str, str] | None = None
+    image_data, tmp_path: Path, config: str, *extra: str, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess:
     """tests/ddp_script.py on two CPU processes (gloo); ``env`` adds its fault injections.
     Its validation split has an odd number of images (15), which two ranks cannot share evenly."""
@@ -23,7 +23,7 @@ def _two_ranks(
         [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(train), str(val), str(tmp_path), config, *extra],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=timeout,
         cwd=tmp_path,
         env={**os.environ, **(env or {})},
     )
@@ -100,6 +100,17 @@ def test_an_error_on_the_second_process_is_what_the_first_reports(image_data, tm
     assert proc.returncode != 0
     assert "No space left on device (simulated, rank 1 only)" in proc.stderr
     assert "another process of this run stopped, and this one lost its connection" in proc.stderr
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_sigterm_to_one_process_stops_every_process_at_the_same_step(rank: int, image_data, tmp_path: Path) -> None:
+    """Lightning 2.6 broadcasts inside its SIGTERM handler: a signal that reached the second
+    process alone paired that broadcast with another collective, and both processes hung
+    (a second SIGTERM did nothing). Every process must stop, with 143 and what is kept."""
+    env = {"IVREG_TEST_SIGTERM_ON_RANK": str(rank)}
+    proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", "max_epochs=2", env=env, timeout=240)
+    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "stopped by SIGTERM in epoch 1: " in proc.stderr and "holds 1 finished epoch(s)" in proc.stderr
 
 
 def _correlation_worker(rank: int, world: int, port: int, out: str) -> None:

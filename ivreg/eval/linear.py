@@ -38,6 +38,7 @@ from ivreg.callbacks import (
     EpochSummary,
     ScheduledRatesAtStart,
     StopAllProcessesOnError,
+    StopTogetherOnSigterm,
     checkpoint_io,
 )
 from ivreg.config import (
@@ -438,7 +439,8 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     if on_gpu:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
 
-    callbacks: list[L.Callback] = [StopAllProcessesOnError(), ScheduledRatesAtStart(), LinearEpochSummary(run_dir)]
+    callbacks: list[L.Callback] = [StopAllProcessesOnError(), StopTogetherOnSigterm(), ScheduledRatesAtStart()]
+    callbacks.append(LinearEpochSummary(run_dir))
     loggers = build_loggers(cfg, run_dir, resuming=resume_from is not None)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
