@@ -39,6 +39,7 @@ EPOCH_COLUMNS = {
     "val_acc1_raw": "val_acc1_raw",
     "train_class_loss_raw": "train_class_loss_raw",
     "val_knn_acc1": "val_knn_acc1",
+    "val_knn_acc5": "val_knn_acc5",
     "eigval_min": "eigval_metrics/eigval_min",
     "eigval_max": "eigval_metrics/eigval_max",
     "eigval_mean": "eigval_metrics/eigval_mean",

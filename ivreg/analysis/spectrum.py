@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ivreg.analysis.spectrum",
         description="Plot the eigenvalue spectrum of C over epochs (eigvals.csv) and the participation ratio.",
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders (each with eigvals.csv)")
+    parser.add_argument(
+        "run_dirs", nargs="+", type=Path, help="run folders (each with eigvals.csv), or a checkpoint in one"
+    )
     parser.add_argument("--out", type=Path, help="PNG to write (default: <run_dir>/spectrum.png, or ./spectrum.png)")
     parser.add_argument("--normalize", choices=NORMALIZATIONS, default="none", help="scale each epoch's spectrum")
     parser.add_argument("--max-curves", type=int, default=50, help="most epochs drawn per run (evenly spread)")
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # a checkpoint (last.ckpt, epoch0010.ckpt) stands for its run folder, as in the other tools
+    args.run_dirs = [d.parent if d.is_file() else d for d in args.run_dirs]
     out = args.out or (args.run_dirs[0] / "spectrum.png" if len(args.run_dirs) == 1 else Path("spectrum.png"))
     path = plot_spectra(args.run_dirs, out, args.normalize, max(args.max_curves, 2))
     if args.summary:

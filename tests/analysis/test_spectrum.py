@@ -85,6 +85,10 @@ def test_cli_writes_png(tmp_path: Path, capsys):
     b = _fake_run(tmp_path, "b", SPECTRA, [3.0, 2.5, 2.0])
     assert main([str(a)]) == 0
     assert (a / "spectrum.png").read_bytes()[:8] == PNG_MAGIC
+    (a / "spectrum.png").unlink()
+    (a / "last.ckpt").write_bytes(b"")  # a checkpoint stands for its run folder, as in the other tools
+    assert main([str(a / "last.ckpt")]) == 0
+    assert (a / "spectrum.png").read_bytes()[:8] == PNG_MAGIC
     out = tmp_path / "figs" / "both.png"
     assert main([str(a), str(b), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == PNG_MAGIC and capsys.readouterr().out.strip().endswith("both.png")

@@ -185,8 +185,10 @@ def test_pretrain_with_online_knn_then_linear_and_knn_on_the_command_line(image_
     assert 0.0 <= online <= 100.0
     logged = [r for r in _rows(next((tmp_path / "tiny" / "logs").glob("version_*/metrics.csv"))) if r["val_knn_acc1"]]
     assert len(logged) == 2  # once per epoch
-    knn_column = [float(r["val_knn_acc1"]) for r in _rows(tmp_path / "tiny" / "epochs.csv")]
+    rows = _rows(tmp_path / "tiny" / "epochs.csv")
+    knn_column = [float(r["val_knn_acc1"]) for r in rows]
     assert len(knn_column) == 2 and all(0.0 <= v <= 100.0 for v in knn_column)
+    assert all(float(r["val_knn_acc1"]) <= float(r["val_knn_acc5"]) <= 100.0 for r in rows)
     ckpt = tmp_path / "tiny" / "last.ckpt"
 
     common = ["accelerator=cpu", "data.num_workers=0"]
