@@ -388,7 +388,7 @@ def split_features(
             source = Subset(labelled, positions[rank::world]) if world > 1 or sample is not None else labelled
         x, y = extract_features(pl_module.backbone, source, batch_size, int(getattr(dm, "num_workers", 0)))
     if world > 1:
-        x, y = gather_rows(trainer.strategy, x), gather_rows(trainer.strategy, y)
+        x, y = gather_rows(x), gather_rows(y)
     return x, y
 
 
@@ -403,11 +403,9 @@ def images_seen(limit: float | int, batches: float | int, dm: Any, world: int, a
     return max(int(batches) * int(getattr(dm, "batch_size", 1)) * world, at_least)
 
 
-def gather_rows(strategy: Any, x: torch.Tensor) -> torch.Tensor:
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """The rows of ``x`` from every DDP rank, concatenated in rank order (the ranks may hold
-    different numbers of rows; ``all_gather`` needs equal shapes, so they travel padded)."""
-    sizes = strategy.all_gather(torch.tensor([len(x)], device=x.device)).flatten().tolist()
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[: len(x)] = x
-    everything = strategy.all_gather(padded)
-    return torch.cat([everything[r, :n] for r, n in enumerate(sizes)])
+    different numbers of rows: torchmetrics' gather pads and trims them)."""
+    from torchmetrics.utilities.distributed import gather_all_tensors
+
+    return torch.cat(gather_all_tensors(x))
