@@ -23,7 +23,8 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from ivreg.config import auto_switch
 from ivreg.errors import CheckpointError, TrainingError, first_line
 
-# epochs.csv column -> logged metric name
+# epochs.csv column -> logged metric name. train_neg_cos_sim is the SSL loss summed over the
+# view pairs whatever the loss (solo-learn's name, kept for its users): a cosine only for BYOL's.
 EPOCH_COLUMNS = {
     "train_neg_cos_sim": "train_neg_cos_sim",
     "train_z_std": "train_z_std",

@@ -176,7 +176,8 @@ class SSLMethod(L.LightningModule):
         """Run ``forward_step`` through ``torch.compile`` from now on: the whole forward pass of
         a training step (both views through backbone and projector, the EMA target, predictor,
         loss, readouts and metrics) becomes two graphs, split at the update of C and its
-        eigendecomposition (eager: they may all-reduce and they check for errors on the host),
+        eigendecomposition (eager: they may all-reduce and they check for errors on the host;
+        with ``decompose_per_view=True`` one more graph per further view, split likewise),
         and AOTAutograd compiles their backward passes as well."""
         self._compiled_step = torch.compile(self.forward_step, **compile_kwargs)
 

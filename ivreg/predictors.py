@@ -3,7 +3,8 @@
 Both keep a running correlation matrix C of the online projections: the spectral predictor
 builds W_p from it, the MLP predictor tracks it only to report the spectrum. Every
 predictor has the same interface: ``observe(zs)`` once per training step with the detached
-projections of all views, ``forward(z) -> (p, p_sqrt)`` for the projections of one view,
+projections of all views, ``forward(z) -> (p, p_sqrt)`` for projections (of one view or of
+several concatenated: W_p is applied row by row),
 ``predict_views(z, n_views)`` for all views of a step concatenated, and ``spectrum()``.
 """
 
@@ -87,7 +88,8 @@ class MLPPredictor(nn.Module):
         self.net = mlp(dim, hidden_dim, dim)
         self.corr = RunningCorrelation(dim, spectrum_tau)
 
-    def observe(self, zs: Sequence[torch.Tensor]) -> None:
+    def observe(self, zs: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """``zs``: the views' detached projections, a sequence or a ``(views, B, d)`` tensor."""
         self.corr.update(zs)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -150,7 +152,8 @@ class SpectralPredictor(nn.Module):
         self.eigh_on_host: bool | None = None if eigh_on_host == "auto" else eigh_on_host
         self._host: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # C, eigvals, eigvecs
 
-    def observe(self, zs: Sequence[torch.Tensor]) -> None:
+    def observe(self, zs: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """``zs``: the views' detached projections, a sequence or a ``(views, B, d)`` tensor."""
         self.corr.update(zs)
         self.decompose()
 
