@@ -24,7 +24,8 @@ from ivreg.config import auto_switch
 from ivreg.errors import CheckpointError, TrainingError, first_line
 
 # epochs.csv column -> logged metric name. train_neg_cos_sim is the SSL loss summed over the
-# view pairs whatever the loss (solo-learn's name, kept for its users): a cosine only for BYOL's.
+# view pairs, whatever the loss (solo-learn's name, kept for its users): a negative cosine
+# similarity for the cosine losses, the Euclidean or IsoLoss value for the others.
 EPOCH_COLUMNS = {
     "train_neg_cos_sim": "train_neg_cos_sim",
     "train_z_std": "train_z_std",
