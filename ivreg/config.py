@@ -209,7 +209,7 @@ class UnreadConfigKeyWarning(UserWarning):
 
 
 # Top-level keys read outside DEFAULTS (besides Lightning Trainer arguments, passed through).
-TOP_LEVEL_KEYS = {"augmentations", "resume_from_checkpoint", "wandb", "defaults", "hydra"}
+TOP_LEVEL_KEYS = {"augmentations", "resume_from_checkpoint", "wandb", "auto_umap", "defaults", "hydra"}
 
 
 def trainer_arguments() -> set[str]:
@@ -313,12 +313,30 @@ def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     if "wandb" in user and isinstance(user.wandb, DictConfig):  # the seed's wandb group wins
         seed_wandb = user.pop("wandb")
         user = OmegaConf.merge(user, {"logger": {"wandb": seed_wandb}})
+    if "auto_umap" in user and isinstance(user.auto_umap, DictConfig):  # solo-learn's name for the online map
+        user = OmegaConf.merge(user, {"umap": from_auto_umap(user.pop("auto_umap"))})
     warn_unread_keys(user)
     merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), user)
     OmegaConf.set_struct(merged, False)
     validate(merged)
     warn_off_paper_settings(merged)
     return merged
+
+
+def from_auto_umap(section: DictConfig) -> dict[str, Any]:
+    """solo-learn's ``auto_umap`` section (``enabled``, ``frequency``, ``dir``) as this
+    library's ``umap`` section; its pictures go to the run folder, so ``dir`` is not read."""
+    mapped: dict[str, Any] = {}
+    for key, value in section.items():
+        if key in ("enabled", "frequency"):
+            mapped["every_n_epochs" if key == "frequency" else key] = value
+        else:
+            warnings.warn(
+                f"auto_umap.{key} is not read by ivreg and has no effect; the maps go to <run folder>/umap/",
+                UnreadConfigKeyWarning,
+                stacklevel=4,
+            )
+    return mapped
 
 
 class PaperSettingWarning(UserWarning):

@@ -239,3 +239,9 @@ def test_turning_off_the_ema_of_an_ema_config_warns_of_the_slow_correlation_aver
         warnings.simplefilter("error", PaperSettingWarning)
         prepare_config(_cifar([*off, "method_kwargs.dp_tau=0.5"], "directpred.yaml"))  # chosen: no warning
         prepare_config(_cifar(off, "byol.yaml"))  # SimSiam has no C to average
+
+
+def test_solo_learns_auto_umap_section_is_the_online_map() -> None:
+    with pytest.warns(UnreadConfigKeyWarning, match=r"auto_umap.dir is not read .* <run folder>/umap/"):
+        cfg = prepare_config(_cifar(["++auto_umap.enabled=True", "++auto_umap.frequency=5", "++auto_umap.dir=maps"]))
+    assert cfg.umap.enabled is True and cfg.umap.every_n_epochs == 5 and "auto_umap" not in cfg
