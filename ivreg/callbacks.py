@@ -286,6 +286,22 @@ def _as_float(value: Any) -> float:
     return float(value)
 
 
+def log_spectrum_histogram(trainer: L.Trainer, eigvals: torch.Tensor) -> None:
+    """The epoch's spectrum of C as a TensorBoard histogram of log10 eigenvalues
+    (``C/log10_eigenvalues``: one slice per epoch, so the spread of the spectrum, and a
+    collapse towards few dimensions, can be watched during training). Eigenvalues at or
+    below 1e-12 of the largest are drawn at that floor."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    if not loggers or eigvals.numel() == 0 or not torch.isfinite(eigvals).all():
+        return
+    floor = max(float(eigvals.max()), 1e-30) * 1e-12
+    values = eigvals.clamp_min(floor).log10()
+    for logger in loggers:
+        logger.experiment.add_histogram("C/log10_eigenvalues", values, global_step=trainer.current_epoch)
+
+
 class EpochSummary(L.Callback):
     """One row per finished epoch in ``epochs.csv`` (and the spectrum in ``eigvals.csv``), and a
     one-line report on stdout. Rows from epochs a resumed run repeats are dropped."""
@@ -363,9 +379,10 @@ class EpochSummary(L.Callback):
         rows = self._read(self.epochs_path) + [row]
         self._write(self.epochs_path, rows, list(row.keys()))
         if self.log_eigvals:
-            spectrum = pl_module.predictor.spectrum().detach().float().cpu().tolist()
-            eig_row = {"epoch": trainer.current_epoch, **{f"eigval_{i}": v for i, v in enumerate(spectrum)}}
+            eigvals = pl_module.predictor.spectrum().detach().float().cpu()
+            eig_row = {"epoch": trainer.current_epoch, **{f"eigval_{i}": v for i, v in enumerate(eigvals.tolist())}}
             self._write(self.eigvals_path, self._read(self.eigvals_path) + [eig_row], list(eig_row.keys()))
+            log_spectrum_histogram(trainer, eigvals)
         if self.print_lines:
             print(self.format_line(row), flush=True)
 
@@ -392,6 +409,7 @@ class EpochSummary(L.Callback):
                 if _finite(row.get("val_acc1_random"))
                 else ""
             )
+            + (f"knn val_acc1 {fmt('val_knn_acc1', '6.2f')} | " if _finite(row.get("val_knn_acc1")) else "")
             + f"part_ratio {fmt('part_ratio', '7.2f')} | z_std {fmt('train_z_std', '.4f')} | "
             f"z_norm {fmt('train_z_norm', '.4g')}"
             + (

@@ -18,6 +18,8 @@ def test_epoch_line_reports_norm_and_only_nonzero_skipped_steps() -> None:
     line = EpochSummary.format_line(_row(train_nonfinite_grad_steps=3.0))
     assert line.endswith("non-finite gradient steps 3")
     assert "non-finite" not in EpochSummary.format_line(_row(train_nonfinite_grad_steps=math.nan))
+    assert "knn val_acc1  61.50 |" in EpochSummary.format_line(_row(val_knn_acc1=61.5))
+    assert "knn" not in EpochSummary.format_line(_row(val_knn_acc1=math.nan))  # not enabled, or not due
 
 
 def test_rows_written_before_a_column_existed_read_as_nan(tmp_path: Path) -> None:

@@ -53,10 +53,13 @@ def test_a_picture_per_due_epoch_of_the_same_images(image_data, tmp_path, monkey
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = (run.run_dir / "tensorboard").rglob("events.out.tfevents.*")
-    accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0})
+    accumulator = EventAccumulator(str(events.parent), size_guidance={"images": 0, "histograms": 0})
     accumulator.Reload()
     assert "val_pca" in accumulator.Tags()["images"]
     assert len(accumulator.Images("val_pca")) == 2
+    # and the spectrum of C after every epoch, as a histogram of log10 eigenvalues (16 of them)
+    histograms = accumulator.Histograms("C/log10_eigenvalues")
+    assert [h.step for h in histograms] == [0, 1, 2] and all(h.histogram_value.num == 16 for h in histograms)
 
 
 def test_bad_settings_are_refused_at_launch(image_data, tmp_path, monkeypatch) -> None:
