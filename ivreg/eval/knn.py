@@ -332,6 +332,12 @@ class OnlineKNN(L.Callback):
         self.bank_size = 0  # images in the last feature bank (all ranks')
         self.query_size = 0  # validation images it classified
 
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning keeps a metric in callback_metrics until it is logged again: an epoch the
+        # kNN skips would show (in epochs.csv) the accuracy of the last epoch it ran
+        for key in ("val_knn_acc1", "val_knn_acc5"):
+            trainer.callback_metrics.pop(key, None)
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not due_after_validation(trainer, self.every_n_epochs):
             return

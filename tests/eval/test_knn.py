@@ -218,3 +218,22 @@ def test_knn_on_projector_features_uses_the_trained_projector(image_data, tmp_pa
     assert result.acc1 == expected.acc1 and result.acc5 == expected.acc5
     with pytest.raises(ConfigError, match="unknown features 'logits'"):
         run_knn({**cfg, "features": "logits"})
+
+
+def test_epochs_the_online_knn_skips_hold_no_stale_accuracy(image_data, tmp_path) -> None:
+    """every_n_epochs=2 of 4: epochs 2 and 4 (and the last) hold the kNN accuracy, epochs 1 and
+    3 none (Lightning's callback_metrics kept the last logged value for them)."""
+    import csv
+    import math
+
+    from ivreg.config import compose
+    from ivreg.train import pretrain
+
+    from ..conftest import CIFAR_CONFIGS, tiny_overrides
+
+    train, val = image_data
+    extra = ["++knn.enabled=True", "++knn.k=5", "++knn.every_n_epochs=2", "max_epochs=4", "scheduler.warmup_epochs=0"]
+    run = pretrain(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", tiny_overrides(train, val, tmp_path) + extra))
+    with open(run.run_dir / "epochs.csv", newline="") as f:
+        knn = [float(r["val_knn_acc1"]) for r in csv.DictReader(f)]
+    assert [math.isnan(v) for v in knn] == [True, False, True, False], knn
