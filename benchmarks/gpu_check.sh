@@ -52,7 +52,8 @@ SECTIONS=${SECTIONS:-aug steps accuracy}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu (with EXTRA_ARGS="--accelerator cpu ...") dry-runs the script
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-quiet() { grep -v -E "Warning|warn\(|^\s*$"; }
+# line-buffered: a section cut off by the device's time limit keeps every line it printed
+quiet() { grep --line-buffered -v -E "Warning|warn\(|^\s*$"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$OUT/gpu.txt"
 python3 -c "import torch, lightning, torchvision; print('torch', torch.__version__, 'lightning', lightning.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
 for section in $SECTIONS; do
@@ -132,7 +133,9 @@ for section in $SECTIONS; do
         ckpt=${LINEAR_CKPT:-$(ls -td "$RUNS"/cifar10_short_* 2>/dev/null | head -1)}
         for pipeline in resident workers; do
             rm -rf "$RUNS/linear/linear-$pipeline"
-            python3 main_linear.py pretrained_feature_extractor="$ckpt" max_epochs=2 data.pipeline=$pipeline \
+            # the CIFAR recipe (on the GPU, fp16), not main_linear.py's default digits one (CPU)
+            python3 main_linear.py --config-path scripts/linear/cifar --config-name linear.yaml \
+                pretrained_feature_extractor="$ckpt" max_epochs=2 data.pipeline=$pipeline \
                 data.num_workers=12 checkpoint.dir="$RUNS/linear" name="linear-$pipeline" \
                 ${LINEAR_ARGS:-} 2>&1 | quiet | tee -a "$OUT/linear.txt"
             { echo "== linear-$pipeline/epochs.csv"; cat "$RUNS/linear/linear-$pipeline/epochs.csv"; } >>"$OUT/linear.txt" 2>&1
