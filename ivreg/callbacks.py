@@ -180,6 +180,7 @@ class NonFiniteLossGuard(L.Callback):
     def __init__(self, every_n_steps: int = 50):
         # log_every_n_steps=0 turns logging off, not the guard: it then reads every 50 steps
         self.every_n_steps = every_n_steps if every_n_steps > 0 else 50
+        self._checked_at = -1
 
     def _check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         count = pl_module.nonfinite_steps
@@ -197,7 +198,12 @@ class NonFiniteLossGuard(L.Callback):
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if (trainer.global_step + 1) % self.every_n_steps == 0:
+        # the step that just ended is global_step - 1: the logging steps' (k+1 a multiple of
+        # log_every_n_steps), so the host waits for the device once for both; once per
+        # optimizer step (the micro-batches of an accumulated step share its global_step)
+        step = trainer.global_step
+        if step > 0 and step % self.every_n_steps == 0 and step != self._checked_at:
+            self._checked_at = step
             self._check(trainer, pl_module)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -236,7 +242,9 @@ class StopTogetherOnSigterm(L.Callback):
     nothing) or lost their connection. Here the handler only notes the signal; after every
     training step the processes agree on it with one all-reduce of a CPU flag over a gloo
     group, which waits for no GPU work, and all of them mark the trainer as signalled at
-    once (Lightning then stops each at that step's end). One process: Lightning's handler.
+    once (Lightning then stops each at that step's end). A signal during validation is
+    acted on after the next training step (during the last epoch's validation, the run
+    ends as it would have). One process: Lightning's handler.
     """
 
     def __init__(self) -> None:
@@ -244,22 +252,34 @@ class StopTogetherOnSigterm(L.Callback):
         self._installed = False
         self._group: Any = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before the data and the sanity check: the group (a collective: every process calls
+        setup) and the handler, so that a signal from here on is noted, not fatal."""
         import threading
 
         import torch.distributed as dist
 
         main_thread = threading.current_thread() is threading.main_thread()  # (signal.signal needs it)
-        if trainer.world_size <= 1 or not dist.is_initialized() or not main_thread:
+        if stage != "fit" or trainer.world_size <= 1 or not dist.is_initialized() or not main_thread:
             return
-        # every process calls new_group here (it is collective); gloo runs the flag's all-reduce on the CPU
+        # gloo runs the flag's all-reduce on the CPU
         try:
             self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         except (RuntimeError, ValueError) as exc:  # a torch build without gloo: Lightning's handling stays
             rank_zero_warn(f"no gloo process group to agree on SIGTERM ({first_line(exc)}); Lightning's handler stays")
             return
-        signal.signal(signal.SIGTERM, self._note)  # Lightning restores its predecessor's handler at teardown
         self._installed = True
+        self._take_the_signal()
+
+    def _take_the_signal(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._note)  # Lightning restores its predecessor's at teardown
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_the_signal()  # back from Lightning's handler, registered after setup
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_the_signal()
 
     def _note(self, signum: int, frame: Any) -> None:
         self.signalled = True  # nothing else in a signal handler: no collective, no I/O

@@ -553,13 +553,21 @@ def build_run(cfg: DictConfig | dict) -> Run:
 
 
 def require_validation_split(cfg: DictConfig, datamodule: PretrainDataModule) -> None:
-    """The online kNN and the online 2-D map read the validation split: refused at launch
-    without one, not at the end of the first epoch."""
+    """The online kNN and the online 2-D map read the validation split, and the kNN's bank
+    the labelled training images: refused at launch without them, not at the end of the
+    first epoch."""
+    from ivreg.data.datasets import labels_of
+
     online = [key for key in ("knn", "umap") if cfg[key].enabled]
     if online and datamodule.raw_val is None:
         raise ConfigError(
             f"{' and '.join(f'{key}.enabled=True' for key in online)} needs a validation split, "
             "but data.val_path is null; set data.val_path or turn it off"
+        )
+    if cfg.knn.enabled and datamodule.raw_train is not None and not (labels_of(datamodule.raw_train) >= 0).any():
+        raise ConfigError(
+            "knn.enabled=True needs labelled training images for its feature bank, but data.train_path "
+            f"({cfg.data.train_path}) holds unlabelled images only; turn it off (main_knn.py can use a labelled set)"
         )
 
 
@@ -633,7 +641,9 @@ def exit_143_on_sigterm(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
     try:
         yield
     except (SIGTERMException, Exception) as exc:  # (SIGTERMException is a SystemExit)
-        if not isinstance(exc, SIGTERMException) and not trainer.received_sigterm:
+        # under DDP StopTogetherOnSigterm notes the signal first and tells the trainer later
+        noted = any(isinstance(cb, StopTogetherOnSigterm) and cb.signalled for cb in trainer.callbacks)
+        if not isinstance(exc, SIGTERMException) and not (trainer.received_sigterm or noted):
             raise
         if trainer.is_global_zero:
             print(f"stopped by SIGTERM in epoch {trainer.current_epoch}: {_kept(run_dir)}", file=sys.stderr, flush=True)

@@ -90,6 +90,15 @@ class SigtermOnRank(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermToGroup(L.Callback):
+    """SIGTERM to the whole process group (``kill -- -<pgid>``, as scancel signals a job
+    step): both processes and their DataLoader workers at once."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        if trainer.global_rank == 0 and trainer.global_step == 4:
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+
+
 def main() -> None:
     train, val, out, config = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
     overrides = tiny_overrides(train, val, out, "ddp") + [
@@ -106,6 +115,8 @@ def main() -> None:
         run.trainer.callbacks.append(NonFiniteOnRank1())
     if os.environ.get("IVREG_TEST_FAIL_ON_RANK"):
         run.trainer.callbacks.append(FailOnRank(int(os.environ["IVREG_TEST_FAIL_ON_RANK"])))
+    if os.environ.get("IVREG_TEST_SIGTERM_GROUP"):
+        run.trainer.callbacks.append(SigtermToGroup())
     if os.environ.get("IVREG_TEST_SIGTERM_ON_RANK"):
         run.trainer.callbacks.append(SigtermOnRank(int(os.environ["IVREG_TEST_SIGTERM_ON_RANK"])))
     fit(run)  # as main_pretrain.py does: with the SIGTERM and error reporting around trainer.fit

@@ -13,7 +13,13 @@ from .conftest import ROOT, make_image_folder
 
 
 def _two_ranks(
-    image_data, tmp_path: Path, config: str, *extra: str, env: dict[str, str] | None = None, timeout: float = 900
+    image_data,
+    tmp_path: Path,
+    config: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    own_group: bool = False,
 ) -> subprocess.CompletedProcess:
     """tests/ddp_script.py on two CPU processes (gloo); ``env`` adds its fault injections.
     Its validation split has an odd number of images (15), which two ranks cannot share evenly."""
@@ -24,6 +30,7 @@ def _two_ranks(
         capture_output=True,
         text=True,
         timeout=timeout,
+        start_new_session=own_group,  # a process group of its own, which the test may signal
         cwd=tmp_path,
         env={**os.environ, **(env or {})},
     )
@@ -109,6 +116,16 @@ def test_a_sigterm_to_one_process_stops_every_process_at_the_same_step(rank: int
     (a second SIGTERM did nothing). Every process must stop, with 143 and what is kept."""
     env = {"IVREG_TEST_SIGTERM_ON_RANK": str(rank)}
     proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", "max_epochs=2", env=env, timeout=240)
+    assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "stopped by SIGTERM in epoch 1: " in proc.stderr and "holds 1 finished epoch(s)" in proc.stderr
+
+
+def test_a_sigterm_to_the_process_group_with_workers_exits_with_143(image_data, tmp_path: Path) -> None:
+    """scancel signals the DataLoader workers too: the error their death raises in a process
+    whose SIGTERM was only noted (for agreement after the step) is the same stop."""
+    env = {"IVREG_TEST_SIGTERM_GROUP": "1"}
+    extra = ("max_epochs=2", "data.num_workers=1")
+    proc = _two_ranks(image_data, tmp_path, "isoloss.yaml", *extra, env=env, timeout=240, own_group=True)
     assert proc.returncode == 143, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "stopped by SIGTERM in epoch 1: " in proc.stderr and "holds 1 finished epoch(s)" in proc.stderr
 

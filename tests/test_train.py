@@ -402,6 +402,19 @@ def test_nonfinite_loss_stops_with_a_clear_error(config: str, image_data, tmp_pa
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
 
 
+def test_the_nan_guard_reads_once_per_logged_optimizer_step(image_data, tmp_path: Path, monkeypatch) -> None:
+    """With accumulated batches the micro-batches share a global step: the guard's host read
+    comes once per optimizer step it is due at (here every step), then before validation and
+    at the epoch's end; not once per micro-batch."""
+    from ivreg.callbacks import NonFiniteLossGuard
+
+    seen: list[int] = []
+    monkeypatch.setattr(NonFiniteLossGuard, "_check", lambda self, trainer, module: seen.append(trainer.global_step))
+    extra = ("max_epochs=1", "scheduler.name=none", "++log_every_n_steps=1", "++accumulate_grad_batches=2")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))  # 6 batches of 8: 3 optimizer steps
+    assert seen == [1, 2, 3, 3, 3]
+
+
 def test_a_resumed_run_keeps_the_images_its_fraction_drew(image_data, tmp_path: Path) -> None:
     """data.fraction draws per class since 2026-11-28; a run begun before (its checkpoint has no
     data.fraction_draw) must go on with the images it drew then, at random from the whole set."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ivreg.analysis.umap_plot import METHODS, class_names_of, embed_2d, embedding_figure, plot_embedding, require_umap
 from ivreg.errors import ConfigError
@@ -42,7 +43,13 @@ class OnlineUMAP(L.Callback):
         if method not in METHODS:
             raise ConfigError(f"umap.method must be one of {list(METHODS)}, got {method!r}")
         if method == "umap":
-            require_umap()  # now, not after the first epochs of training
+            try:
+                require_umap()  # now, not after the first epochs of training
+            except ConfigError:
+                raise ConfigError(
+                    "umap.method=umap needs the optional umap-learn package: pip install 'ivreg[umap]' "
+                    "(or set umap.method=tsne or umap.method=pca, which need only scikit-learn)"
+                ) from None
         if int(every_n_epochs) < 1:
             raise ConfigError(f"umap.every_n_epochs must be at least 1, got {every_n_epochs}")
         if int(max_samples) != 0 and int(max_samples) < 3:
@@ -64,6 +71,9 @@ class OnlineUMAP(L.Callback):
         if trainer.global_rank != 0:
             return
         epoch = trainer.current_epoch + 1
+        if len(feats) < 3:  # (a tiny limit_val_batches): no map, but the run goes on
+            rank_zero_warn(f"no {self.method} map after epoch {epoch}: only {len(feats)} validation images")
+            return
         xy = embed_2d(feats.float().cpu().numpy(), self.method, self.seed)
         names = class_names_of(dm.raw_val)
         title = f"{embedding_title(self.method)} of validation features, epoch {epoch} ({len(xy)} images)"

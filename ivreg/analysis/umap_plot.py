@@ -11,7 +11,6 @@ checkpoint was pretrained on, at most ``--max-samples`` of them drawn at random.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +50,11 @@ def embed_2d(features: np.ndarray, method: str = "umap", seed: int = 0, metric: 
         raise DataError(f"a 2-D map needs at least 3 samples, got {len(x)}")
     if method == "umap":
         umap = require_umap()
-        reducer = umap.UMAP(n_components=2, n_neighbors=min(15, len(x) - 1), metric=metric, random_state=seed, n_jobs=1)
+        # its default spectral start needs more points than neighbours (scipy refuses k >= N)
+        init = "spectral" if len(x) > 16 else "random"
+        reducer = umap.UMAP(
+            n_components=2, n_neighbors=min(15, len(x) - 1), metric=metric, random_state=seed, n_jobs=1, init=init
+        )
         return np.asarray(reducer.fit_transform(x))
     if method == "tsne":
         from sklearn.manifold import TSNE
@@ -104,11 +107,12 @@ def plot_embedding(
 ) -> Path:
     """``embedding_figure`` written to ``out`` as a PNG, atomically (a killed run leaves no
     half-written picture under the final name)."""
+    from ivreg.callbacks import atomic_write
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    embedding_figure(xy, labels, class_names, title).savefig(tmp, dpi=dpi, format="png")
-    os.replace(tmp, out)
+    figure = embedding_figure(xy, labels, class_names, title)
+    atomic_write(out, lambda f: figure.savefig(f, dpi=dpi, format="png"), binary=True)
     return out
 
 

@@ -70,12 +70,57 @@ def test_bad_settings_are_refused_at_launch(image_data, tmp_path, monkeypatch) -
     with pytest.raises(ConfigError, match="umap.max_samples must be 0"):
         _run(image_data, tmp_path, "++umap.enabled=True", "++umap.method=pca", "++umap.max_samples=2")
     monkeypatch.setitem(sys.modules, "umap", None)  # umap-learn missing: said before training
-    with pytest.raises(ConfigError, match=r"pip install 'ivreg\[umap\]'"):
+    with pytest.raises(ConfigError, match=r"umap.method=umap needs .*pip install 'ivreg\[umap\]'"):
         _run(image_data, tmp_path, "++umap.enabled=True")
     assert not (tmp_path / "tiny" / "config.yaml").exists()  # nothing was launched
+
+
+def test_online_knn_on_unlabelled_training_images_is_refused_at_launch(image_data, tmp_path) -> None:
+    import shutil
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, image in enumerate(sorted(image_data[0].rglob("*.png"))):
+        shutil.copy(image, flat / f"{i:03d}.png")
+    with pytest.raises(ConfigError, match=r"knn.enabled=True needs labelled training images .* unlabelled images only"):
+        _run(image_data, tmp_path, f"data.train_path={flat}", "++knn.enabled=True")
 
 
 @pytest.mark.parametrize("online", [["++knn.enabled=True"], ["++umap.enabled=True", "++umap.method=pca"]])
 def test_online_evaluation_without_a_validation_split_is_refused_at_launch(image_data, tmp_path, online) -> None:
     with pytest.raises(ConfigError, match=r"needs a validation split, but data.val_path is null"):
         _run(image_data, tmp_path, "data.val_path=null", *online)
+
+
+def test_too_few_validation_images_skip_the_map_and_training_goes_on(image_data, tmp_path) -> None:
+    """limit_val_batches=1 of batch 2: two images, no 2-D map; a warning, not a lost epoch."""
+    extra = ["max_epochs=1", "++umap.enabled=True", "++umap.method=pca", "++umap.every_n_epochs=1"]
+    run = _run(
+        image_data, tmp_path, *extra, "optimizer.batch_size=2", "++limit_val_batches=1", "++limit_train_batches=2"
+    )
+    with pytest.warns(UserWarning, match="no pca map after epoch 1: only 2 validation images"):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    assert (run.run_dir / "last.ckpt").is_file() and not (run.run_dir / "umap").exists()
+
+
+def test_umap_of_a_handful_of_points_starts_at_random(monkeypatch) -> None:
+    """UMAP's spectral start fails below about as many points as neighbours: tiny samples start at random."""
+    import types
+
+    import numpy as np
+
+    from ivreg.analysis.umap_plot import embed_2d
+
+    calls: list[dict] = []
+
+    class FakeUMAP:
+        def __init__(self, **kwargs):
+            calls.append(kwargs)
+
+        def fit_transform(self, x):
+            return x[:, :2]
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    embed_2d(np.ones((4, 3), dtype=np.float32), "umap")
+    embed_2d(np.ones((100, 3), dtype=np.float32), "umap")
+    assert [c["init"] for c in calls] == ["random", "spectral"] and calls[0]["n_neighbors"] == 3

@@ -48,7 +48,14 @@ def test_umap_is_called_with_two_components_and_the_seed(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
     x = np.arange(24, dtype=np.float32).reshape(6, 4)
     np.testing.assert_allclose(embed_2d(x, "umap", seed=3), x[:, :2] * 2)
-    assert calls == {"n_components": 2, "n_neighbors": 5, "metric": "cosine", "random_state": 3, "n_jobs": 1}
+    assert calls == {
+        "n_components": 2,
+        "n_neighbors": 5,
+        "metric": "cosine",
+        "random_state": 3,
+        "n_jobs": 1,
+        "init": "random",
+    }
 
 
 def test_pca_and_tsne_maps_of_a_checkpoint(colour_ckpt, tmp_path, capsys):
