@@ -532,7 +532,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     views = parse_view_specs(OmegaConf.to_object(cfg.augmentations))  # type: ignore[arg-type]
     datamodule = PretrainDataModule(cfg.data, views, int(cfg.optimizer.batch_size), int(cfg.seed))
     cfg.data.num_classes = datamodule.num_classes
-    require_validation_split(cfg, datamodule)
+    require_online_evaluation_data(cfg, datamodule)
     model = SSLMethod(to_container(cfg))
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
     apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)
@@ -552,7 +552,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     return Run(cfg, model, datamodule, trainer, run_dir, resume_from)
 
 
-def require_validation_split(cfg: DictConfig, datamodule: PretrainDataModule) -> None:
+def require_online_evaluation_data(cfg: DictConfig, datamodule: PretrainDataModule) -> None:
     """The online kNN and the online 2-D map read the validation split, and the kNN's bank
     the labelled training images: refused at launch without them, not at the end of the
     first epoch."""
