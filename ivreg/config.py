@@ -209,7 +209,7 @@ class UnreadConfigKeyWarning(UserWarning):
 
 
 # Top-level keys read outside DEFAULTS (besides Lightning Trainer arguments, passed through).
-TOP_LEVEL_KEYS = {"augmentations", "resume_from_checkpoint", "wandb", "auto_umap", "defaults", "hydra"}
+TOP_LEVEL_KEYS = {"augmentations", "resume_from_checkpoint", "wandb", "defaults", "hydra"}
 
 
 def trainer_arguments() -> set[str]:

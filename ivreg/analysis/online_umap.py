@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from ivreg.analysis.umap_plot import METHODS, class_names_of, embed_2d, embedding_figure, plot_embedding, require_umap
+from ivreg.analysis.umap_plot import METHODS, class_names_of, embed_2d, embedding_figure, require_umap, write_png
 from ivreg.errors import ConfigError
 from ivreg.eval.knn import due_after_validation, images_seen, split_features
 
@@ -77,9 +77,8 @@ class OnlineUMAP(L.Callback):
         xy = embed_2d(feats.float().cpu().numpy(), self.method, self.seed)
         names = class_names_of(dm.raw_val)
         title = f"{embedding_title(self.method)} of validation features, epoch {epoch} ({len(xy)} images)"
-        out = self.out_dir / f"{self.method}_epoch{epoch:04d}.png"
-        self.written.append(plot_embedding(xy, labels.cpu().numpy(), out, names, title))
+        figure = embedding_figure(xy, labels.cpu().numpy(), names, title)
+        self.written.append(write_png(figure, self.out_dir / f"{self.method}_epoch{epoch:04d}.png"))
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                figure = embedding_figure(xy, labels.cpu().numpy(), names, title)
+            if isinstance(logger, TensorBoardLogger):  # (add_figure closes the figure: after the file)
                 logger.experiment.add_figure(f"val_{self.method}", figure, global_step=trainer.global_step)

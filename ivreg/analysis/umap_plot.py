@@ -105,13 +105,17 @@ def plot_embedding(
     title: str = "",
     dpi: int = 150,
 ) -> Path:
-    """``embedding_figure`` written to ``out`` as a PNG, atomically (a killed run leaves no
+    """``embedding_figure`` written to ``out`` as a PNG (``write_png``)."""
+    return write_png(embedding_figure(xy, labels, class_names, title), out, dpi)
+
+
+def write_png(figure: Figure, out: Path, dpi: int = 150) -> Path:
+    """``figure`` as a PNG at ``out``, written atomically (a killed run leaves no
     half-written picture under the final name)."""
     from ivreg.callbacks import atomic_write
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    figure = embedding_figure(xy, labels, class_names, title)
     atomic_write(out, lambda f: figure.savefig(f, dpi=dpi, format="png"), binary=True)
     return out
 

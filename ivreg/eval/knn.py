@@ -341,9 +341,7 @@ class OnlineKNN(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not due_after_validation(trainer, self.every_n_epochs):
             return
-        dm = trainer.datamodule
-        if dm is None or getattr(dm, "raw_train", None) is None or getattr(dm, "raw_val", None) is None:
-            raise DataError("OnlineKNN needs a data module with raw_train and raw_val (a validation set)")
+        dm = trainer.datamodule  # (split_features names a data module without raw splits)
         world = trainer.world_size
         limits = {
             "train": images_seen(trainer.limit_train_batches, trainer.num_training_batches, dm, world, self.k),
