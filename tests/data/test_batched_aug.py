@@ -355,8 +355,10 @@ def test_resized_crop_matches_torchvision_float(mode, name: str) -> None:
 
 def test_resized_crop_matches_torchvision_uint8_pipeline() -> None:
     # The per-image pipeline resizes the uint8 image with PyTorch's fixed-point uint8
-    # kernel (which differs from its own float kernel by up to one level) and rounds;
-    # ours stays float: within 1.5 levels everywhere, and a fraction of a level on average.
+    # kernel, which rounds and clamps to uint8 between its horizontal and vertical passes;
+    # ours stays float. On smooth images: within 1.5 levels everywhere. At sharp edges the
+    # clamp between passes clips bicubic overshoot: on real CIFAR crops (32 -> 32) up to
+    # 7 levels on 0.03% of pixels, unbiased (mean -0.001 levels).
     u8 = smooth_images(len(BOXES), 50, seed=10)[:, :, :40, :50].contiguous()
     flip = torch.zeros(len(BOXES), dtype=torch.bool)
     out = ba.resized_crop(u8, BOXES, 24, flip=flip, value_scale=1 / 255).clamp(0, 1)
