@@ -406,9 +406,18 @@ class EpochSummary(L.Callback):
         if self.print_lines:
             print(self.format_line(row), flush=True)
 
+    def epoch_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
+        """``trainer.callback_metrics`` without validation figures of an earlier epoch: Lightning
+        keeps the last validation's values through epochs that skip it
+        (``check_val_every_n_epoch`` > 1), which would otherwise fill their rows."""
+        metrics = dict(trainer.callback_metrics)
+        if self._t_val is None:  # no validation ran in this epoch
+            metrics = {key: value for key, value in metrics.items() if not key.startswith("val_")}
+        return metrics
+
     def metric_columns(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """The metric columns of this epoch's row (NaN for what was not logged)."""
-        metrics = dict(trainer.callback_metrics)
+        metrics = self.epoch_metrics(trainer)
         if hasattr(pl_module, "epoch_metrics"):  # logged by the module after this hook runs
             metrics.update(pl_module.epoch_metrics())
         return {col: _as_float(metrics[key]) if key in metrics else math.nan for col, key in EPOCH_COLUMNS.items()}

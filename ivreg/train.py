@@ -708,10 +708,22 @@ def pretrain(cfg: DictConfig | dict) -> Run:
     """Build and fit; returns the run (its ``trainer.callback_metrics`` hold the last metrics)."""
     run = build_run(cfg)
     fit(run)
-    metrics = run.trainer.callback_metrics
-    if run.trainer.is_global_zero and "val_acc1" in metrics:
-        line = f"{run.cfg.name}: online readout val_acc1 {float(metrics['val_acc1']):.2f}"
-        if "val_acc1_random" in metrics:
-            line += f" (pretrained backbone) vs {float(metrics['val_acc1_random']):.2f} (randomly initialised backbone)"
-        print(line, flush=True)
+    if run.trainer.is_global_zero and (line := readout_result(run.run_dir / "epochs.csv")):
+        print(f"{run.cfg.name}: {line}", flush=True)
     return run
+
+
+def readout_result(epochs_csv: Path) -> str | None:
+    """The online readout's accuracy after the last validated epoch of ``epochs.csv`` (and the
+    random-init readout's beside it), naming that epoch when later ones were not validated."""
+    rows = EpochSummary._read(epochs_csv)
+    validated = [r for r in rows if math.isfinite(float(r.get("val_acc1") or "nan"))]
+    if not validated:
+        return None
+    row = validated[-1]
+    line = f"online readout val_acc1 {float(row['val_acc1']):.2f}"
+    if math.isfinite(random := float(row.get("val_acc1_random") or "nan")):
+        line += f" (pretrained backbone) vs {random:.2f} (randomly initialised backbone)"
+    if row["epoch"] != rows[-1]["epoch"]:  # check_val_every_n_epoch > 1
+        line += f" after epoch {row['epoch']}, the last validated of {int(rows[-1]['epoch']) + 1}"
+    return line

@@ -136,3 +136,29 @@ def test_every_kept_epoch_is_also_the_last_checkpoint(tmp_path: Path) -> None:
         trainer.current_epoch = epoch
         callback.on_train_epoch_end(trainer, None)  # type: ignore[arg-type]
     assert saved == ["last.ckpt", "epoch0001.ckpt", "last.ckpt", "epoch0002.ckpt"]
+
+
+def test_epochs_without_validation_hold_no_stale_figures(image_data, tmp_path: Path, capsys) -> None:
+    """check_val_every_n_epoch=2 of 3 epochs: only epoch 1 is validated; Lightning keeps its
+    figures in callback_metrics through epoch 2, whose row and the final line must not show
+    them as epoch 2's."""
+    from ivreg.config import compose
+    from ivreg.train import pretrain
+
+    from .conftest import CIFAR_CONFIGS, tiny_overrides
+
+    train, val = image_data
+    extra = ["++knn.enabled=True", "++knn.k=5", "++check_val_every_n_epoch=2", "max_epochs=3"]
+    extra += ["scheduler.warmup_epochs=0", "++report.compare_random_init=True"]
+    run = pretrain(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", tiny_overrides(train, val, tmp_path) + extra))
+    with open(run.run_dir / "epochs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for column in ("val_loss", "val_acc1", "val_acc5", "val_knn_acc1", "val_acc1_random"):
+        assert [math.isnan(float(r[column])) for r in rows] == [True, False, True], (column, rows)
+    assert all(math.isfinite(float(r["train_neg_cos_sim"])) for r in rows)
+    final = [line for line in capsys.readouterr().out.splitlines() if "online readout" in line]
+    assert final == [
+        f"tiny: online readout val_acc1 {float(rows[1]['val_acc1']):.2f} (pretrained backbone) vs "
+        f"{float(rows[1]['val_acc1_random']):.2f} (randomly initialised backbone) after epoch 1, the last "
+        "validated of 3"
+    ]

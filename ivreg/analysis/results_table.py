@@ -205,11 +205,27 @@ LINEAR_SETTINGS = (
 )
 
 
+# Trainer options that change which images or epochs a run's figures come from, with the
+# values that leave them so (``limit_val_batches=1``, an int, is one batch; 1.0 is all)
+VALIDATION_SETTINGS: dict[str, Any] = {"limit_val_batches": 1.0, "check_val_every_n_epoch": 1}
+
+
+def validation_settings(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The run's ``VALIDATION_SETTINGS`` that differ from a full validation every epoch."""
+    out = {}
+    for key, full in VALIDATION_SETTINGS.items():
+        value = cfg.get(key)
+        if value is not None and not (type(value) is type(full) and value == full):
+            out[prefix + key] = value
+    return out
+
+
 def settings_of(cfg: Mapping[str, Any], world_size: int | None = None) -> dict[str, Any]:
     """The options that shape a run's numbers (those resumption compares, the seed aside, and
     ``max_epochs``, and the images per optimizer step: batch x processes (``world_size``, else
     as the config counts them) x accumulation, which set the learning rate and the schedule's
-    step counts); for a linear run its pretraining run's, then its own under ``linear.``."""
+    step counts, and ``VALIDATION_SETTINGS`` off their full-validation values); for a linear run
+    its pretraining run's, then its own under ``linear.``."""
     from omegaconf import OmegaConf
 
     from ivreg.config import DEFAULTS, config_leaves
@@ -240,8 +256,9 @@ def settings_of(cfg: Mapping[str, Any], world_size: int | None = None) -> dict[s
         pretrain = cfg.get("pretrain_cfg") if isinstance(cfg.get("pretrain_cfg"), Mapping) else {}
         linear = pick(cfg, LINEAR_SETTINGS, LINEAR_DEFAULTS, "linear.")
         linear.update({f"linear.{k}": v for k, v in per_step(cfg, world_size).items()})
+        linear.update(validation_settings(cfg, "linear."))
         return {**pick(pretrain, keys, DEFAULTS), **per_step(pretrain, None), **linear}  # type: ignore[arg-type]
-    return {**pick(cfg, keys, DEFAULTS), **per_step(cfg, world_size)}
+    return {**pick(cfg, keys, DEFAULTS), **per_step(cfg, world_size), **validation_settings(cfg)}
 
 
 def mixed_settings(results: Iterable[RunResult]) -> list[str]:

@@ -366,7 +366,7 @@ class LinearEpochSummary(EpochSummary):
         super().__init__(run_dir, log_eigvals=False, print_lines=print_lines)
 
     def metric_columns(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        metrics = trainer.callback_metrics
+        metrics = self.epoch_metrics(trainer)
         return {key: float(metrics[key]) if key in metrics else math.nan for key in LINEAR_COLUMNS}
 
     @staticmethod
@@ -477,4 +477,7 @@ def _print_result(run_dir: Path) -> None:
     accs = [(float(r["val_acc1"]), int(r["epoch"])) for r in rows if math.isfinite(float(r["val_acc1"]))]
     if accs:
         best, epoch = max(accs)
-        print(f"{run_dir.name}: final val_acc1 {accs[-1][0]:.2f}, best {best:.2f} (epoch {epoch})", flush=True)
+        final, final_epoch = accs[-1]
+        last = int(rows[-1]["epoch"])  # may be unvalidated (check_val_every_n_epoch > 1)
+        at = "" if final_epoch == last else f" (epoch {final_epoch}, the last validated of {last + 1})"
+        print(f"{run_dir.name}: final val_acc1 {final:.2f}{at}, best {best:.2f} (epoch {epoch})", flush=True)

@@ -196,3 +196,19 @@ def test_a_cell_mixing_images_per_step_is_named(tmp_path: Path, capsys):
     assert main([str(root)]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "differ in" in line]
     assert len(warnings) == 1 and "differ in images_per_step (256, 64)" in warnings[0], warnings
+
+
+def test_a_cell_mixing_validation_subsets_is_named(tmp_path: Path, capsys):
+    """A run validated on half the split (or on fewer epochs) is another measurement; full
+    validation written out (1.0, every epoch) is the same as the defaults."""
+    root = tmp_path / "runs"
+    byol = _pretrain("byol", EMA, "cifar10")
+    _run(root, "byol-1", {**byol, "seed": 1}, [80])
+    _run(root, "byol-2", {**byol, "seed": 2, "limit_val_batches": 1.0, "check_val_every_n_epoch": 1}, [82])
+    assert main([str(root)]) == 0
+    assert "differ in" not in capsys.readouterr().err
+    _run(root, "byol-3", {**byol, "seed": 3, "limit_val_batches": 0.5}, [70])
+    _run(root, "byol-4", {**byol, "seed": 4, "limit_val_batches": 1}, [71])  # an int: one batch
+    assert main([str(root)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "differ in" in line]
+    assert len(warnings) == 1 and "differ in limit_val_batches (0.5, 1, None)" in warnings[0], warnings

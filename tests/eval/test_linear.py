@@ -388,3 +388,16 @@ def test_linear_keys_nothing_reads_are_named_in_a_warning() -> None:
         prepare_linear_config({"pretrained_feature_extractor": "x", "max_epoch": 1})
     with pytest.warns(UnreadConfigKeyWarning, match=r"optimizer.lrr is not read .*did you mean optimizer.lr\?"):
         prepare_linear_config({"pretrained_feature_extractor": "x", "optimizer": {"lrr": 3}})
+
+
+def test_epochs_without_validation_hold_no_stale_accuracy(colour_ckpt, tmp_path, capsys):
+    """check_val_every_n_epoch=2 of 3: epoch 2's row is not filled with epoch 1's figures, and
+    the final line names the epoch it comes from."""
+    linear_eval({**_linear_cfg(colour_ckpt, tmp_path, epochs=3, name="every2"), "check_val_every_n_epoch": 2})
+    rows = _rows(tmp_path / "every2" / "epochs.csv")
+    for column in ("val_loss", "val_acc1", "val_acc5"):
+        assert [math.isnan(float(r[column])) for r in rows] == [True, False, True], (column, rows)
+    acc = float(rows[1]["val_acc1"])
+    assert f"every2: final val_acc1 {acc:.2f} (epoch 1, the last validated of 3), best {acc:.2f} (epoch 1)" in (
+        capsys.readouterr().out
+    )
