@@ -42,16 +42,17 @@ dense (out, in) matrices are small. The horizontal flip is folded into the colum
 
 Numerics: the batch goes to float32 in [0, 1] once and stays float. The per-image pipeline
 works on uint8 and rounds (resize) or truncates (colour ops) back to uint8 after each op;
-here nothing is re-quantised between ops, except that ``equalize`` (a histogram op) sees
-the image rounded to uint8. The resized crop is clamped to [0, 1], as the uint8 pipeline's
-clamp after bicubic overshoot; PyTorch's CPU uint8 resize also rounds and clamps between its
-two passes, so at sharp edges the per-image pipeline differs by up to 7 levels on about 0.03%
-of pixels (real CIFAR crops, unbiased; on CUDA torchvision resizes in float, as here). The uint8 colour ops truncate (as Pillow's blends, which the
-reference used, do), so the per-image pipeline's jittered images come out darker by about
-half a level per op: with the same sampled parameters this pipeline is brighter by 1.3
-levels on average over the jittered images (CIFAR view 2; 1.6 for STL-10 view 1 with blur)
-and by 0.1 over the others, about 0.02 standard deviations after normalisation (measured on
-smooth synthetic images against ``torchvision.transforms.v2.functional`` on uint8).
+here nothing is re-quantised between ops, except that ``equalize`` (a histogram op) sees the
+image rounded to uint8. The resized crop is clamped to [0, 1], as the uint8 pipeline's clamp
+after bicubic overshoot; PyTorch's CPU uint8 resize also rounds and clamps between its two
+passes, so at sharp edges the per-image pipeline differs by up to 7 levels on about 0.03% of
+pixels (real CIFAR crops, unbiased; on CUDA torchvision resizes in float, as here). The
+uint8 colour ops truncate (as Pillow's blends, which the reference used, do), so the
+per-image pipeline's jittered images come out darker by about half a level per op: with the
+same sampled parameters this pipeline is brighter by 1.3 levels on average over the jittered
+images (CIFAR view 2; 1.6 for STL-10 view 1 with blur) and by 0.1 over the others, about
+0.02 standard deviations after normalisation (measured on smooth synthetic images against
+``torchvision.transforms.v2.functional`` on uint8).
 On CUDA, TF32 settings (``torch.backends.cuda.matmul``
 for the resize, ``torch.backends.cudnn`` for the blur) apply if enabled; their error,
 about 1e-3 relative, is below one uint8 level. Move the module to the images' device so
