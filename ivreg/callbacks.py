@@ -78,10 +78,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def remove_stale_temporaries(folder: Path) -> None:
-    """The temporary files that killed processes left in ``folder`` (their rename never came)."""
-    for tmp in folder.glob("*.tmp"):
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    """The temporary files ``atomic_write`` of killed processes left in ``folder`` (their rename
+    never came): ``<file>.<pid>.tmp`` of a process no longer running. Other ``*.tmp`` files
+    (a user's own) and those of a live process are left alone."""
+    for tmp in folder.glob("*.*.tmp"):
+        pid = tmp.name.removesuffix(".tmp").rpartition(".")[2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, but belongs to another user
+        return True
+    return True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

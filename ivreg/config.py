@@ -451,6 +451,8 @@ def validate(cfg: DictConfig) -> None:
         "recognised by data.dataset)",
     )
     _require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
+    workers = _whole_number(cfg, "data.num_workers")
+    _require(workers >= 0, f"data.num_workers must be >= 0 (0: load in the main process), got {workers}")
     fraction = _number(cfg, "data.fraction")
     _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
     check_normalisation(*(_plain(cfg.data.get(key)) for key in ("mean", "std")))

@@ -825,7 +825,11 @@ def test_a_second_launch_into_a_folder_in_use_is_refused(image_data, tmp_path: P
     files of killed runs are cleared by the next accepted launch."""
     run_dir = tmp_path / "tiny"
     run_dir.mkdir()
-    (run_dir / "last.ckpt.999999.tmp").write_bytes(b"torn")
+    (run_dir / "last.ckpt.999999.tmp").write_bytes(b"torn")  # no such process
+    # a user's own files, and one of a live process (this one's parent), stay
+    mine = ["notes.tmp", "backup.ckpt.tmp", f"eigvals.csv.{os.getppid()}.tmp"]
+    for name in mine:
+        (run_dir / name).write_text("keep")
     hold = (
         "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); f.write('4242 on elsewhere'); f.flush(); "
         "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"
@@ -840,7 +844,7 @@ def test_a_second_launch_into_a_folder_in_use_is_refused(image_data, tmp_path: P
         holder.kill()
         holder.wait()
     build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path))  # the lock went with the process
-    assert (run_dir / "config.yaml").exists() and not list(run_dir.glob("*.tmp"))
+    assert (run_dir / "config.yaml").exists() and sorted(p.name for p in run_dir.glob("*.tmp")) == sorted(mine)
 
     # a run that has ended frees its folder for another process (a notebook or sweep goes on)
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none", name="done"))

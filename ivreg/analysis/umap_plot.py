@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ivreg.cli import exit_on_user_error
-from ivreg.errors import ConfigError, DataError
+from ivreg.errors import ConfigError, DataError, IvregError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -183,8 +183,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The library's messages name config keys (data.train_path=...); this tool spells them as flags.
+KEYS_AS_FLAGS = (
+    ("data.train_path/data.val_path", "--train-path/--val-path"),
+    ("data.train_path/val_path", "--train-path/--val-path"),
+    ("data.train_path", "--train-path"),
+    ("data.val_path", "--val-path"),
+    ("data.dataset", "--dataset"),
+    ("data.crop_size", "--crop-size"),
+    ("data.num_workers", "--num-workers"),
+)
+
+
+def in_flags(exc: IvregError) -> IvregError:
+    """``exc`` (same type) with the config keys of its message replaced by this tool's flags."""
+    message = str(exc)
+    for key, flag in KEYS_AS_FLAGS:
+        message = message.replace(key, flag)
+    return type(exc)(message)
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except IvregError as exc:
+        raise in_flags(exc) from exc
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.method == "umap":
         require_umap()  # before minutes of feature extraction

@@ -69,15 +69,26 @@ def eval_data_config(pretrain_cfg: Mapping[str, Any], overrides: Mapping[str, An
     base = pretrain_cfg.get("data") or {}
     data: dict[str, Any] = {k: base.get(k) for k in INHERITED_DATA_KEYS}
     data.update({"crop_size": pretrain_crop_size(pretrain_cfg), "fraction": 1.0, "fraction_draw": "per_class"})
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data.update(given)
     if not data.get("dataset"):
         raise ConfigError("no dataset to evaluate on: the checkpoint's config names none; set data.dataset")
+    paths = [key for key in ("train_path", "val_path") if data.get(key) is not None and key not in given]
+    if base.get("dataset") and data["dataset"] != base["dataset"] and paths:
+        # the pretraining run's folders hold its own dataset: read as another, they give wrong figures
+        raise ConfigError(
+            f"data.dataset={data['dataset']} differs from the pretraining run's {base['dataset']}, whose "
+            f"{' and '.join(f'data.{k}={data[k]}' for k in paths)} this evaluation would read; set "
+            f"{' and '.join(f'data.{k}' for k in paths)} to the {data['dataset']} folders"
+        )
     info = dataset_info(str(data["dataset"]))
     check_normalisation(data.get("mean"), data.get("std"))
     data["mean"] = [float(x) for x in (data.get("mean") or info.mean)]
     data["std"] = [float(x) for x in (data.get("std") or info.std)]
     data["crop_size"] = int(data["crop_size"])
     data["num_workers"] = int(data.get("num_workers") or 0)
+    if data["num_workers"] < 0:
+        raise ConfigError(f"data.num_workers must be >= 0 (0: load in the main process), got {data['num_workers']}")
     data["download"] = bool(data.get("download") or False)
     data["fraction"] = float(data["fraction"])
     if data["crop_size"] < 1:

@@ -82,3 +82,13 @@ def test_many_classes_get_a_colour_bar(tmp_path):
     assert out.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ConfigError, match="unknown method 'mds'"):
         embed_2d(rng.normal(size=(10, 3)), "mds")
+
+
+def test_errors_name_this_tools_flags_not_config_keys(colour_ckpt, capsys):
+    """Another dataset without its folders is refused, in the words of main_umap.py's options."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(colour_ckpt), "--method", "pca", "--dataset", "cifar100", "--accelerator", "cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dataset=cifar100 differs from the pretraining run's custom" in err
+    assert "set --train-path and --val-path to the cifar100 folders" in err and "data." not in err

@@ -260,8 +260,17 @@ def test_eval_data_inherits_from_pretraining_and_overrides_win():
     assert (data["train_path"], data["val_path"], data["num_workers"]) == ("/data", "/other", 3)
     assert data["crop_size"] == 28 and data["fraction"] == 1.0  # the pretraining subset is not inherited
     assert data["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])  # the dataset's statistics
-    stl = eval_data_config(pretrain, {"dataset": "stl10", "crop_size": 96})
+    stl = eval_data_config(pretrain, {"dataset": "stl10", "crop_size": 96, "train_path": "/s", "val_path": "/s"})
     assert stl["crop_size"] == 96 and stl["mean"] == pytest.approx([0.4467, 0.4398, 0.4066])
+    # another dataset read from the pretraining run's folders would be evaluated on the wrong images
+    with pytest.raises(
+        ConfigError,
+        match=r"data.dataset=stl10 differs from the pretraining run's cifar10, whose "
+        r"data.val_path=/data this evaluation would read; set data.val_path to the stl10 folders",
+    ):
+        eval_data_config(pretrain, {"dataset": "stl10", "train_path": "/s"})
+    with pytest.raises(ConfigError, match=r"data.num_workers must be >= 0 \(0: load in the main process\), got -1"):
+        eval_data_config(pretrain, {"num_workers": -1})
 
 
 def test_a_second_launch_resumes_and_a_different_evaluation_is_refused(colour_ckpt, tmp_path, capsys):
