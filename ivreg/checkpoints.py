@@ -46,7 +46,9 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
     p = resolve_path(path)
     with open(p, "rb") as f:
         head = f.read(4)
-    if head and not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a pickle
+    if not head:
+        raise CheckpointError(f"{p} is empty (0 bytes): its write never happened or was cut off")
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a pickle
         raise CheckpointError(
             f"{p} is not a PyTorch checkpoint; pass a run's last.ckpt (or epoch<N>.ckpt), or its run folder"
         )
@@ -54,7 +56,7 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         ckpt = torch.load(p, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # garbage bytes fail anywhere in the (weights-only, safe) unpickler
         raise CheckpointError(
-            f"{p} is not a readable PyTorch checkpoint (corrupt or truncated?): {first_line(exc)}"
+            f"{p} is not a readable PyTorch checkpoint (corrupt or truncated?): {first_line(exc).split('. ')[0]}"
         ) from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise CheckpointError(f"{p} is not a Lightning checkpoint: it has no 'state_dict'")

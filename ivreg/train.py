@@ -59,7 +59,7 @@ from ivreg.config import (
 )
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
-from ivreg.errors import CheckpointError, ConfigError, TrainingError, first_line
+from ivreg.errors import CheckpointError, ConfigError, DataError, TrainingError, first_line
 from ivreg.method import SSLMethod
 
 if TYPE_CHECKING:
@@ -259,9 +259,13 @@ def check_resume(
         _require_same_run(last, cfg, keys, defaults, pretraining, advice)
     except CheckpointError as exc:
         kept = sorted(p.name for p in run_dir.glob("epoch*.ckpt"))
-        hint = f"; resume from a kept one with ++resume_from_checkpoint={run_dir / kept[-1]}" if kept else ""
+        way = (
+            f"resume from a kept one with ++resume_from_checkpoint={run_dir / kept[-1]}"
+            if kept
+            else f"move or delete {last} to start the run over"
+        )
         said = str(exc).rstrip(". ")
-        raise CheckpointError(f"{said}. Nothing was changed in {run_dir}{hint}, or choose another name=...") from exc
+        raise CheckpointError(f"{said}. Nothing was changed in {run_dir}: {way}, or choose another name=...") from exc
     return last
 
 
@@ -670,17 +674,18 @@ def is_finished(trainer: L.Trainer, resume_from: Path | None) -> bool:
 
 @contextmanager
 def say_what_is_kept(run_dir: Path) -> Iterator[None]:
-    """A training error (a NaN loss) ends with what the run folder keeps of the run."""
+    """A training error (a NaN loss) or a data error met during the run (a corrupt image in
+    epoch k) ends with what the run folder keeps of the run."""
     try:
         yield
-    except (TrainingError, RuntimeError) as exc:
+    except (TrainingError, DataError, RuntimeError) as exc:
         if isinstance(exc, RuntimeError) and not _peer_gone(exc):
             raise
         if isinstance(exc, RuntimeError):  # (its own error, the cause, is printed by that process)
             first = first_line(exc, last=True)
             exc = TrainingError(f"another process of this run stopped, and this one lost its connection ({first})")
         kept = _kept(run_dir)
-        raise TrainingError(f"{str(exc).rstrip('.')}. {kept[0].upper()}{kept[1:]}.") from exc
+        raise type(exc)(f"{str(exc).rstrip('.')}. {kept[0].upper()}{kept[1:]}.") from exc
 
 
 def _peer_gone(exc: RuntimeError) -> bool:

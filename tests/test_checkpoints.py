@@ -62,8 +62,13 @@ def test_corrupt_and_foreign_files(tmp_path, resnet18_ckpt):
         load_backbone(config)
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(resnet18_ckpt[0].read_bytes()[:5000])
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a readable PyTorch checkpoint \(corrupt or truncated\?\): ") as e:
         load_backbone(truncated)
+    assert "internal" not in str(e.value)  # torch's first sentence only, not its paragraph
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.ckpt is empty \\(0 bytes\\): its write never happened"):
+        load_backbone(empty)
     plain = tmp_path / "weights.pt"
     torch.save(build_backbone("resnet10").state_dict(), plain)  # a bare state dict, not Lightning's
     with pytest.raises(CheckpointError, match="is not a Lightning checkpoint: it has no 'state_dict'"):

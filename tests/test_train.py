@@ -402,6 +402,19 @@ def test_nonfinite_loss_stops_with_a_clear_error(config: str, image_data, tmp_pa
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
 
 
+def test_a_corrupt_image_met_in_training_says_what_the_run_folder_keeps(image_data, tmp_path: Path) -> None:
+    """A corrupt image is found when its batch is loaded, with the run under way: the error
+    names the file and what a relaunch resumes from."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(image_data[0], train)
+    (train / "class_1" / "broken.png").write_bytes(b"not a png")
+    cfg = _one_epoch_cfg("isoloss-noema.yaml", (train, image_data[1]), tmp_path / "runs")
+    with pytest.raises(DataError, match=r"broken\.png.*\. No checkpoint was written in .*; a relaunch starts over\."):
+        pretrain(cfg)
+
+
 def test_the_nan_guard_reads_once_per_logged_optimizer_step(image_data, tmp_path: Path, monkeypatch) -> None:
     """With accumulated batches the micro-batches share a global step: the guard's host read
     comes once per optimizer step it is due at (here every step), then before validation and
@@ -794,6 +807,10 @@ def test_a_truncated_last_checkpoint_is_named_and_nothing_is_written(image_data,
     ):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "scheduler.name=none"))
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+    for kept in run_dir.glob("epoch*.ckpt"):  # none kept: the way out is to start over
+        kept.unlink()
+    with pytest.raises(CheckpointError, match=f"Nothing was changed in {run_dir}: move or delete {last} to start"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "scheduler.name=none"))
 
 
 class _SigtermAtStep(L.Callback):
