@@ -15,6 +15,7 @@ With ``auto_resume.enabled`` a second launch with the same name continues from
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -242,12 +243,7 @@ def check_resume(
                 )
         return path
     if not last.exists():
-        if not cfg.get("checkpoint", {}).get("enabled", True) and EpochSummary._read(run_dir / "epochs.csv"):
-            raise ConfigError(
-                f"{run_dir} holds the record of a run (epochs.csv) without a checkpoint to resume "
-                "(checkpoint.enabled=False); a relaunch would start over and overwrite it. Choose another "
-                "name=... or delete the folder"
-            )
+        _refuse_to_overwrite_a_record(cfg, run_dir, keys, defaults)
         return None
     if not cfg.auto_resume.enabled:
         raise ConfigError(
@@ -267,6 +263,40 @@ def check_resume(
         said = str(exc).rstrip(". ")
         raise CheckpointError(f"{said}. Nothing was changed in {run_dir}: {way}, or choose another name=...") from exc
     return last
+
+
+def _refuse_to_overwrite_a_record(
+    cfg: DictConfig, run_dir: Path, keys: tuple[str, ...], defaults: Mapping[str, Any]
+) -> None:
+    """A folder without ``last.ckpt`` starts over, unless that would overwrite finished work:
+    the record (``epochs.csv``) of a run that wrote no checkpoints, of a run with another
+    config (its ``config.yaml``), or kept ``epoch<N>.ckpt`` files (a deleted ``last.ckpt``).
+    A same-config run killed before its first checkpoint starts over."""
+    rows = EpochSummary._read(run_dir / "epochs.csv")
+    kept = sorted(run_dir.glob("epoch*.ckpt"))
+    if not rows and not kept:
+        return
+    saved = None
+    with contextlib.suppress(Exception):  # an unreadable config.yaml: nothing to compare with
+        saved = OmegaConf.load(run_dir / "config.yaml")
+    unsaved = [c for c in (cfg, saved) if c is not None and not c.get("checkpoint", {}).get("enabled", True)]
+    if rows and unsaved:
+        raise ConfigError(
+            f"{run_dir} holds the record of a run (epochs.csv) without a checkpoint to resume "
+            "(checkpoint.enabled=False); a relaunch would start over and overwrite it. Choose another "
+            "name=... or delete the folder"
+        )
+    diffs = _differing_keys(saved, cfg, keys, defaults) if saved is not None else []
+    if diffs:
+        raise ConfigError(
+            f"{run_dir} holds the record of another run (its config.yaml differs from this config in {diffs}) "
+            "and no last.ckpt to resume; a launch would overwrite it. Choose another name=... or delete the folder"
+        )
+    if kept:
+        raise ConfigError(
+            f"{run_dir} has no last.ckpt but keeps {kept[-1].name}: resume from it with "
+            f"++resume_from_checkpoint={kept[-1]}, or delete the folder to start over"
+        )
 
 
 def keep_fraction_draw(cfg: DictConfig, resume_from: Path | None) -> None:

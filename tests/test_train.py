@@ -340,7 +340,28 @@ def test_a_finished_run_without_checkpoints_is_not_overwritten(image_data, tmp_p
     rows = (tmp_path / "tiny" / "epochs.csv").read_text()
     with pytest.raises(ConfigError, match=r"holds the record of a run \(epochs.csv\) without a checkpoint"):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))
+    # the run's own config.yaml says it kept no checkpoints: a relaunch with them on is refused too
+    with pytest.raises(ConfigError, match=r"holds the record of a run \(epochs.csv\) without a checkpoint"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=1", "scheduler.name=none"))
     assert (tmp_path / "tiny" / "epochs.csv").read_text() == rows
+
+
+def test_a_folder_without_last_checkpoint_is_not_overwritten_by_another_run(image_data, tmp_path: Path) -> None:
+    """A deleted last.ckpt (after an "unreadable" error) leaves epochs.csv, config.yaml and kept
+    checkpoints: another config is refused, the same one is pointed at the kept checkpoint,
+    and a same-config run killed before its first checkpoint starts over."""
+    extra = ("max_epochs=1", "scheduler.name=none", "++checkpoint.keep_every_n_epochs=1")
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra, "optimizer.lr=0.3"))
+    run_dir = tmp_path / "tiny"
+    (run_dir / "last.ckpt").unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ConfigError, match=r"holds the record of another run .*\['optimizer.lr'\]\) and no last.ckpt"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra))
+    with pytest.raises(ConfigError, match=r"no last.ckpt but keeps epoch0001.ckpt: .*resume_from_checkpoint=.*0001"):
+        build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra, "optimizer.lr=0.3"))
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"} == before
+    (run_dir / "epoch0001.ckpt").unlink()  # only the record of a run killed before its checkpoint
+    assert build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *extra, "optimizer.lr=0.3")).resume_from is None
 
 
 def test_explicit_resume_refuses_a_checkpoint_of_another_run(image_data, tmp_path: Path) -> None:
