@@ -635,7 +635,7 @@ def fit(run: Run | LinearRun) -> None:
     started = _TrainStarted()
     run.trainer.callbacks.append(started)
     try:
-        with exit_143_on_sigterm(run.trainer, run.run_dir), say_what_is_kept(run.run_dir), warnings.catch_warnings():
+        with exit_as_signalled(run.trainer, run.run_dir), say_what_is_kept(run.run_dir), warnings.catch_warnings():
             # Every epoch-level value ivreg logs is reduced over the processes already
             # (torchmetrics, all-reduced sums, gathered kNN features): under DDP Lightning's
             # advice to add sync_dist=True, twenty lines per process, would only mislead.
@@ -663,25 +663,42 @@ class _TrainStarted(L.Callback):
 
 
 @contextmanager
-def exit_143_on_sigterm(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
+def exit_as_signalled(trainer: L.Trainer, run_dir: Path) -> Iterator[None]:
     """SIGTERM (SLURM's preemption, ``scancel``) makes Lightning raise ``SIGTERMException``,
     a ``SystemExit`` without a code: the job ended with status 0 and said nothing, so a
     script's ``main_pretrain.py ... && main_linear.py ...`` went on with an unfinished run.
     Here it says what is kept and exits with 143 (128 + SIGTERM), as a killed process would.
     SLURM and ``kill -- -<pgid>`` signal the DataLoader workers too: the error their death
-    raises once SIGTERM has arrived is the same stop, not a failure of the run."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
+    raises once SIGTERM has arrived is the same stop, not a failure of the run. Ctrl-C
+    (SIGINT) made Lightning exit with 1 after a message its disabled logging dropped; it
+    says what is kept too and exits with 130 (128 + SIGINT)."""
     try:
         yield
-    except (SIGTERMException, Exception) as exc:  # (SIGTERMException is a SystemExit)
-        # under DDP StopTogetherOnSigterm notes the signal first and tells the trainer later
-        noted = any(isinstance(cb, StopTogetherOnSigterm) and cb.signalled for cb in trainer.callbacks)
-        if not isinstance(exc, SIGTERMException) and not (trainer.received_sigterm or noted):
+    except (SystemExit, Exception) as exc:  # (Lightning's SIGTERMException is a SystemExit)
+        signal_name, status = _stopping_signal(trainer, exc)
+        if signal_name is None:
             raise
         if trainer.is_global_zero:
-            print(f"stopped by SIGTERM in epoch {trainer.current_epoch}: {_kept(run_dir)}", file=sys.stderr, flush=True)
-        raise SystemExit(143) from None
+            print(
+                f"stopped by {signal_name} in epoch {trainer.current_epoch}: {_kept(run_dir)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise SystemExit(status) from None
+
+
+def _stopping_signal(trainer: L.Trainer, exc: BaseException) -> tuple[str | None, int]:
+    """The signal ``exc`` is the stop of (SIGINT: 130, SIGTERM: 143), or (None, 0)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    # Lightning's answer to KeyboardInterrupt: sys.exit(1) inside its except clause
+    if isinstance(exc, SystemExit) and exc.code == 1 and isinstance(exc.__context__, KeyboardInterrupt):
+        return "SIGINT", 130
+    # under DDP StopTogetherOnSigterm notes the signal first and tells the trainer later
+    noted = any(isinstance(cb, StopTogetherOnSigterm) and cb.signalled for cb in trainer.callbacks)
+    if isinstance(exc, SIGTERMException) or trainer.received_sigterm or noted:
+        return "SIGTERM", 143
+    return None, 0
 
 
 def finished_epochs(checkpoint: Path, ckpt: Mapping[str, Any] | None = None) -> int | None:

@@ -835,25 +835,35 @@ def test_a_truncated_last_checkpoint_is_named_and_nothing_is_written(image_data,
 
 
 class _SigtermAtStep(L.Callback):
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
         self.step = step
+        self.signum = signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)  # what SLURM sends on preemption
+            os.kill(os.getpid(), self.signum)  # SIGTERM: what SLURM sends on preemption
 
 
-def test_sigterm_exits_with_143_and_says_what_is_kept(image_data, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_exit_with_their_status_and_say_what_is_kept(
+    signum: int, status: int, image_data, tmp_path: Path, capsys
+) -> None:
     """Lightning turns SIGTERM into a SystemExit without a code (status 0, nothing printed):
-    a job script would have gone on to evaluate an unfinished run."""
+    a job script would have gone on to evaluate an unfinished run; Ctrl-C into status 1 with
+    a message that its disabled logging dropped."""
     from ivreg.train import fit
 
     run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3", "scheduler.name=none"))
-    run.trainer.callbacks.append(_SigtermAtStep(8))  # in epoch 1 (6 steps per epoch)
-    with pytest.raises(SystemExit) as stopped:
-        fit(run)
-    assert stopped.value.code == 143
-    assert "stopped by SIGTERM in epoch 1: " in (err := capsys.readouterr().err) and "holds 1 finished epoch(s)" in err
+    run.trainer.callbacks.append(_SigtermAtStep(8, signum))  # in epoch 1 (6 steps per epoch)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            fit(run)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
+    assert stopped.value.code == status
+    err = capsys.readouterr().err
+    assert f"stopped by {signal.Signals(signum).name} in epoch 1: " in err and "holds 1 finished epoch(s)" in err
     assert torch.load(tmp_path / "tiny" / "last.ckpt", weights_only=False)["epoch"] == 0
 
 
