@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import tarfile
 import time
@@ -192,7 +193,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline", default="auto", choices=("auto", "workers", "hybrid", "resident"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--workers", type=int, default=8)
+    cpus = os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=min(8, cpus), help="DataLoader workers (default: min(8, CPUs))")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     p.add_argument(
         "--compile-aug", choices=("auto", "True", "False"), default="auto", help="performance.compile_augmentation"

@@ -21,6 +21,12 @@ from ivreg.errors import ConfigError, DataError
 from ivreg.optim import check_optimizer, check_schedule_section
 
 METHODS = ("byol", "directpred")
+# The other names the paper and solo-learn use, and what they are here
+METHOD_ALIASES = {
+    "simsiam": "method=byol with momentum.base_tau=0 momentum.final_tau=0 (byol-noema.yaml)",
+    "isoloss": "method=directpred with method_kwargs.iso=True (isoloss.yaml, isoloss-noema.yaml)",
+    "directcopy": "method=directpred with method_kwargs.dp_alpha=1 method_kwargs.eps_iso=0.25",
+}
 
 DEFAULTS: dict[str, Any] = {
     "name": "ivreg-run",
@@ -394,7 +400,12 @@ def lr_scale(cfg: Mapping, world_size: int, accumulate_grad_batches: int = 1) ->
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key that cannot work."""
     check_value_types(cfg, DEFAULTS, flexible=("devices", "precision", "scheduler.warmup_epochs"))
-    _require(cfg.method in METHODS, f"unknown method '{cfg.method}'; choose one of {list(METHODS)}")
+    alias = METHOD_ALIASES.get(str(cfg.method).lower().replace("-", "").replace("_", ""))
+    _require(
+        cfg.method in METHODS,
+        f"unknown method '{cfg.method}'; choose one of {list(METHODS)}"
+        + (f" ({cfg.method} is {alias})" if alias else ""),
+    )
     check_backbone_name(str(cfg.backbone.name))
     if cfg.data.dataset not in DATASETS:
         raise DataError(f"unknown data.dataset '{cfg.data.dataset}'; choose one of {sorted(DATASETS)}")

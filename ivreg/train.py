@@ -315,6 +315,11 @@ def _require_same_run(
     if pretraining:  # a linear-evaluation checkpoint would not fit
         require_pretraining_config(saved, path)
     diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults, ckpt.get(WORLD_SIZE_KEY))
+    if diffs == ["pretrained_backbone_sha256"]:  # a linear run whose pretraining went on writing its checkpoint
+        advice = (
+            "The pretrained weights it began on have changed since (the pretraining run wrote that checkpoint "
+            "again); choose another name=... to evaluate the new weights, or delete the folder"
+        )
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
     done, then, now = finished_epochs(path, ckpt) or 0, saved.get("max_epochs"), cfg.get("max_epochs")

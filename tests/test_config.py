@@ -96,6 +96,11 @@ def _cifar(overrides: list[str], config: str = "isoloss.yaml"):
     ("overrides", "message"),
     [
         (["method=simclr"], "unknown method 'simclr'"),
+        (
+            ["method=simsiam"],
+            r"unknown method .simsiam.; choose one of .* \(simsiam is method=byol with momentum.base_tau=0",
+        ),
+        (["method=IsoLoss"], r"\(IsoLoss is method=directpred with method_kwargs.iso=True"),
         (["backbone.name=vgg16"], "unknown backbone.name 'vgg16'.*or timm:<model>"),
         (["momentum.base_tau=1.5"], r"momentum.base_tau must be in \[0, 1\]"),
         (["momentum.final_tau=-0.1"], r"momentum.final_tau must be in \[0, 1\]"),

@@ -50,6 +50,8 @@ def _float(value: str | None) -> float:
 def load_spectrum(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Epochs ``(E,)`` and eigenvalues ``(E, d)`` (descending per row) from ``eigvals.csv``."""
     path = Path(run_dir) / "eigvals.csv"
+    if not Path(run_dir).is_dir():
+        raise DataError(f"{run_dir} is not a folder; pass a run folder (<checkpoint.dir>/<name>) or its last.ckpt")
     if not path.is_file():
         raise DataError(f"{run_dir} has no eigvals.csv (pretrain with method_kwargs.log_eigvals=True)")
     rows = _rows(path)

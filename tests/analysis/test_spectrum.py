@@ -115,6 +115,8 @@ def test_cli_summary_prints_one_line_per_epoch(tmp_path: Path, capsys):
 def test_missing_eigvals_is_a_clear_error(tmp_path: Path, capsys):
     with pytest.raises(DataError, match="has no eigvals.csv"):
         load_spectrum(tmp_path)
+    with pytest.raises(DataError, match="nope is not a folder; pass a run folder"):
+        load_spectrum(tmp_path / "nope")
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path)])
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err

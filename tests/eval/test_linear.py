@@ -307,7 +307,9 @@ def test_a_changed_pretraining_checkpoint_is_not_resumed_and_the_backbone_is_its
     key = next(k for k in state["state_dict"] if k.startswith("backbone.") and k.endswith("weight"))
     state["state_dict"][key] = state["state_dict"][key] + 1e-3  # pretraining went on
     torch.save(state, ckpt)
-    with pytest.raises(ConfigError, match=r"differs from this config in \['pretrained_backbone_sha256'\]"):
+    with pytest.raises(
+        ConfigError, match=r"differs from this config in \['pretrained_backbone_sha256'\]\. The pretrained weights it"
+    ):
         build_linear_run(_linear_cfg(ckpt, tmp_path, epochs=2, name="lin"))
     # a linear run from before the digest was recorded resumes as it did then (nothing to compare)
     linear_ckpt = torch.load(tmp_path / "lin" / "last.ckpt", weights_only=True)
