@@ -7,10 +7,12 @@ The bank is the non-augmented training split, the queries the test split; both c
 the checkpoint's config unless ``data.*`` keys override them.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from ivreg.cli import exit_after_sweep, exit_on_user_error
+from ivreg.cli import exit_after_sweep, exit_on_user_error, multirun_flag_first
 from ivreg.eval.knn import run_knn
 
 
@@ -21,5 +23,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = multirun_flag_first(sys.argv)
     main()
     exit_after_sweep()  # a sweep (-m) whose jobs failed exits with 1, naming them

@@ -7,10 +7,12 @@ The dataset, its paths and the crop size come from the checkpoint's config; any 
 key overrides them. Without --config-path it uses the CPU settings of scripts/linear/digits/.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from ivreg.cli import exit_after_sweep, exit_on_user_error
+from ivreg.cli import exit_after_sweep, exit_on_user_error, multirun_flag_first
 from ivreg.eval.linear import linear_eval
 
 
@@ -21,5 +23,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = multirun_flag_first(sys.argv)
     main()
     exit_after_sweep()  # a sweep (-m) whose jobs failed exits with 1, naming them

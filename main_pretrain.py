@@ -6,10 +6,12 @@
 Without arguments it runs the offline demo on the digits set that ships with scikit-learn.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from ivreg.cli import exit_after_sweep, exit_on_user_error
+from ivreg.cli import exit_after_sweep, exit_on_user_error, multirun_flag_first
 from ivreg.train import pretrain
 
 
@@ -20,5 +22,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = multirun_flag_first(sys.argv)
     main()
     exit_after_sweep()  # a sweep (-m) whose jobs failed exits with 1, naming them

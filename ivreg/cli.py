@@ -23,6 +23,17 @@ def user_message(exc: BaseException) -> str:
     return text
 
 
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def multirun_flag_first(argv: list[str]) -> list[str]:
+    """``argv`` with Hydra's ``-m``/``--multirun`` moved before the other arguments: Hydra's
+    argparse takes the overrides as one positional list, so ``a=1 -m lr=0.1,1`` (an override
+    list that a sweep flag interrupts) was refused as ``unrecognized arguments``."""
+    flags = [a for a in argv[1:] if a in MULTIRUN_FLAGS]
+    return argv[:1] + flags[:1] + [a for a in argv[1:] if a not in MULTIRUN_FLAGS] if flags else list(argv)
+
+
 # The failed jobs of this process's Hydra sweep (-m), one line each, for ``exit_after_sweep``.
 SWEEP_FAILURES: list[str] = []
 

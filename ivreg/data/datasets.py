@@ -343,10 +343,13 @@ def build_dataset(name: str, path: str | None, train: bool, download: bool = Fal
         for folder in (root, *(root / split for split in (("train",) if train else ("test", "val")))):
             if is_image_folder(folder):
                 return image_folder(folder, what)
-        if _holds_images(root):  # one class's folder: torchvision would try to download into it
+        if _holds_images(root):
+            if train and name == "stl10":  # its unlabelled split exported as image files
+                return UnlabelledImages(root)
+            # else most likely one class's folder: torchvision would try to download into it
             raise DataError(
                 f"data.{what}={root} holds images but no class folders; set it to the folder above "
-                "the class folders (<class>/<image>)"
+                "the class folders (<class>/<image>), or, for unlabelled pretraining images, set data.dataset=custom"
             )
         return _torchvision_dataset(name, root, train, download, labelled)
     if not train and AnnotatedImages.holds(root):

@@ -104,6 +104,16 @@ def test_cifar_as_image_folders_is_accepted(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"data.val_path=.*class_3 holds images but no class folders"):
         build_dataset("cifar10", str(tmp_path / "val" / "class_3"), train=False, download=True)
     assert sorted(p.name for p in (tmp_path / "val" / "class_3").iterdir()) == ["000.png"]
+    with pytest.raises(DataError, match=r"for unlabelled pretraining images, set data.dataset=custom"):
+        build_dataset("cifar10", str(tmp_path / "val" / "class_3"), train=True)
+
+
+def test_stl10_unlabelled_images_as_a_flat_folder_are_pretraining_data(tmp_path: Path) -> None:
+    make_image_folder(tmp_path, classes=1, per_class=5, size=96)
+    unlabelled = build_dataset("stl10", str(tmp_path / "class_0"), train=True)
+    assert len(unlabelled) == 5 and all(label < 0 for _, label in (unlabelled[i] for i in range(5)))
+    with pytest.raises(DataError, match="holds images but no class folders"):  # evaluation needs labels
+        build_dataset("stl10", str(tmp_path / "class_0"), train=False)
 
 
 def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
