@@ -146,3 +146,34 @@ def test_training_steps_never_wait_for_the_device(
     fit(run)
     assert window.mode.ops > 1000, "the window recorded no training steps"
     assert window.mode.found == [], f"host syncs in the training step: {window.mode.found[:3]}"
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_linear_evaluation_steps_never_wait_for_the_device(finetune: bool, tmp_path: Path, monkeypatch) -> None:
+    """The linear probe's (and fine-tuning's) training step, accuracy and logged means included."""
+    from ivreg.eval.linear import build_linear_run
+
+    from .eval_helpers import colour_checkpoint
+
+    ckpt = colour_checkpoint(tmp_path / "data", per_class_train=16, per_class_val=4)[2]
+    cfg = {
+        "pretrained_feature_extractor": str(ckpt),
+        "finetune": finetune,
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "precision": 32,
+        "optimizer": {"batch_size": 8},
+        "checkpoint": {"dir": str(tmp_path / "runs")},
+        "logger": {"csv": False, "tensorboard": False},
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+        "log_every_n_steps": 100,
+    }
+    run = build_linear_run(cfg)
+    window = _Window(run.datamodule, first=1, last=4)
+    for name in ("tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, _recorded(getattr(torch.Tensor, name), name, window.mode))
+    run.trainer.callbacks.append(window)
+    fit(run)
+    assert window.mode.ops > 100, "the window recorded no training steps"
+    assert window.mode.found == [], f"host syncs in the training step: {window.mode.found[:3]}"
