@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ivreg.config import auto_switch
-from ivreg.errors import CheckpointError, TrainingError, first_line
+from ivreg.errors import CheckpointError, DataError, TrainingError, first_line
 
 # epochs.csv column -> logged metric name. train_neg_cos_sim is the SSL loss summed over the
 # view pairs, whatever the loss (solo-learn's name, kept for its users): a negative cosine
@@ -338,6 +338,29 @@ def log_spectrum_histogram(trainer: L.Trainer, eigvals: torch.Tensor) -> None:
         logger.experiment.add_histogram("C/log10_eigenvalues", values, global_step=trainer.current_epoch)
 
 
+def read_csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file a run writes (``epochs.csv``, ``eigvals.csv``); none when it does
+    not exist; a DataError naming it when it cannot be read."""
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+
+
+def validated_values(rows: list[dict[str, str]], column: str = "val_acc1") -> list[tuple[int, float]]:
+    """``(epoch, value)`` of the rows whose ``column`` holds a finite number: the validated
+    epochs (the others, ``check_val_every_n_epoch`` > 1 or a newer column, hold nan)."""
+    out = []
+    for row in rows:
+        with contextlib.suppress(TypeError, ValueError):
+            if math.isfinite(value := float(row.get(column) or "nan")):
+                out.append((int(row["epoch"]), value))
+    return out
+
+
 class EpochSummary(L.Callback):
     """One row per finished epoch in ``epochs.csv`` (and the spectrum in ``eigvals.csv``), and a
     one-line report on stdout. Rows from epochs a resumed run repeats are dropped."""
@@ -359,13 +382,6 @@ class EpochSummary(L.Callback):
         return self.run_dir / "eigvals.csv"
 
     @staticmethod
-    def _read(path: Path) -> list[dict[str, str]]:
-        if not path.exists():
-            return []
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-
-    @staticmethod
     def _write(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, restval="nan", extrasaction="ignore")
@@ -378,7 +394,7 @@ class EpochSummary(L.Callback):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         first = trainer.current_epoch  # > 0 when resuming (the loops are restored by now)
         for path in (self.epochs_path, self.eigvals_path):
-            rows = self._read(path)
+            rows = read_csv_rows(path)
             if rows:
                 self._write(path, [r for r in rows if int(r["epoch"]) < first], list(rows[0].keys()))
 
@@ -412,12 +428,12 @@ class EpochSummary(L.Callback):
             **columns,
         }
         row["lr"] = self._lr
-        rows = self._read(self.epochs_path) + [row]
+        rows = read_csv_rows(self.epochs_path) + [row]
         self._write(self.epochs_path, rows, list(row.keys()))
         if self.log_eigvals:
             eigvals = pl_module.predictor.spectrum().detach().float().cpu()
             eig_row = {"epoch": trainer.current_epoch, **{f"eigval_{i}": v for i, v in enumerate(eigvals.tolist())}}
-            self._write(self.eigvals_path, self._read(self.eigvals_path) + [eig_row], list(eig_row.keys()))
+            self._write(self.eigvals_path, read_csv_rows(self.eigvals_path) + [eig_row], list(eig_row.keys()))
             log_spectrum_histogram(trainer, eigvals)
         if self.print_lines:
             print(self.format_line(row), flush=True)

@@ -193,8 +193,9 @@ def load_projector(path: str | Path, cfg: Mapping[str, Any], in_dim: int, map_lo
 def load_backbone(path: str | Path, map_location: Any = "cpu", arch: str | None = None) -> nn.Module:
     """The pretrained backbone of a checkpoint, in eval mode.
 
-    Returns the torchvision ResNet with ``fc = Identity`` (its forward gives pooled features)
-    and ``num_features`` set. ``path`` may be a run folder (its ``last.ckpt`` is used). ``arch``,
+    Returns the backbone of ``build_backbone`` (a torchvision ResNet with ``fc = Identity``,
+    or a timm model without its classifier: its forward gives pooled features) with
+    ``num_features`` set. ``path`` may be a run folder (its ``last.ckpt`` is used). ``arch``,
     when given, must match the architecture the checkpoint's config names.
 
         >>> import ivreg

@@ -2,8 +2,8 @@
 
     views (concatenated) -> backbone -> feats -> projector -> z   # BatchNorm statistics per view
     predictor.observe(z.detach())                    # running C; eigh once per step (or per view)
-    p, p_sqrt = predictor.predict_views(z)
-    z_t = target(views, z)                           # EMA copy or stop-gradient online z
+    p, p_sqrt = predictor.predict_views(z, n_views, groups)
+    z_t = target(views, z, n_views, groups)          # EMA copy or stop-gradient online z
     loss = sum over ordered view pairs (a, b) of loss_fn(z_a, p_a, p_sqrt_a, z_t_b)
     + online readout cross-entropy on feats.detach()
     optimizer step, then the EMA target update (once per optimizer step)
@@ -245,12 +245,13 @@ class SSLMethod(L.LightningModule):
         self._metric_steps += 1
         if self._is_logging_step():
             step = dict(zip(self._metric_names, values))
+            labelled = torch.where(step["train_count"] > 0, step["train_count"], torch.nan)  # none: NaN, not 0
             step_metrics = {
                 "train_neg_cos_sim_step": step["train_neg_cos_sim"],
                 "train_z_std_step": step["train_z_std"],
                 "train_z_norm_step": step["train_z_norm"],
                 "train_class_loss_step": step["train_class_loss"],
-                "train_acc1_step": 100.0 * step["train_hits"] / step["train_count"].clamp_min(1),
+                "train_acc1_step": 100.0 * step["train_hits"] / labelled,
             }
             step_metrics.update({f"{k}_step": v for k, v in spectrum_metrics(self.predictor.spectrum()).items()})
             self.log_dict(step_metrics, on_step=True, on_epoch=False)

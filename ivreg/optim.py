@@ -1,4 +1,4 @@
-"""Optimisers (LARS, SGD) and the warmup-cosine learning-rate schedule.
+"""Optimisers (LARS, SGD, AdamW) and the learning-rate schedules (warmup-cosine, cosine, step).
 
 LARS is written here because neither torch nor torchvision ships one, and the maintained
 ones (timm's ``Lars``, solo-learn's) loop over parameters in Python with several small

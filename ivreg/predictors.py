@@ -119,7 +119,8 @@ class SpectralPredictor(nn.Module):
     f(s) = clamp(s, 0) / max(s) + eps_iso with ``normalize``, else s with NaN -> 0 and clipped
     to [0, 1e6]. C is decomposed with ``eigh`` once per training step, after all views have
     been observed, and that decomposition serves every view of the step (the reference
-    decomposes again after each view). No gradient flows into W_p.
+    decomposes again after each view, as ``decompose_per_view=True`` does here). No gradient
+    flows into W_p.
     """
 
     def __init__(

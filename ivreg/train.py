@@ -6,8 +6,12 @@ A run lives in ``<checkpoint.dir>/<name>/``::
     last.ckpt       written atomically after every ``checkpoint.frequency`` epochs
     epochs.csv      one row per epoch: times, losses, val_acc1/5, spectrum summary
     eigvals.csv     the full spectrum of C per epoch (``method_kwargs.log_eigvals``)
+    epoch<N>.ckpt   kept checkpoints (``checkpoint.keep_every_n_epochs``)
     logs/           CSV metrics per step (``logs/version_<k>/metrics.csv``, one version per launch)
     tensorboard/    the same for TensorBoard (``logger.tensorboard``)
+    umap/           the online 2-D maps (``umap.enabled``)
+    wandb_id        the W&B run a resumed run continues (``logger=wandb``)
+    .lock           held by the launch that is running (the operating system drops it)
 
 With ``auto_resume.enabled`` a second launch with the same name continues from
 ``last.ckpt``.
@@ -45,9 +49,12 @@ from ivreg.callbacks import (
     StopTogetherOnSigterm,
     atomic_write_text,
     checkpoint_io,
+    read_csv_rows,
     remove_stale_temporaries,
+    validated_values,
 )
 from ivreg.checkpoints import config_of, read_checkpoint, require_pretraining_config, resolve_path
+from ivreg.cli import user_message
 from ivreg.config import (
     CUDAGRAPH_COMPILE_MODES,
     DEFAULTS,
@@ -272,7 +279,7 @@ def _refuse_to_overwrite_a_record(
     the record (``epochs.csv``) of a run that wrote no checkpoints, of a run with another
     config (its ``config.yaml``), or kept ``epoch<N>.ckpt`` files (a deleted ``last.ckpt``).
     A same-config run killed before its first checkpoint starts over."""
-    rows = EpochSummary._read(run_dir / "epochs.csv")
+    rows = read_csv_rows(run_dir / "epochs.csv")
     kept = sorted(run_dir.glob("epoch*.ckpt"))
     if not rows and not kept:
         return
@@ -377,11 +384,12 @@ def _differing_keys(
             f"images per optimizer step (batch_size x devices x nodes x accumulate_grad_batches: "
             f"{then} then, {now} now)"
         )
-    elif isinstance(limit, int) and not isinstance(limit, bool) and split_then != split_now:
+    elif isinstance(limit, int) and not isinstance(limit, bool) and split_then[2] != split_now[2]:
+        # (batch x processes is the same: the processes' k-th batches hold one process's k-th)
         diffs.append(
-            f"the split of each optimizer step's images (batch_size, processes, accumulate_grad_batches: "
-            f"{split_then} then, {split_now} now) under limit_train_batches={limit}, which counts each "
-            "process's batches: an epoch would hold other images"
+            f"accumulate_grad_batches ({split_then[2]} then, {split_now[2]} now) under "
+            f"limit_train_batches={limit}, which counts batches, not optimizer steps: an epoch would hold "
+            "other images"
         )
     return diffs
 
@@ -737,7 +745,8 @@ def say_what_is_kept(run_dir: Path) -> Iterator[None]:
             first = first_line(exc, last=True)
             exc = TrainingError(f"another process of this run stopped, and this one lost its connection ({first})")
         kept = _kept(run_dir)
-        raise type(exc)(f"{str(exc).rstrip('.')}. {kept[0].upper()}{kept[1:]}.") from exc
+        said = user_message(exc).rstrip(".")  # (a DataLoader worker's error: its last line)
+        raise type(exc)(f"{said}. {kept[0].upper()}{kept[1:]}.") from exc
 
 
 def _peer_gone(exc: RuntimeError) -> bool:
@@ -773,14 +782,14 @@ def pretrain(cfg: DictConfig | dict) -> Run:
 def readout_result(epochs_csv: Path) -> str | None:
     """The online readout's accuracy after the last validated epoch of ``epochs.csv`` (and the
     random-init readout's beside it), naming that epoch when later ones were not validated."""
-    rows = EpochSummary._read(epochs_csv)
-    validated = [r for r in rows if math.isfinite(float(r.get("val_acc1") or "nan"))]
+    rows = read_csv_rows(epochs_csv)
+    validated = validated_values(rows)
     if not validated:
         return None
-    row = validated[-1]
-    line = f"online readout val_acc1 {float(row['val_acc1']):.2f}"
-    if math.isfinite(random := float(row.get("val_acc1_random") or "nan")):
+    epoch, acc = validated[-1]
+    line = f"online readout val_acc1 {acc:.2f}"
+    if random := dict(validated_values(rows, "val_acc1_random")).get(epoch):
         line += f" (pretrained backbone) vs {random:.2f} (randomly initialised backbone)"
-    if row["epoch"] != rows[-1]["epoch"]:  # check_val_every_n_epoch > 1
-        line += f" after epoch {row['epoch']}, the last validated of {int(rows[-1]['epoch']) + 1}"
+    if epoch != int(rows[-1]["epoch"]):  # check_val_every_n_epoch > 1
+        line += f" after epoch {epoch}, the last validated of {int(rows[-1]['epoch']) + 1}"
     return line

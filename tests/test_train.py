@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -264,12 +265,19 @@ def test_resume_needs_the_same_images_per_optimizer_step(image_data, tmp_path: P
     run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *half))
     assert run.resume_from == tmp_path / "tiny" / "last.ckpt"
     release_run_folder(run.run_dir)
-    # ... but not under an integer limit_train_batches, which counts each process's batches
+    # ... but not under an integer limit_train_batches, which counts batches, not steps
     limit = ("max_epochs=1", "scheduler.name=none", "++limit_train_batches=3")
     pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, *limit, name="lim"))
-    split = r"in \[\"the split of .*\(8, 1, 1\) then, \(4, 1, 2\) now\) under limit_train_batches=3"
+    split = r"in \[.accumulate_grad_batches \(1 then, 2 now\) under limit_train_batches=3, which counts batches"
     with pytest.raises(ConfigError, match=split):
         build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *half, *limit, name="lim"))
+    # there, a checkpoint of two processes of 4 resumes on one of 8: the processes' k-th batches
+    # hold the one process's k-th batch
+    last = tmp_path / "lim" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["world_size"], ckpt["hyper_parameters"]["cfg"]["optimizer"]["batch_size"] = 2, 4
+    torch.save(ckpt, last)
+    assert build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *limit, name="lim")).resume_from == last
 
 
 def test_resume_compares_the_processes_the_checkpoint_ran_with(image_data, tmp_path: Path) -> None:
@@ -423,17 +431,27 @@ def test_nonfinite_loss_stops_with_a_clear_error(config: str, image_data, tmp_pa
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
 
 
-def test_a_corrupt_image_met_in_training_says_what_the_run_folder_keeps(image_data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_met_in_training_says_what_the_run_folder_keeps(
+    workers: int, image_data, tmp_path: Path, capsys
+) -> None:
     """A corrupt image is found when its batch is loaded, with the run under way: the error
-    names the file and what a relaunch resumes from."""
+    names the file and what a relaunch resumes from (from a DataLoader worker too, whose
+    error carries the worker's traceback; the command line prints its last line)."""
     import shutil
+
+    from ivreg.cli import exit_on_user_error
 
     train = tmp_path / "train"
     shutil.copytree(image_data[0], train)
     (train / "class_1" / "broken.png").write_bytes(b"not a png")
-    cfg = _one_epoch_cfg("isoloss-noema.yaml", (train, image_data[1]), tmp_path / "runs")
-    with pytest.raises(DataError, match=r"broken\.png.*\. No checkpoint was written in .*; a relaunch starts over\."):
-        pretrain(cfg)
+    cfg = _one_epoch_cfg("isoloss-noema.yaml", (train, image_data[1]), tmp_path / "runs", f"data.num_workers={workers}")
+    with pytest.raises(SystemExit):
+        exit_on_user_error(pretrain)(cfg)
+    assert re.fullmatch(
+        r"error: cannot read image \S+broken\.png: .*\. No checkpoint was written in \S+; a relaunch starts over\.\n",
+        capsys.readouterr().err.splitlines(keepends=True)[-1],
+    )
 
 
 def test_the_nan_guard_reads_once_per_logged_optimizer_step(image_data, tmp_path: Path, monkeypatch) -> None:

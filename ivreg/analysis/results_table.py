@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ivreg.callbacks import read_csv_rows, validated_values
 from ivreg.cli import exit_on_user_error
 from ivreg.errors import DataError
 
@@ -108,22 +109,10 @@ def find_runs(root: Path) -> list[Path]:
     return sorted({p for p in candidates if (p / "config.yaml").is_file() and (p / "epochs.csv").is_file()})
 
 
-def read_rows(epochs_csv: Path) -> list[dict[str, str]]:
-    """The rows of a run's ``epochs.csv``."""
-    with open(epochs_csv, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def run_value(rows: Sequence[Mapping[str, str]], metric: str, column: str = "val_acc1") -> float:
     """The best (maximum) or final (last finite) value of ``column`` in ``epochs.csv``'s
     ``rows``; NaN when there is none."""
-    values = []
-    for r in rows:
-        try:
-            values.append(float(r.get(column) or "nan"))
-        except ValueError:
-            values.append(math.nan)
-    finite = [v for v in values if math.isfinite(v)]
+    finite = [value for _, value in validated_values(list(rows), column)]
     if not finite:
         return math.nan
     return max(finite) if metric == "best" else finite[-1]
@@ -162,7 +151,7 @@ def collect(
             if is_linear_run(cfg) != (kind == "linear"):
                 continue
             label, dataset = run_key(cfg)
-            rows = read_rows(run_dir / "epochs.csv")
+            rows = read_csv_rows(run_dir / "epochs.csv")
             value, short = run_value(rows, metric, column), unfinished(cfg, rows)
         except Exception as exc:  # one broken folder must not hide the others
             warn(f"skipping {run_dir}: {exc}")

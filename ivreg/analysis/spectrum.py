@@ -13,7 +13,6 @@ DirectPred, IsoLoss and friends.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from collections.abc import Sequence
@@ -26,18 +25,11 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ivreg.callbacks import read_csv_rows
 from ivreg.cli import exit_on_user_error
 from ivreg.errors import DataError
 
 NORMALIZATIONS = ("none", "max", "sum")
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
 
 
 def _float(value: str | None) -> float:
@@ -54,7 +46,7 @@ def load_spectrum(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{run_dir} is not a folder; pass a run folder (<checkpoint.dir>/<name>) or its last.ckpt")
     if not path.is_file():
         raise DataError(f"{run_dir} has no eigvals.csv (pretrain with method_kwargs.log_eigvals=True)")
-    rows = _rows(path)
+    rows = read_csv_rows(path)
     if not rows:
         raise DataError(f"{path} has no rows yet")
     columns = sorted((c for c in rows[0] if c.startswith("eigval_")), key=lambda c: int(c.split("_")[1]))
@@ -106,7 +98,7 @@ def load_part_ratio(run_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
     path = Path(run_dir) / "epochs.csv"
     if not path.is_file():
         return None
-    rows = [r for r in _rows(path) if math.isfinite(_float(r.get("part_ratio")))]
+    rows = [r for r in read_csv_rows(path) if math.isfinite(_float(r.get("part_ratio")))]
     if not rows:
         return None
     return np.array([int(float(r["epoch"])) for r in rows]), np.array([_float(r["part_ratio"]) for r in rows])

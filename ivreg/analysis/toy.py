@@ -416,7 +416,7 @@ def simulate_eigen_ode(
 
 
 # ----------------------------------------------------------------------------------------------
-# Measurements used by the tests and figures
+# Measurements of simulated trajectories (the tests check the paper's claims with them)
 # ----------------------------------------------------------------------------------------------
 
 

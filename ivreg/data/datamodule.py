@@ -7,7 +7,7 @@ tensors, one per augmentation view, whichever pipeline (``data.pipeline``) made 
 ``hybrid``    workers decode, crop and flip per image; the colour ops run batched on the device;
 ``resident``  the whole split sits on the device as uint8; a batch is a slice of a per-epoch
               permutation, gathered and augmented there, with no workers at all;
-``auto``      ``resident`` on a GPU when the images share one size and fit in a third of the
+``auto``      ``resident`` on a GPU when the images share one size and fit in 30% of the
               free memory, else ``hybrid`` on a GPU, and ``workers`` on the CPU.
 
 The device-side work happens in ``on_after_batch_transfer``, so the model never sees which
@@ -57,6 +57,10 @@ def _mix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
     return x ^ (x >> 31)
+
+
+# ``sample_seed`` indices of the device augmentation's per-rank streams, past any image index
+DEVICE_STREAM = 1 << 48
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -401,7 +405,10 @@ class PretrainDataModule(L.LightningDataModule):
         if self._generator is None:
             self._generator = torch.Generator(device=self.device)
         if epoch != self._generator_epoch:
-            self._generator.manual_seed(self.seed + 1_000_003 * epoch + 7919 * rank)
+            # mixed apart from the global RNG's (seed + 1_000_003 epoch + 7919 rank, which
+            # seed_everything gives CUDA too): equal seeds made the views' parameters and any
+            # global draws of the step (a timm model's drop-path) the same stream
+            self._generator.manual_seed(sample_seed(self.seed, epoch, DEVICE_STREAM + rank))
             self._generator_epoch = epoch
         return self._generator
 

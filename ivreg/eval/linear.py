@@ -40,6 +40,8 @@ from ivreg.callbacks import (
     StopAllProcessesOnError,
     StopTogetherOnSigterm,
     checkpoint_io,
+    read_csv_rows,
+    validated_values,
 )
 from ivreg.config import (
     PRECISIONS,
@@ -473,11 +475,10 @@ def linear_eval(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
 
 
 def _print_result(run_dir: Path) -> None:
-    rows = EpochSummary._read(run_dir / "epochs.csv")
-    accs = [(float(r["val_acc1"]), int(r["epoch"])) for r in rows if math.isfinite(float(r["val_acc1"]))]
-    if accs:
-        best, epoch = max(accs)
-        final, final_epoch = accs[-1]
+    rows = read_csv_rows(run_dir / "epochs.csv")
+    if accs := validated_values(rows):
+        best, epoch = max((acc, epoch) for epoch, acc in accs)
+        final_epoch, final = accs[-1]
         last = int(rows[-1]["epoch"])  # may be unvalidated (check_val_every_n_epoch > 1)
         at = "" if final_epoch == last else f" (epoch {final_epoch}, the last validated of {last + 1})"
         print(f"{run_dir.name}: final val_acc1 {final:.2f}{at}, best {best:.2f} (epoch {epoch})", flush=True)
