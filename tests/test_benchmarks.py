@@ -271,3 +271,13 @@ def test_trace_gaps_refuses_a_trace_without_kernels() -> None:
     gaps = _load("trace_gaps")
     with pytest.raises(ValueError, match="no GPU kernels"):
         gaps.summarize([{"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 0, "dur": 1}])
+
+
+def test_checkpoint_write_times_writes_and_leaves_no_copy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .eval_helpers import pretrain_config, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run" / "last.ckpt", pretrain_config(None, None), None)
+    times = _load("checkpoint_write").main([str(tmp_path / "run"), "--repeats", "2"])
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert "MiB written in" in capsys.readouterr().out
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]
