@@ -139,7 +139,7 @@ PRECISIONS = {
 }
 
 
-def _require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
 
@@ -152,7 +152,7 @@ def _number(cfg: DictConfig, key: str) -> float:
         raise ConfigError(f"{key} must be a number, got {value!r}") from None
 
 
-def _plain(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """A config node as plain Python (lists and dicts), other values as they are."""
     return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
 
@@ -299,14 +299,14 @@ def check_value_types(cfg: DictConfig, defaults: Mapping[str, Any], flexible: It
             value = _decoded(value, kind)
             OmegaConf.update(cfg, key, value, merge=False)
         if kind is bool:
-            _require(isinstance(value, bool), f"{key} must be True or False, got {value!r}")
+            require(isinstance(value, bool), f"{key} must be True or False, got {value!r}")
         elif kind is int:
-            _require(
+            require(
                 isinstance(value, int) and not isinstance(value, bool), f"{key} must be a whole number, got {value!r}"
             )
         else:
             number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            _require(number, f"{key} must be a number, got {value!r}")
+            require(number, f"{key} must be a number, got {value!r}")
 
 
 def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
@@ -401,7 +401,7 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key that cannot work."""
     check_value_types(cfg, DEFAULTS, flexible=("devices", "precision", "scheduler.warmup_epochs"))
     alias = METHOD_ALIASES.get(str(cfg.method).lower().replace("-", "").replace("_", ""))
-    _require(
+    require(
         cfg.method in METHODS,
         f"unknown method '{cfg.method}'; choose one of {list(METHODS)}"
         + (f" ({cfg.method} is {alias})" if alias else ""),
@@ -412,75 +412,75 @@ def validate(cfg: DictConfig) -> None:
     mk = cfg.method_kwargs
     for key in ("base_tau", "final_tau"):
         tau = _number(cfg, f"momentum.{key}")
-        _require(0.0 <= tau <= 1.0, f"momentum.{key} must be in [0, 1], got {tau}")
+        require(0.0 <= tau <= 1.0, f"momentum.{key} must be in [0, 1], got {tau}")
     for key in ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim"):
-        _require(int(mk[key]) >= 1, f"method_kwargs.{key} must be a positive integer, got {mk[key]}")
+        require(int(mk[key]) >= 1, f"method_kwargs.{key} must be a positive integer, got {mk[key]}")
     alpha = _number(cfg, "method_kwargs.dp_alpha")
-    _require(alpha >= 0, f"method_kwargs.dp_alpha must be >= 0, got {alpha}")
+    require(alpha >= 0, f"method_kwargs.dp_alpha must be >= 0, got {alpha}")
     eps = _number(cfg, "method_kwargs.eps_iso")
-    _require(eps >= 0, f"method_kwargs.eps_iso must be >= 0, got {eps}")
+    require(eps >= 0, f"method_kwargs.eps_iso must be >= 0, got {eps}")
     for key in ("dp_tau", "spectrum_tau"):
         tau = _number(cfg, f"method_kwargs.{key}")
-        _require(0.0 <= tau < 1.0, f"method_kwargs.{key} must be in [0, 1), got {tau}")
-    _require(
+        require(0.0 <= tau < 1.0, f"method_kwargs.{key} must be in [0, 1), got {tau}")
+    require(
         not (bool(mk.iso) and cfg.method == "byol"),
         "method_kwargs.iso=True needs the closed-form predictor: use method=directpred",
     )
     if cfg.method == "byol":  # e.g. DirectCopy's keys on a BYOL config would train plain BYOL
         changed = [k for k in CLOSED_FORM_KEYS if mk.get(k) != DEFAULTS["method_kwargs"][k]]
-        _require(
+        require(
             not changed,
             f"method_kwargs {', '.join(changed)} shape the closed-form predictor, which method=byol does not "
             "use (its predictor is learned): use a directpred or isoloss config for DirectPred/DirectCopy",
         )
-    _require(
+    require(
         not bool(mk.get("iso_tangent", False)) or (bool(mk.iso) and not bool(mk.use_l2)),
         "method_kwargs.iso_tangent=True applies to the cosine IsoLoss only: set method_kwargs.iso=True "
         "and method_kwargs.use_l2=False",
     )
     opt = cfg.optimizer
-    _require(int(opt.batch_size) >= 2, f"optimizer.batch_size must be >= 2, got {opt.batch_size}")
+    require(int(opt.batch_size) >= 2, f"optimizer.batch_size must be >= 2, got {opt.batch_size}")
     for key in ("lr", "classifier_lr", "weight_decay"):
         value = _number(cfg, f"optimizer.{key}")
-        _require(value >= 0, f"optimizer.{key} must be >= 0, got {value}")
-    _require(isinstance(opt.kwargs, DictConfig), "optimizer.kwargs must be a mapping")
+        require(value >= 0, f"optimizer.{key} must be >= 0, got {value}")
+    require(isinstance(opt.kwargs, DictConfig), "optimizer.kwargs must be a mapping")
     check_optimizer(str(opt.name), opt.kwargs)
-    _require(
+    require(
         opt.get("lr_scaling", "linear") in LR_SCALINGS,
         f"optimizer.lr_scaling '{opt.get('lr_scaling')}' is not supported; choose one of {list(LR_SCALINGS)}",
     )
-    _require(int(cfg.max_epochs) >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
+    require(int(cfg.max_epochs) >= 1, f"max_epochs must be >= 1, got {cfg.max_epochs}")
     check_schedule_section(cfg.scheduler, int(cfg.max_epochs))
-    _require(
+    require(
         str(cfg.precision) in PRECISIONS,
         f"precision '{cfg.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
     )
-    _require(int(cfg.accumulate_grad_batches) >= 1, "accumulate_grad_batches must be >= 1")
-    _require(
+    require(int(cfg.accumulate_grad_batches) >= 1, "accumulate_grad_batches must be >= 1")
+    require(
         cfg.data.format in ("image_folder",),
         f"data.format '{cfg.data.format}' is not supported; use image_folder (torchvision datasets are "
         "recognised by data.dataset)",
     )
-    _require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
+    require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
     workers = _whole_number(cfg, "data.num_workers")
-    _require(workers >= 0, f"data.num_workers must be >= 0 (0: load in the main process), got {workers}")
+    require(workers >= 0, f"data.num_workers must be >= 0 (0: load in the main process), got {workers}")
     fraction = _number(cfg, "data.fraction")
-    _require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
-    check_normalisation(*(_plain(cfg.data.get(key)) for key in ("mean", "std")))
+    require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
+    check_normalisation(*(plain_value(cfg.data.get(key)) for key in ("mean", "std")))
     draw = cfg.data.get("fraction_draw")
-    _require(draw in FRACTION_DRAWS, f"data.fraction_draw must be one of {list(FRACTION_DRAWS)}, got {draw!r}")
+    require(draw in FRACTION_DRAWS, f"data.fraction_draw must be one of {list(FRACTION_DRAWS)}, got {draw!r}")
     frequency = _whole_number(cfg, "checkpoint.frequency")
-    _require(frequency >= 1, f"checkpoint.frequency must be >= 1 (epochs), got {frequency}")
+    require(frequency >= 1, f"checkpoint.frequency must be >= 1 (epochs), got {frequency}")
     keep = _whole_number(cfg, "checkpoint.keep_every_n_epochs")
-    _require(keep >= 0, f"checkpoint.keep_every_n_epochs must be >= 0 (0: keep none), got {keep}")
+    require(keep >= 0, f"checkpoint.keep_every_n_epochs must be >= 0 (0: keep none), got {keep}")
     switches = [f"performance.{key}" for key in ("channels_last", "compile_augmentation", "batch_views")]
     for key in [*switches, "checkpoint.async_write", "method_kwargs.eigh_on_host"]:
         value = OmegaConf.select(cfg, key, default="auto")
-        _require(isinstance(value, bool) or value == "auto", f"{key} must be auto, True or False, got {value!r}")
+        require(isinstance(value, bool) or value == "auto", f"{key} must be auto, True or False, got {value!r}")
     mode = cfg.performance.get("compile_mode", "default")
-    _require(mode in COMPILE_MODES, f"performance.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+    require(mode in COMPILE_MODES, f"performance.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     scope = cfg.performance.get("compile_scope", "modules")
-    _require(
+    require(
         scope in COMPILE_SCOPES, f"performance.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}"
     )
 

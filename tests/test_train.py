@@ -740,13 +740,13 @@ def test_fast_path_trains_with_resident_data_knn_and_background_checkpoints(
 
 
 def test_world_size_reads_every_form_of_devices() -> None:
-    from ivreg.train import _world_size
+    from ivreg.resume import world_size_of
 
-    assert _world_size([0, 1, 2], 2) == 6
-    assert _world_size("0,1", 1) == 2
-    assert _world_size(4, 1) == 4 and _world_size("3", 1) == 3
+    assert world_size_of([0, 1, 2], 2) == 6
+    assert world_size_of("0,1", 1) == 2
+    assert world_size_of(4, 1) == 4 and world_size_of("3", 1) == 3
     with pytest.raises(ConfigError, match="devices='gpus'"):
-        _world_size("gpus", 1)
+        world_size_of("gpus", 1)
 
 
 def test_sync_batchnorm_on_cpu_processes_is_said_to_have_no_effect() -> None:

@@ -219,7 +219,7 @@ def settings_of(cfg: Mapping[str, Any], world_size: int | None = None) -> dict[s
 
     from ivreg.config import DEFAULTS, config_leaves
     from ivreg.eval.linear import LINEAR_DEFAULTS
-    from ivreg.train import RESUME_FREE, RESUME_KEYS, images_per_step
+    from ivreg.resume import RESUME_FREE, RESUME_KEYS, images_per_step
 
     def per_step(config: Mapping[str, Any], world: int | None) -> dict[str, int]:
         with contextlib.suppress(Exception):  # an incomplete hand-made config: not compared

@@ -48,6 +48,7 @@ from ivreg.config import (
     check_value_types,
     config_leaves,
     lr_scale,
+    require,
     to_container,
     trainer_arguments,
     warn_unread_keys,
@@ -58,15 +59,15 @@ from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
 from ivreg.method import backbone_from_config, backbone_kwargs
 from ivreg.optim import check_schedule_section, optimizers_with_schedule, planned_optimizer_steps
+from ivreg.resume import check_resume, keep_fraction_draw
 from ivreg.train import (
     build_loggers,
-    check_resume,
     claim_run_folder,
     fit,
     hardware_kwargs,
-    keep_fraction_draw,
     make_trainer,
     passthrough_trainer_kwargs,
+    run_dir_of,
 )
 
 LINEAR_DEFAULTS: dict[str, Any] = {
@@ -155,11 +156,6 @@ LINEAR_TOP_LEVEL_KEYS = {
 
 
 # ----------------------------------------------------------------------------------- config
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
 def linear_optimizer(opt: Mapping[str, Any], params: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
     """SGD or AdamW from the ``optimizer`` section; ConfigError names the options torch refuses
     (whatever torch takes, e.g. AdamW's ``amsgrad``, passes through ``optimizer.kwargs``)."""
@@ -191,39 +187,39 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     merged = OmegaConf.merge(OmegaConf.create(LINEAR_DEFAULTS), user)
     OmegaConf.set_struct(merged, False)
     check_value_types(merged, LINEAR_DEFAULTS, flexible=("devices", "precision", "scheduler.warmup_epochs"))
-    _check(
+    require(
         bool(merged.pretrained_feature_extractor),
         "set pretrained_feature_extractor=<path to a pretraining checkpoint or run folder>",
     )
-    _check(
+    require(
         isinstance(merged.get("logger"), DictConfig),
         f"logger={merged.get('logger')!r}: the linear configs have no logger groups; set its keys instead "
         "(logger.tensorboard=False for CSV only, logger.wandb.enabled=True)",
     )
     opt = merged.optimizer
-    _check(opt.name in ("sgd", "adamw"), f"unknown optimizer.name '{opt.name}'; choose sgd or adamw")
-    _check(int(opt.batch_size) >= 1, f"optimizer.batch_size must be >= 1, got {opt.batch_size}")
-    _check(
+    require(opt.name in ("sgd", "adamw"), f"unknown optimizer.name '{opt.name}'; choose sgd or adamw")
+    require(int(opt.batch_size) >= 1, f"optimizer.batch_size must be >= 1, got {opt.batch_size}")
+    require(
         not merged.finetune or int(opt.batch_size) >= 2,
         f"finetune=True trains the backbone's BatchNorm layers on batch statistics: optimizer.batch_size must be "
         f">= 2, got {opt.batch_size}",
     )
     for key in ("lr", "weight_decay", "backbone_lr_scale"):
-        _check(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
+        require(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
     # its options, on a stand-in parameter, before anything is loaded or written
     linear_optimizer(OmegaConf.to_object(opt), [{"params": [torch.zeros(1, requires_grad=True)]}], float(opt.lr))  # type: ignore[arg-type]
-    _check(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
+    require(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")
     check_schedule_section(merged.scheduler, int(merged.max_epochs))
-    _check(
+    require(
         str(merged.precision) in PRECISIONS,
         f"precision '{merged.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
     )
-    _check(int(merged.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
+    require(int(merged.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
     aug = merged.augmentations
     lo, hi = float(aug.crop_min_scale), float(aug.crop_max_scale)
-    _check(0 < lo <= hi <= 1, "augmentations needs 0 < crop_min_scale <= crop_max_scale <= 1")
+    require(0 < lo <= hi <= 1, "augmentations needs 0 < crop_min_scale <= crop_max_scale <= 1")
     flip = float(aug.horizontal_flip_prob)
-    _check(0 <= flip <= 1, f"augmentations.horizontal_flip_prob must be in [0, 1], got {flip}")
+    require(0 <= flip <= 1, f"augmentations.horizontal_flip_prob must be in [0, 1], got {flip}")
     return merged
 
 
@@ -410,7 +406,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     if "backbone" in cfg:  # the keys given (null: whatever the checkpoint has) must be the checkpoint's
         given, known = config_leaves(OmegaConf.to_object(cfg.backbone), "backbone"), config_leaves(backbone, "backbone")
         differ = [f"{k}={v!r}" for k, v in given.items() if k not in known or (v is not None and known[k] != v)]
-        _check(
+        require(
             not differ,
             f"{', '.join(differ)} differs from the pretrained backbone, {backbone}: the backbone and its options "
             f"come from {ckpt_path}; drop the backbone settings",
@@ -420,7 +416,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     if not cfg.name:
         cfg.name = f"{pretrain_cfg.get('name', 'run')}-{'finetune' if cfg.finetune else 'linear'}"
     cfg.data = data
-    run_dir = Path(str(cfg.checkpoint.dir)).expanduser() / str(cfg.name)
+    run_dir = run_dir_of(cfg)
     resume_from = check_resume(cfg, run_dir, LINEAR_RESUME_KEYS, pretraining=False, defaults=LINEAR_DEFAULTS)
     keep_fraction_draw(cfg, resume_from)  # before the data module draws the labelled subset
     data = OmegaConf.to_object(cfg.data)  # type: ignore[assignment]
