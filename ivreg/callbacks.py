@@ -344,7 +344,7 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="") as f:
             return list(csv.DictReader(f))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a folder not made yet, or a file in its place)
         return []
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc

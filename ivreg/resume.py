@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from ivreg.callbacks import WORLD_SIZE_KEY, read_csv_rows
@@ -123,12 +123,10 @@ def check_resume(
             _require_same_run(last, cfg, keys, defaults, pretraining, advice)
             then, now = finished_epochs(path) or 0, finished_epochs(last) or 0
             if then < now:
-                warnings.warn(
+                rank_zero_warn(
                     f"rolling {run_dir} back from {now} finished epochs to {path}'s {then}: the later epochs' rows "
                     "and checkpoint are replaced. Relaunch without resume_from_checkpoint to go on from last.ckpt "
                     "(with it, every relaunch rolls back again)",
-                    UserWarning,
-                    stacklevel=2,
                 )
         return path
     if not last.exists():
@@ -220,12 +218,10 @@ def _require_same_run(
             f"to go on from it ({done}: nothing is left to train), or choose another name=..."
         )
     if then is not None and int(then) != int(now) and int(now) > done:
-        warnings.warn(
+        rank_zero_warn(
             f"{path} was trained towards max_epochs={then}; resumed with max_epochs={now}, its learning-rate "
             f"(and EMA) schedules are recomputed over {now} epochs from its step on, so the rate jumps there "
             "and the run follows neither schedule throughout",
-            UserWarning,
-            stacklevel=2,
         )
 
 

@@ -115,6 +115,18 @@ class _Window(L.Callback):
             self.active = False
 
 
+def _fit_recording_steps(run, monkeypatch) -> _RecordSyncs:  # type: ignore[no-untyped-def]
+    """Fit ``run``, recording the ops of its training steps 2 to 4."""
+    window = _Window(run.datamodule, first=1, last=4)
+    # Copies to the host dispatch nothing on the CPU (to a CPU tensor they are no-ops): the
+    # methods that make them record themselves while the window records.
+    for name in ("tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, _recorded(getattr(torch.Tensor, name), name, window.mode))
+    run.trainer.callbacks.append(window)
+    fit(run)
+    return window.mode
+
+
 @pytest.mark.parametrize(
     ("config", "pipeline", "extra"),
     [
@@ -136,16 +148,9 @@ def test_training_steps_never_wait_for_the_device(
         + ["max_epochs=1", "scheduler.warmup_epochs=0", "++log_every_n_steps=100", f"++data.pipeline={pipeline}"]
         + extra,
     )
-    run = build_run(cfg)
-    window = _Window(run.datamodule, first=1, last=4)
-    # Copies to the host dispatch nothing on the CPU (to a CPU tensor they are no-ops): the
-    # methods that make them record themselves while the window records.
-    for name in ("tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, _recorded(getattr(torch.Tensor, name), name, window.mode))
-    run.trainer.callbacks.append(window)
-    fit(run)
-    assert window.mode.ops > 1000, "the window recorded no training steps"
-    assert window.mode.found == [], f"host syncs in the training step: {window.mode.found[:3]}"
+    recorded = _fit_recording_steps(build_run(cfg), monkeypatch)
+    assert recorded.ops > 1000, "the window recorded no training steps"
+    assert recorded.found == [], f"host syncs in the training step: {recorded.found[:3]}"
 
 
 @pytest.mark.parametrize("finetune", [False, True])
@@ -169,11 +174,6 @@ def test_linear_evaluation_steps_never_wait_for_the_device(finetune: bool, tmp_p
         "enable_model_summary": False,
         "log_every_n_steps": 100,
     }
-    run = build_linear_run(cfg)
-    window = _Window(run.datamodule, first=1, last=4)
-    for name in ("tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__int__"):
-        monkeypatch.setattr(torch.Tensor, name, _recorded(getattr(torch.Tensor, name), name, window.mode))
-    run.trainer.callbacks.append(window)
-    fit(run)
-    assert window.mode.ops > 100, "the window recorded no training steps"
-    assert window.mode.found == [], f"host syncs in the training step: {window.mode.found[:3]}"
+    recorded = _fit_recording_steps(build_linear_run(cfg), monkeypatch)
+    assert recorded.ops > 100, "the window recorded no training steps"
+    assert recorded.found == [], f"host syncs in the training step: {recorded.found[:3]}"
