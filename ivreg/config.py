@@ -309,21 +309,33 @@ def check_value_types(cfg: DictConfig, defaults: Mapping[str, Any], flexible: It
             require(number, f"{key} must be a number, got {value!r}")
 
 
-def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
-    """Defaults merged under ``cfg``, validated. Returns a new config; ``cfg`` is unchanged."""
-    user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    user = copy.deepcopy(user)
+def launch_config(cfg: DictConfig | Mapping) -> DictConfig:
+    """An editable copy of what a tool was launched with (Hydra's config or a plain mapping),
+    without Hydra's own section: ``cfg`` itself is left unchanged."""
+    user = copy.deepcopy(cfg) if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     OmegaConf.set_struct(user, False)
     if "hydra" in user:
         del user["hydra"]
+    return user
+
+
+def merged_with_defaults(user: DictConfig, defaults: Mapping[str, Any]) -> DictConfig:
+    """``defaults`` with ``user`` merged over them, open to new keys (``++key=value``)."""
+    merged = OmegaConf.merge(OmegaConf.create(dict(defaults)), user)
+    OmegaConf.set_struct(merged, False)
+    return merged
+
+
+def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
+    """Defaults merged under ``cfg``, validated. Returns a new config; ``cfg`` is unchanged."""
+    user = launch_config(cfg)
     if "wandb" in user and isinstance(user.wandb, DictConfig):  # the seed's wandb group wins
         seed_wandb = user.pop("wandb")
         user = OmegaConf.merge(user, {"logger": {"wandb": seed_wandb}})
     if "auto_umap" in user and isinstance(user.auto_umap, DictConfig):  # solo-learn's name for the online map
         user = OmegaConf.merge(user, {"umap": from_auto_umap(user.pop("auto_umap"))})
     warn_unread_keys(user)
-    merged = OmegaConf.merge(OmegaConf.create(DEFAULTS), user)
-    OmegaConf.set_struct(merged, False)
+    merged = merged_with_defaults(user, DEFAULTS)
     validate(merged)
     warn_off_paper_settings(merged)
     return merged

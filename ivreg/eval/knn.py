@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Subset
 
-from ivreg.config import check_value_types, warn_unread_keys
+from ivreg.config import check_value_types, launch_config, merged_with_defaults, warn_unread_keys
 from ivreg.data.augment import build_eval_transform
 from ivreg.data.datamodule import seeded_sample
 from ivreg.data.datasets import Transformed
@@ -244,10 +244,9 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     then weighted kNN for every k and temperature. Prints a table; writes ``out`` (CSV) if set."""
     from ivreg.checkpoints import load_backbone_and_config, load_projector
 
-    user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    user = OmegaConf.create({k: v for k, v in user.items() if k != "hydra"})
+    user = launch_config(cfg)
     warn_unread_keys(user, defaults=KNN_DEFAULTS, closed=("data",), top_level={*KNN_DEFAULTS, "defaults"})
-    cfg = OmegaConf.merge(OmegaConf.create(KNN_DEFAULTS), user)
+    cfg = merged_with_defaults(user, KNN_DEFAULTS)
     check_value_types(cfg, KNN_DEFAULTS, flexible=("temperature",))
     ckpt = cfg.pretrained_feature_extractor
     if not ckpt:

@@ -47,7 +47,9 @@ from ivreg.config import (
     PRECISIONS,
     check_value_types,
     config_leaves,
+    launch_config,
     lr_scale,
+    merged_with_defaults,
     require,
     to_container,
     trainer_arguments,
@@ -172,11 +174,7 @@ def linear_optimizer(opt: Mapping[str, Any], params: list[dict[str, Any]], lr: f
 
 def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     """Defaults merged under ``cfg`` and checked (the pretraining checkpoint is not read yet)."""
-    user = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    user = copy.deepcopy(user)
-    OmegaConf.set_struct(user, False)
-    if "hydra" in user:
-        del user["hydra"]
+    user = launch_config(cfg)
     warn_unread_keys(
         user,
         defaults=LINEAR_DEFAULTS,
@@ -184,8 +182,7 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
         top_level=set(LINEAR_DEFAULTS) | LINEAR_TOP_LEVEL_KEYS | trainer_arguments(),
         run_keys={"data": {"num_classes"}},
     )
-    merged = OmegaConf.merge(OmegaConf.create(LINEAR_DEFAULTS), user)
-    OmegaConf.set_struct(merged, False)
+    merged = merged_with_defaults(user, LINEAR_DEFAULTS)
     check_value_types(merged, LINEAR_DEFAULTS, flexible=("devices", "precision", "scheduler.warmup_epochs"))
     require(
         bool(merged.pretrained_feature_extractor),
