@@ -361,6 +361,13 @@ def validated_values(rows: list[dict[str, str]], column: str = "val_acc1") -> li
     return out
 
 
+def unvalidated_after(rows: list[dict[str, str]], epoch: int) -> str:
+    """``"epoch <epoch>, the last validated of <N>"`` when the ``epochs.csv`` rows go on past the
+    validated ``epoch`` (``check_val_every_n_epoch`` > 1), else empty: what a final figure names."""
+    last = int(rows[-1]["epoch"])
+    return "" if epoch == last else f"epoch {epoch}, the last validated of {last + 1}"
+
+
 class EpochSummary(L.Callback):
     """One row per finished epoch in ``epochs.csv`` (and the spectrum in ``eigvals.csv``), and a
     one-line report on stdout. Rows from epochs a resumed run repeats are dropped."""
@@ -438,7 +445,7 @@ class EpochSummary(L.Callback):
         if self.print_lines:
             print(self.format_line(row), flush=True)
 
-    def epoch_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
+    def current_callback_metrics(self, trainer: L.Trainer) -> dict[str, Any]:
         """``trainer.callback_metrics`` without validation figures of an earlier epoch: Lightning
         keeps the last validation's values through epochs that skip it
         (``check_val_every_n_epoch`` > 1), which would otherwise fill their rows."""
@@ -449,7 +456,7 @@ class EpochSummary(L.Callback):
 
     def metric_columns(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """The metric columns of this epoch's row (NaN for what was not logged)."""
-        metrics = self.epoch_metrics(trainer)
+        metrics = self.current_callback_metrics(trainer)
         if hasattr(pl_module, "epoch_metrics"):  # logged by the module after this hook runs
             metrics.update(pl_module.epoch_metrics())
         return {col: _as_float(metrics[key]) if key in metrics else math.nan for col, key in EPOCH_COLUMNS.items()}

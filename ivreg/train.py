@@ -48,6 +48,7 @@ from ivreg.callbacks import (
     checkpoint_io,
     read_csv_rows,
     remove_stale_temporaries,
+    unvalidated_after,
     validated_values,
 )
 from ivreg.cli import user_message
@@ -525,8 +526,8 @@ def readout_result(epochs_csv: Path) -> str | None:
         return None
     epoch, acc = validated[-1]
     line = f"online readout val_acc1 {acc:.2f}"
-    if random := dict(validated_values(rows, "val_acc1_random")).get(epoch):
+    if (random := dict(validated_values(rows, "val_acc1_random")).get(epoch)) is not None:  # (0.00 included)
         line += f" (pretrained backbone) vs {random:.2f} (randomly initialised backbone)"
-    if epoch != int(rows[-1]["epoch"]):  # check_val_every_n_epoch > 1
-        line += f" after epoch {epoch}, the last validated of {int(rows[-1]['epoch']) + 1}"
+    if note := unvalidated_after(rows, epoch):
+        line += f" after {note}"
     return line

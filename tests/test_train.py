@@ -988,3 +988,15 @@ def test_step_metrics_land_in_the_row_of_their_own_step(image_data, tmp_path: Pa
     assert [int(r["step"]) for r in rows] == [1, 3, 5]
     for r in rows:
         assert float(r["train_neg_cos_sim_step"]) == pytest.approx(losses[int(r["step"])], rel=1e-6)
+
+
+def test_the_final_line_reports_a_random_init_accuracy_of_zero(tmp_path: Path) -> None:
+    """0.00 is an accuracy (a tiny validation set), not a missing value."""
+    from ivreg.train import readout_result
+
+    epochs = tmp_path / "epochs.csv"
+    epochs.write_text("epoch,val_acc1,val_acc1_random\n0,50.0,0.0\n1,nan,nan\n")
+    assert readout_result(epochs) == (
+        "online readout val_acc1 50.00 (pretrained backbone) vs 0.00 (randomly initialised backbone) "
+        "after epoch 0, the last validated of 2"
+    )

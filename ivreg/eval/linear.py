@@ -41,6 +41,7 @@ from ivreg.callbacks import (
     StopTogetherOnSigterm,
     checkpoint_io,
     read_csv_rows,
+    unvalidated_after,
     validated_values,
 )
 from ivreg.config import (
@@ -361,7 +362,7 @@ class LinearEpochSummary(EpochSummary):
         super().__init__(run_dir, log_eigvals=False, print_lines=print_lines)
 
     def metric_columns(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        metrics = self.epoch_metrics(trainer)
+        metrics = self.current_callback_metrics(trainer)
         return {key: float(metrics[key]) if key in metrics else math.nan for key in LINEAR_COLUMNS}
 
     @staticmethod
@@ -472,6 +473,5 @@ def _print_result(run_dir: Path) -> None:
     if accs := validated_values(rows):
         best, epoch = max((acc, epoch) for epoch, acc in accs)
         final_epoch, final = accs[-1]
-        last = int(rows[-1]["epoch"])  # may be unvalidated (check_val_every_n_epoch > 1)
-        at = "" if final_epoch == last else f" (epoch {final_epoch}, the last validated of {last + 1})"
+        at = f" ({note})" if (note := unvalidated_after(rows, final_epoch)) else ""
         print(f"{run_dir.name}: final val_acc1 {final:.2f}{at}, best {best:.2f} (epoch {epoch})", flush=True)
