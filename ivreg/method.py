@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -72,6 +72,33 @@ def backbone_from_config(cfg: Mapping) -> nn.Module:
     return build_backbone(cfg["backbone"]["name"], **backbone_kwargs(cfg))
 
 
+class Readout(NamedTuple):
+    """An online readout, the features it reads and the suffix of its metrics' names."""
+
+    suffix: str  # "" (the readout), "_raw" (unstandardised), "_random" (random-init backbone)
+    module: OnlineReadout
+    on_random_backbone: bool
+
+
+def _metric_key(suffix: str) -> str:
+    return suffix.lstrip("_") or "online"  # (a ModuleDict key may not be empty)
+
+
+def metric_means(sums: Mapping[str, torch.Tensor], steps: torch.Tensor | float) -> dict[str, torch.Tensor]:
+    """Named figures from step metrics summed over ``steps`` steps: the mean per step of each
+    loss and statistic, and ``train_acc1<suffix>`` from each readout's hits per labelled image
+    (NaN, not 0, when no image was labelled). The one place that turns the sums that
+    ``forward_step`` returns into what is logged, per step and per epoch."""
+    count = torch.where(sums["train_count"] > 0, sums["train_count"], torch.nan)
+    means = {}
+    for name, value in sums.items():
+        if name.startswith("train_hits"):
+            means["train_acc1" + name.removeprefix("train_hits")] = 100.0 * value / count
+        elif name != "train_count":
+            means[name] = value / steps
+    return means
+
+
 class SSLMethod(L.LightningModule):
     """Backbone + projector + predictor + loss + target + online readout, from one config."""
 
@@ -92,22 +119,24 @@ class SSLMethod(L.LightningModule):
         self.loss_fn = select_loss(bool(mk["iso"]), bool(mk["use_l2"]), bool(mk.get("iso_tangent", False)))
         self.decompose_per_view = bool(mk.get("decompose_per_view", False))
         readout_bn = bool((cfg.get("readout") or {}).get("batchnorm", True))
+        report = cfg.get("report") or {}
         self.readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
+        # Optional: the reference's raw readout (no standardisation) on the same features, so
+        # that one run reports both (val_acc1_raw).
+        self.raw_readout: OnlineReadout | None = None
+        if report.get("raw_readout", False) and readout_bn:
+            self.raw_readout = OnlineReadout(feat_dim, num_classes, batchnorm=False)
         # Optional baseline: the same readout, trained the same way, on a frozen randomly
         # initialised backbone (its BatchNorm statistics still follow the data).
         self.random_backbone: nn.Module | None = None
         self.random_readout: OnlineReadout | None = None
-        if (cfg.get("report") or {}).get("compare_random_init", False):
+        if report.get("compare_random_init", False):
             self.random_backbone = backbone_from_config(cfg).requires_grad_(False)
             self.random_readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
-            self.val_acc1_random = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        # Optional: the reference's raw readout (no standardisation) on the same features, so
-        # that one run reports both (val_acc1_raw).
-        self.raw_readout: OnlineReadout | None = None
-        if (cfg.get("report") or {}).get("raw_readout", False) and readout_bn:
-            self.raw_readout = OnlineReadout(feat_dim, num_classes, batchnorm=False)
-            self.val_acc1_raw = MulticlassAccuracy(num_classes, top_k=1, average="micro")
-        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        # val_acc1<suffix> of every readout (torchmetrics states are not saved in checkpoints)
+        self.val_top1 = nn.ModuleDict(
+            {_metric_key(r.suffix): MulticlassAccuracy(num_classes, top_k=1, average="micro") for r in self.readouts()}
+        )
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         # per image, summed over the DDP ranks' uneven shares (Lightning's sync_dist mean
         # divided by a truncated mean count)
@@ -141,6 +170,15 @@ class SSLMethod(L.LightningModule):
         BatchNorm normalises all views together)."""
         nets: list[nn.Module] = [self.backbone, self.projector, self.predictor, self.target]
         return nets + ([self.random_backbone] if self.random_backbone is not None else [])
+
+    def readouts(self) -> list[Readout]:
+        """The online readouts this run trains (the first is the one reported as val_acc1)."""
+        found = [Readout("", self.readout, False)]
+        if self.raw_readout is not None:
+            found.append(Readout("_raw", self.raw_readout, False))
+        if self.random_readout is not None:
+            found.append(Readout("_random", self.random_readout, True))
+        return found
 
     def on_train_start(self) -> None:
         if self.batch_views and not follows_view_groups(self._view_networks(), self.view_groups):
@@ -206,31 +244,26 @@ class SSLMethod(L.LightningModule):
         z_t = self.target(inputs, z, n_views, groups)
         ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views)
 
-        all_labels = labels.repeat(n_views)
-        class_loss, hits, count = self.readout.loss_and_hits(feats, all_labels)
         with torch.no_grad():
             z_all = z.unflatten(0, (n_views, -1)).float()
-            z_std = F.normalize(z_all, dim=-1).std(dim=1).mean()
-            z_norm = z_all.norm(dim=-1).mean()
-        metrics = {
-            "train_neg_cos_sim": ssl_loss.detach(),
-            "train_z_std": z_std,
-            "train_z_norm": z_norm,
-            "train_class_loss": class_loss.detach(),
-            "train_hits": hits.float(),
-            "train_count": count.float(),
-        }
-        if self.raw_readout is not None:
-            raw_loss, raw_hits, _ = self.raw_readout.loss_and_hits(feats, all_labels)
-            class_loss = class_loss + raw_loss
-            metrics["train_class_loss_raw"] = raw_loss.detach()
-            metrics["train_hits_raw"] = raw_hits.float()
-        if self.random_backbone is not None and self.random_readout is not None:
-            with torch.no_grad():
+            metrics = {
+                "train_neg_cos_sim": ssl_loss.detach(),
+                "train_z_std": F.normalize(z_all, dim=-1).std(dim=1).mean(),
+                "train_z_norm": z_all.norm(dim=-1).mean(),
+            }
+            random_feats = None
+            if self.random_backbone is not None:
                 random_feats = run_views(self.random_backbone, inputs, n_views, groups)
-            random_loss, random_hits, _ = self.random_readout.loss_and_hits(random_feats, all_labels)
-            class_loss = class_loss + random_loss
-            metrics["train_hits_random"] = random_hits.float()
+        all_labels = labels.repeat(n_views)
+        class_loss = ssl_loss.new_zeros(())
+        for readout in self.readouts():
+            loss, hits, count = readout.module.loss_and_hits(
+                random_feats if readout.on_random_backbone else feats, all_labels
+            )
+            class_loss = class_loss + loss
+            metrics[f"train_class_loss{readout.suffix}"] = loss.detach()
+            metrics[f"train_hits{readout.suffix}"] = hits.float()
+        metrics["train_count"] = count.float()
         self.nonfinite_steps += (~torch.isfinite(ssl_loss)).long()
         return ssl_loss + class_loss, metrics
 
@@ -244,17 +277,9 @@ class SSLMethod(L.LightningModule):
         self._metric_sums += values
         self._metric_steps += 1
         if self._is_logging_step():
-            step = dict(zip(self._metric_names, values))
-            labelled = torch.where(step["train_count"] > 0, step["train_count"], torch.nan)  # none: NaN, not 0
-            step_metrics = {
-                "train_neg_cos_sim_step": step["train_neg_cos_sim"],
-                "train_z_std_step": step["train_z_std"],
-                "train_z_norm_step": step["train_z_norm"],
-                "train_class_loss_step": step["train_class_loss"],
-                "train_acc1_step": 100.0 * step["train_hits"] / labelled,
-            }
-            step_metrics.update({f"{k}_step": v for k, v in spectrum_metrics(self.predictor.spectrum()).items()})
-            self.log_dict(step_metrics, on_step=True, on_epoch=False)
+            step_metrics = metric_means(dict(zip(self._metric_names, values)), 1)
+            step_metrics.update(spectrum_metrics(self.predictor.spectrum()))
+            self.log_dict({f"{k}_step": v for k, v in step_metrics.items()}, on_step=True, on_epoch=False)
 
     def _is_logging_step(self) -> bool:
         """Whether Lightning writes this optimizer step's ``on_step`` values to the loggers:
@@ -276,22 +301,7 @@ class SSLMethod(L.LightningModule):
         if self._metric_sums is None or self._metric_steps == 0:
             return {}
         totals = self._global_metric_sums()
-        sums = dict(zip(self._metric_names, totals[:-1]))
-        n = totals[-1].clamp_min(1)
-        # labelled images seen (none on unlabelled images: accuracy NaN, not 0)
-        count = torch.where(sums["train_count"] > 0, sums["train_count"], torch.nan)
-        epoch = {
-            "train_neg_cos_sim": sums["train_neg_cos_sim"] / n,
-            "train_z_std": sums["train_z_std"] / n,
-            "train_z_norm": sums["train_z_norm"] / n,
-            "train_class_loss": sums["train_class_loss"] / n,
-            "train_acc1": 100.0 * sums["train_hits"] / count,
-        }
-        if "train_hits_random" in sums:
-            epoch["train_acc1_random"] = 100.0 * sums["train_hits_random"] / count
-        if "train_hits_raw" in sums:
-            epoch["train_acc1_raw"] = 100.0 * sums["train_hits_raw"] / count
-            epoch["train_class_loss_raw"] = sums["train_class_loss_raw"] / n
+        epoch = metric_means(dict(zip(self._metric_names, totals[:-1])), totals[-1].clamp_min(1))
         if self._grad_stats is not None:
             epoch["train_grad_norm"] = self._grad_stats[0] / self._grad_stats[1].clamp_min(1)
             epoch["train_nonfinite_grad_steps"] = self._grad_stats[2]
@@ -363,31 +373,25 @@ class SSLMethod(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         feats = self.backbone(images)
-        logits = self.readout(feats).float()
+        random_feats = self.random_backbone(images) if self.random_backbone is not None else None
         labelled = labels >= 0
-        logits, labels = logits[labelled], labels[labelled]
-        self.val_acc1.update(logits, labels)
-        self.val_acc5.update(logits, labels)
-        if self.raw_readout is not None:
-            self.val_acc1_raw.update(self.raw_readout(feats).float()[labelled], labels)
-        self.val_loss.update(F.cross_entropy(logits, labels, reduction="none"))
-        if self.random_backbone is not None and self.random_readout is not None:
-            random_logits = self.random_readout(self.random_backbone(images)).float()[labelled]
-            self.val_acc1_random.update(random_logits, labels)
+        labels = labels[labelled]
+        for readout in self.readouts():
+            logits = readout.module(random_feats if readout.on_random_backbone else feats).float()[labelled]
+            self.val_top1[_metric_key(readout.suffix)].update(logits, labels)
+            if readout.module is self.readout:
+                self.val_acc5.update(logits, labels)
+                self.val_loss.update(F.cross_entropy(logits, labels, reduction="none"))
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val_loss", self.val_loss.compute(), sync_dist=False)
-        self.val_loss.reset()
-        self.log("val_acc1", 100.0 * self.val_acc1.compute(), sync_dist=False)
+        for readout in self.readouts():
+            top1 = self.val_top1[_metric_key(readout.suffix)]
+            self.log(f"val_acc1{readout.suffix}", 100.0 * top1.compute(), sync_dist=False)
+            top1.reset()
         self.log("val_acc5", 100.0 * self.val_acc5.compute(), sync_dist=False)
-        self.val_acc1.reset()
+        self.log("val_loss", self.val_loss.compute(), sync_dist=False)
         self.val_acc5.reset()
-        if self.raw_readout is not None:
-            self.log("val_acc1_raw", 100.0 * self.val_acc1_raw.compute(), sync_dist=False)
-            self.val_acc1_raw.reset()
-        if self.random_backbone is not None:
-            self.log("val_acc1_random", 100.0 * self.val_acc1_random.compute(), sync_dist=False)
-            self.val_acc1_random.reset()
+        self.val_loss.reset()
 
     # ------------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict:
@@ -397,7 +401,7 @@ class SSLMethod(L.LightningModule):
         optimizer = build_optimizer(
             opt_cfg["name"],
             ssl,
-            trainable_params([m for m in (self.readout, self.raw_readout, self.random_readout) if m is not None]),
+            trainable_params([readout.module for readout in self.readouts()]),
             lr=float(opt_cfg["lr"]) * scale,
             classifier_lr=float(opt_cfg["classifier_lr"]) * scale,
             weight_decay=float(opt_cfg["weight_decay"]),

@@ -1,6 +1,6 @@
 """Figures of the paper's toy model, with the raw curves as long-format CSV beside each PNG.
 
-Three figures (``python -m ivreg.analysis.toy_figures --out figures/toy``):
+Four figures (``python -m ivreg.analysis.toy_figures --out figures/toy``):
 
 - ``trajectories``: M=2, eigenvalue phase planes of the eight settings. Solid lines are simulated
   networks (eigenvalues of ``W W^T`` measured along each run's initial eigenvectors), dashed lines
@@ -9,6 +9,9 @@ Three figures (``python -m ivreg.analysis.toy_figures --out figures/toy``):
   (ReLU network as in the reference notebook; ``--activation linear`` for the analysed case).
 - ``fixed_points``: two neurons (N=6, M=2) trained with the Euclidean and the cosine loss from the
   same three starts: eigenvalue phase plane and the representations of 20 probe inputs.
+- ``rates``: the paper's central claim on learning dynamics, measured: from a spread initial
+  spectrum, how many steps each eigenmode takes to learn with the standard loss and with IsoLoss
+  (slowest over fastest mode printed per loss; the times also in ``rates_times.csv``).
 
 Learning rates follow the reference notebook divided by two: its hand-written gradients are those
 of ``0.5 ||p - z'||^2`` and ``-cos``, while the losses here are ``||p - z'||^2`` and ``2 - 2 cos``.
@@ -30,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from ivreg.analysis.toy import (  # noqa: E402
     ACTIVATIONS,
@@ -37,14 +41,17 @@ from ivreg.analysis.toy import (  # noqa: E402
     SETTINGS,
     ToyConfig,
     ToyRun,
+    convergence_steps,
     eigen_ode_rhs,
+    growth_steps,
     init_weights,
     simulate_eigen_ode,
     simulate_settings,
+    time_ratio,
     weights_with_spectrum,
 )
 
-FIGURES = ("trajectories", "eigenvalues", "fixed_points")
+FIGURES = ("trajectories", "eigenvalues", "fixed_points", "rates")
 # Settings that the notebook trains with a 10x larger learning rate (they are slow otherwise).
 HIGH_LR_SETTINGS = frozenset({"euc_nopred", "cos_standard", "cos_nosg", "cos_nopred", "cos_iso"})
 START_COLORS = ("#332288", "#CC6677", "#117733", "#DDCC77", "#88CCEE", "#AA4499", "#44AA99", "#999933")
@@ -370,10 +377,155 @@ def make_fixed_points(out_dir: Path, opts: FigureOptions) -> list[Path]:
     return [png, table]
 
 
+# ----------------------------------------------------------------------------------------------
+# Figure 4: how fast each eigenmode learns, standard loss versus IsoLoss
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RateExperiment:
+    """One row of the rates figure: a loss, its standard and IsoLoss settings, the initial
+    spectrum of ``W W^T`` and how each mode's learning time is measured."""
+
+    loss: str
+    settings: tuple[str, str]  # (standard, IsoLoss)
+    spectrum: tuple[float, ...]
+    lr: float
+    steps: int
+    # "converge": first step after which a mode stays within 5% of its final value;
+    # "double": first step at which a mode reaches twice its initial value
+    measure: str
+    timed_modes: int  # the first ``timed_modes`` modes of ``spectrum`` are timed
+
+
+# Euclidean: every mode converges to lambda = 1; the ODEs give times ~ 1/(4 lambda0) for the
+# standard loss and ~ log(1/lambda0)/4 for IsoLoss. Cosine: the fixed point depends on the whole
+# spectrum, so the small modes are timed by doubling (rate ~ lambda0 for the standard loss, about
+# constant for IsoLoss) while two large modes hold the fixed point above them.
+RATE_EXPERIMENTS = (
+    RateExperiment(
+        "euclidean", ("euc_standard", "euc_iso"), (0.02, 0.04, 0.08, 0.16, 0.32, 0.64), 0.05, 400, "converge", 6
+    ),
+    RateExperiment("cosine", ("cos_standard", "cos_iso"), (0.02, 0.04, 0.08, 0.16, 1.5, 1.5), 0.02, 600, "double", 4),
+)
+MEASURE_LABELS = {"converge": "steps to within 5% of the fixed point", "double": "steps to double"}
+
+
+@dataclass(frozen=True)
+class RateResult:
+    """The runs of one :class:`RateExperiment` and each timed mode's learning time per setting."""
+
+    experiment: RateExperiment
+    runs: dict[str, ToyRun]
+    times: dict[str, np.ndarray]  # setting -> (timed_modes,) steps (inf: never reached)
+
+    def spread(self, setting: str) -> float:
+        """Slowest over fastest timed mode (1: all modes learn equally fast; inf: one never did)."""
+        return time_ratio(self.times[setting]) if np.all(np.isfinite(self.times[setting])) else np.inf
+
+
+def rates_data(opts: FigureOptions) -> list[RateResult]:
+    """Linear networks started from a spread spectrum with a random eigenbasis, trained with the
+    standard loss and with IsoLoss; the same start and input batches for both settings."""
+    results = []
+    for exp in RATE_EXPERIMENTS:
+        config = ToyConfig(
+            in_dim=10,
+            out_dim=len(exp.spectrum),
+            lr=exp.lr,
+            steps=opts.steps(exp.steps),
+            batch_size=opts.batch_size,
+            activation="linear",
+        )
+        generator = torch.Generator().manual_seed(opts.seed)
+        start = torch.tensor([exp.spectrum], dtype=config.dtype)
+        weights, basis = weights_with_spectrum(start, config.in_dim, generator)
+        runs = simulate_settings(exp.settings, config, weights, generator, basis=basis)
+        times = {}
+        for name, run in runs.items():
+            curves = run.eigen_coords[:, 0, : exp.timed_modes]
+            if exp.measure == "converge":
+                times[name] = convergence_steps(curves, run.steps, rel_tol=0.05).astype(float)
+            else:
+                times[name] = growth_steps(curves, run.steps, factor=2.0)
+        results.append(RateResult(exp, runs, times))
+    return results
+
+
+def plot_rates(results: Sequence[RateResult], path: Path) -> None:
+    """Per loss: the eigenvalue curves of both settings (dots: each mode's time) and the time
+    against the initial eigenvalue."""
+    fig, axes = plt.subplots(len(results), 3, figsize=(13, 4.2 * len(results)), squeeze=False)
+    fig.suptitle("How fast each eigenmode of $WW^T$ learns: standard loss vs IsoLoss (linear network)", fontsize=11)
+    for row, result in enumerate(results):
+        exp = result.experiment
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(exp.spectrum)))
+        for col, name in enumerate(exp.settings):
+            ax, run = axes[row, col], result.runs[name]
+            for m in range(len(exp.spectrum)):
+                ax.semilogy(run.steps, run.eigen_coords[:, 0, m], color=colors[m], lw=1)
+            for m, t in enumerate(result.times[name]):
+                if np.isfinite(t):
+                    ax.plot(t, np.interp(t, run.steps, run.eigen_coords[:, 0, m]), "o", color=colors[m], ms=4)
+            ax.set_title(f"{SETTINGS[name].label} (lr {exp.lr:g})", fontsize=9)
+            ax.set_xlabel("Euler step", fontsize=9)
+            ax.set_ylabel(r"$\lambda$ (initial eigenbasis)", fontsize=9)
+        ax = axes[row, 2]
+        lam0 = np.asarray(exp.spectrum[: exp.timed_modes])
+        for name, marker in zip(exp.settings, ("s-", "o-")):
+            spread = result.spread(name)
+            label = f"{SETTINGS[name].label}: slowest/fastest {spread:.1f}"
+            ax.loglog(lam0, result.times[name], marker, label=label)
+        ax.set_xlabel(r"initial eigenvalue $\lambda_0$", fontsize=9)
+        ax.set_ylabel(MEASURE_LABELS[exp.measure], fontsize=9)
+        ax.set_title(f"{exp.loss} loss", fontsize=9)
+        ax.xaxis.set_minor_formatter(NullFormatter())  # (labelled minor ticks overlap)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def rate_rows(results: Sequence[RateResult]) -> Iterable[list[object]]:
+    """Long format: one row per (setting, step, mode)."""
+    for result in results:
+        for name, run in result.runs.items():
+            for (t, _, m), value in _long(run.eigen_coords):
+                yield [name, result.experiment.loss, int(run.steps[t]), m + 1, result.experiment.spectrum[m], value]
+
+
+def rate_time_rows(results: Sequence[RateResult]) -> Iterable[list[object]]:
+    """One row per (setting, timed mode): its learning time in steps (inf: not reached)."""
+    for result in results:
+        exp = result.experiment
+        for name, times in result.times.items():
+            for m, t in enumerate(times):
+                yield [name, exp.loss, exp.measure, m + 1, exp.spectrum[m], float(t)]
+
+
+def make_rates(out_dir: Path, opts: FigureOptions) -> list[Path]:
+    """Compute, plot and tabulate the learning-rate-per-mode figure, and print each spread."""
+    results = rates_data(opts)
+    png, table, times = out_dir / "rates.png", out_dir / "rates.csv", out_dir / "rates_times.csv"
+    plot_rates(results, png)
+    write_csv(table, ["setting", "loss", "step", "mode", "initial_eigenvalue", "eigenvalue"], rate_rows(results))
+    header = ["setting", "loss", "measure", "mode", "initial_eigenvalue", "steps"]
+    write_csv(times, header, rate_time_rows(results))
+    for result in results:
+        standard, iso = result.experiment.settings
+        print(
+            f"rates, {result.experiment.loss} loss ({MEASURE_LABELS[result.experiment.measure]}): slowest/fastest "
+            f"mode {result.spread(standard):.1f} (standard) vs {result.spread(iso):.1f} (IsoLoss)"
+        )
+    return [png, table, times]
+
+
 MAKERS: dict[str, Callable[[Path, FigureOptions], list[Path]]] = {
     "trajectories": make_trajectories,
     "eigenvalues": make_eigenvalues,
     "fixed_points": make_fixed_points,
+    "rates": make_rates,
 }
 
 

@@ -8,6 +8,7 @@ sampling noise of the network simulations.
 from __future__ import annotations
 
 import csv
+import math
 
 import numpy as np
 import pytest
@@ -283,6 +284,44 @@ def test_cli_writes_png_and_csv(tmp_path, capsys, figure):
     assert all(np.isfinite(float(row[-1])) for row in rows[1:])
     assert f"{figure}:" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{figure}.csv", f"{figure}.png"]
+
+
+def test_rates_figure_measures_the_spread_of_learning_times(tmp_path, capsys):
+    """Full length (the figure's own experiments, seed 0): IsoLoss narrows the spread of the
+    modes' learning times for both losses, and the printed spreads are those of the CSV."""
+    assert main(["--out", str(tmp_path), "--figure", "rates", "--batch-size", "512"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rates.csv", "rates.png", "rates_times.csv"]
+    with (tmp_path / "rates_times.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    times: dict[str, list[float]] = {}
+    for row in rows:
+        times.setdefault(row["setting"], []).append(float(row["steps"]))
+    assert {name: len(t) for name, t in times.items()} == {
+        "euc_standard": 6,
+        "euc_iso": 6,
+        "cos_standard": 4,
+        "cos_iso": 4,
+    }
+    spreads = {name: toy.time_ratio(np.array(t)) for name, t in times.items()}
+    assert spreads["euc_standard"] > 8 and spreads["euc_iso"] < 4.5, spreads
+    assert spreads["cos_standard"] > 3 and spreads["cos_iso"] < 2.5, spreads
+    out = capsys.readouterr().out
+    for loss, standard, iso in (("euclidean", "euc_standard", "euc_iso"), ("cosine", "cos_standard", "cos_iso")):
+        line = next(x for x in out.splitlines() if x.startswith(f"rates, {loss} loss"))
+        assert line.endswith(f"{spreads[standard]:.1f} (standard) vs {spreads[iso]:.1f} (IsoLoss)"), line
+    with (tmp_path / "rates.csv").open() as handle:
+        header = next(csv.reader(handle))
+    assert header == ["setting", "loss", "step", "mode", "initial_eigenvalue", "eigenvalue"]
+
+
+def test_rates_figure_reports_a_mode_that_never_doubled(tmp_path, capsys):
+    """A run too short for every mode to learn: an infinite time in the CSV, an infinite
+    spread printed, and still a figure."""
+    assert main(["--out", str(tmp_path), "--figure", "rates", "--steps-scale", "0.01", "--batch-size", "64"]) == 0
+    with (tmp_path / "rates_times.csv").open() as handle:
+        steps = [float(row["steps"]) for row in csv.DictReader(handle) if row["setting"] == "cos_standard"]
+    assert math.isinf(max(steps))
+    assert "vs" in capsys.readouterr().out and (tmp_path / "rates.png").exists()
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])

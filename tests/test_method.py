@@ -1,0 +1,95 @@
+"""SSLMethod's readouts and metric bookkeeping, without a trainer."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ivreg.config import compose, prepare_config
+from ivreg.method import SSLMethod, metric_means
+
+from .conftest import CIFAR_CONFIGS
+
+
+def _model(*overrides: str) -> SSLMethod:
+    small = [
+        "backbone.name=resnet10",
+        "++method_kwargs.proj_hidden_dim=32",
+        "++method_kwargs.pred_hidden_dim=32",
+        "++method_kwargs.proj_output_dim=16",
+        "data.dataset=cifar10",
+    ]
+    cfg = prepare_config(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", [*small, *overrides]))
+    cfg.data.num_classes = 10
+    torch.manual_seed(0)
+    return SSLMethod(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_metric_means_divides_losses_by_steps_and_hits_by_labelled_images() -> None:
+    sums = {
+        "train_neg_cos_sim": torch.tensor(-3.0),
+        "train_class_loss": torch.tensor(6.0),
+        "train_hits": torch.tensor(15.0),
+        "train_hits_raw": torch.tensor(5.0),
+        "train_count": torch.tensor(20.0),
+    }
+    means = metric_means(sums, torch.tensor(3.0))
+    assert set(means) == {"train_neg_cos_sim", "train_class_loss", "train_acc1", "train_acc1_raw"}
+    assert float(means["train_neg_cos_sim"]) == -1.0 and float(means["train_class_loss"]) == 2.0
+    assert float(means["train_acc1"]) == 75.0 and float(means["train_acc1_raw"]) == 25.0
+    unlabelled = metric_means({**sums, "train_count": torch.tensor(0.0), "train_hits": torch.tensor(0.0)}, 1)
+    assert math.isnan(float(unlabelled["train_acc1"]))  # no labelled image: no accuracy, not 0
+
+
+def test_every_readout_is_trained_beside_the_ssl_loss_and_the_random_backbone_stays_frozen() -> None:
+    model = _model("++report.raw_readout=True", "++report.compare_random_init=True")
+    assert [r.suffix for r in model.readouts()] == ["", "_raw", "_random"]
+    views = [torch.rand(6, 3, 32, 32), torch.rand(6, 3, 32, 32)]
+    labels = torch.tensor([0, 1, 2, 3, -1, 5])
+    loss, metrics = model.forward_step(views, labels)
+    assert float(metrics["train_count"]) == 10  # 5 labelled images, 2 views
+    class_losses = sum(metrics[f"train_class_loss{s}"] for s in ("", "_raw", "_random"))
+    assert float(loss.detach()) == pytest.approx(float(metrics["train_neg_cos_sim"] + class_losses), rel=1e-5)
+    for suffix in ("", "_raw", "_random"):
+        assert 0 <= float(metrics[f"train_hits{suffix}"]) <= 10
+        assert not metrics[f"train_class_loss{suffix}"].requires_grad  # recorded detached
+    loss.backward()
+    assert all(r.module.linear.weight.grad is not None for r in model.readouts())
+    assert all(p.grad is None for p in model.random_backbone.parameters())
+
+
+def test_validation_reports_every_readout_under_its_suffix(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model("++report.raw_readout=True", "++report.compare_random_init=True").eval()
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(model, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    images, labels = torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 3, 4, 5, -1, -1])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.validation_step((images, labels), 0)
+        model.on_validation_epoch_end()
+    assert set(logged) == {"val_acc1", "val_acc1_raw", "val_acc1_random", "val_acc5", "val_loss"}
+    # the random-init readout sees the random backbone: its logits, not the online ones
+    feats_random = model.random_backbone(images[:6])
+    expected = (model.random_readout(feats_random).argmax(-1) == labels[:6]).float().mean() * 100
+    assert logged["val_acc1_random"] == pytest.approx(float(expected))
+    expected_online = (model.readout(model.backbone(images[:6])).argmax(-1) == labels[:6]).float().mean() * 100
+    assert logged["val_acc1"] == pytest.approx(float(expected_online))
+
+
+def test_without_report_options_only_the_standardised_readout_exists() -> None:
+    model = _model()
+    assert [r.suffix for r in model.readouts()] == [""]
+    assert model.raw_readout is None and model.random_backbone is None
+    _, metrics = model.forward_step([torch.rand(4, 3, 32, 32)] * 2, torch.tensor([0, 1, 2, 3]))
+    assert set(metrics) == {
+        "train_neg_cos_sim",
+        "train_z_std",
+        "train_z_norm",
+        "train_class_loss",
+        "train_hits",
+        "train_count",
+    }
