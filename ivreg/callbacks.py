@@ -39,6 +39,7 @@ EPOCH_COLUMNS = {
     "val_acc5": "val_acc5",
     "val_acc1_random": "val_acc1_random",
     "val_acc1_raw": "val_acc1_raw",
+    "val_acc1_momentum": "val_acc1_momentum",
     "train_class_loss_raw": "train_class_loss_raw",
     "val_knn_acc1": "val_knn_acc1",
     "val_knn_acc5": "val_knn_acc5",
@@ -472,6 +473,11 @@ class EpochSummary(L.Callback):
             f"loss {fmt('train_neg_cos_sim', '.4f')} | val_acc1 {fmt('val_acc1', '6.2f')} | "
             f"val_acc5 {fmt('val_acc5', '6.2f')} | "
             + (f"raw readout val_acc1 {fmt('val_acc1_raw', '6.2f')} | " if _finite(row.get("val_acc1_raw")) else "")
+            + (
+                f"momentum readout val_acc1 {fmt('val_acc1_momentum', '6.2f')} | "
+                if _finite(row.get("val_acc1_momentum"))
+                else ""
+            )
             + (
                 f"random-init val_acc1 {fmt('val_acc1_random', '6.2f')} | "
                 if _finite(row.get("val_acc1_random"))

@@ -108,13 +108,16 @@ DEFAULTS: dict[str, Any] = {
         "wandb": {"enabled": False, "project": "ivreg", "entity": None, "offline": False},
     },
     "readout": {"batchnorm": True},
-    "knn": {"enabled": False, "k": 20, "temperature": 0.07, "every_n_epochs": 1},
+    # distance: cosine (weights exp(s / T)) or euclidean (weights 1 / d; solo-learn's knn_eval default)
+    "knn": {"enabled": False, "k": 20, "temperature": 0.07, "distance": "cosine", "every_n_epochs": 1},
     # a 2-D map of validation features, <run folder>/umap/<method>_epoch<N>.png (method: umap,
     # which needs pip install 'ivreg[umap]', tsne or pca); max_samples 0: the whole split
     "umap": {"enabled": False, "every_n_epochs": 50, "method": "umap", "max_samples": 5000},
     # compare_random_init: the same readout on a frozen random backbone (val_acc1_random);
     # raw_readout: also the reference's unstandardised readout (val_acc1_raw)
-    "report": {"compare_random_init": False, "raw_readout": False},
+    # momentum_readout: also a readout on the EMA copy's backbone (val_acc1_momentum; solo-learn's
+    # momentum.classifier, logged there as val_momentum_acc1)
+    "report": {"compare_random_init": False, "raw_readout": False, "momentum_readout": False},
     "max_epochs": 1000,
     "devices": 1,
     "accelerator": "auto",
@@ -256,8 +259,61 @@ def unread_keys(
         for key in sorted(set(given) - known):
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {section}.{close[0]}?" if close else f"{section} takes {sorted(known)}"
+            hint = SOLO_LEARN_KEY_ADVICE.get(f"{section}.{key}", hint)
             lines.append(f"{section}.{key} is not read by ivreg and has no effect; {hint}")
     return lines
+
+
+# solo-learn keys without a counterpart of the same name here, and what to do instead (the
+# closest name would mislead: disable_channel_last is the opposite of channels_last).
+SOLO_LEARN_KEY_ADVICE = {
+    "performance.disable_channel_last": "ivreg's switch has the opposite sense: performance.channels_last=False "
+    "turns channels_last off (auto: on with a GPU)",
+    "checkpoint.keep_prev": "ivreg keeps last.ckpt only; checkpoint.keep_every_n_epochs=N also keeps epoch<N>.ckpt "
+    "every N epochs",
+    "auto_resume.max_hours": "ivreg resumes from the run folder's last.ckpt whatever its age, after checking that "
+    "the config matches (auto_resume.enabled=False starts over elsewhere: give the run another name)",
+    "data.no_labels": "a data.train_path folder with the images directly in it (no class folders) is read as "
+    "unlabelled images (data.dataset=custom)",
+    "scheduler.interval": "ivreg's schedules update the rate after every optimizer step, as solo-learn's interval=step",
+}
+# solo-learn's sections that ivreg reads under its own names: {section: (ivreg section,
+# {solo-learn key: ivreg key})}; None: every key as it is.
+SOLO_LEARN_SECTIONS: dict[str, tuple[str, dict[str, str] | None]] = {
+    "wandb": ("logger.wandb", None),
+    "auto_umap": ("umap", {"enabled": "enabled", "frequency": "every_n_epochs"}),
+    "knn_eval": ("knn", {"enabled": "enabled", "k": "k", "distance_func": "distance", "T": "temperature"}),
+}
+SOLO_LEARN_NOTES = {"auto_umap.dir": "the maps go to <run folder>/umap/"}
+
+
+def from_solo_learn(user: DictConfig, sections: Iterable[str] = tuple(SOLO_LEARN_SECTIONS)) -> DictConfig:
+    """``user`` with solo-learn's (and the seed's) ``sections`` moved under this library's
+    names (``wandb`` -> ``logger.wandb``, ``auto_umap`` -> ``umap``, ``knn_eval`` -> ``knn``),
+    and ``momentum.classifier`` as ``report.momentum_readout``. Their keys without a
+    counterpart are warned about. A solo-learn section given wins over the library's (the
+    seed's ``wandb`` group over the ``logger`` group of the same config)."""
+    for name in sections:
+        section = user.get(name)
+        if not isinstance(section, DictConfig):
+            continue
+        target, keys = SOLO_LEARN_SECTIONS[name]
+        mapped: dict[str, Any] = {}
+        for key, value in section.items():
+            if keys is None or key in keys:
+                mapped[str(key) if keys is None else keys[str(key)]] = value
+                continue
+            note = SOLO_LEARN_NOTES.get(f"{name}.{key}", f"{name} takes {sorted(keys)}")
+            warnings.warn(f"{name}.{key} is not read by ivreg and has no effect; {note}", UnreadConfigKeyWarning, 3)
+        for part in reversed(target.split(".")):
+            mapped = {part: mapped}
+        user.pop(name)  # (launch_config's copy)
+        user = OmegaConf.merge(user, mapped)
+    momentum = user.get("momentum")
+    if isinstance(momentum, DictConfig) and "classifier" in momentum:
+        user = OmegaConf.merge(user, {"report": {"momentum_readout": momentum.classifier}})
+        user.momentum.pop("classifier")
+    return user
 
 
 def warn_unread_keys(cfg: DictConfig, **where: Any) -> None:
@@ -328,33 +384,12 @@ def merged_with_defaults(user: DictConfig, defaults: Mapping[str, Any]) -> DictC
 
 def prepare_config(cfg: DictConfig | Mapping) -> DictConfig:
     """Defaults merged under ``cfg``, validated. Returns a new config; ``cfg`` is unchanged."""
-    user = launch_config(cfg)
-    if "wandb" in user and isinstance(user.wandb, DictConfig):  # the seed's wandb group wins
-        seed_wandb = user.pop("wandb")
-        user = OmegaConf.merge(user, {"logger": {"wandb": seed_wandb}})
-    if "auto_umap" in user and isinstance(user.auto_umap, DictConfig):  # solo-learn's name for the online map
-        user = OmegaConf.merge(user, {"umap": from_auto_umap(user.pop("auto_umap"))})
+    user = from_solo_learn(launch_config(cfg))
     warn_unread_keys(user)
     merged = merged_with_defaults(user, DEFAULTS)
     validate(merged)
     warn_off_paper_settings(merged)
     return merged
-
-
-def from_auto_umap(section: DictConfig) -> dict[str, Any]:
-    """solo-learn's ``auto_umap`` section (``enabled``, ``frequency``, ``dir``) as this
-    library's ``umap`` section; its pictures go to the run folder, so ``dir`` is not read."""
-    mapped: dict[str, Any] = {}
-    for key, value in section.items():
-        if key in ("enabled", "frequency"):
-            mapped["every_n_epochs" if key == "frequency" else key] = value
-        else:
-            warnings.warn(
-                f"auto_umap.{key} is not read by ivreg and has no effect; the maps go to <run folder>/umap/",
-                UnreadConfigKeyWarning,
-                stacklevel=4,
-            )
-    return mapped
 
 
 class PaperSettingWarning(UserWarning):
@@ -425,6 +460,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("base_tau", "final_tau"):
         tau = _number(cfg, f"momentum.{key}")
         require(0.0 <= tau <= 1.0, f"momentum.{key} must be in [0, 1], got {tau}")
+    if cfg.knn.enabled:  # the online kNN's settings, before any folder is written
+        from ivreg.eval.knn import check_knn_args
+
+        knn = cfg.knn
+        check_knn_args([int(knn.k)], [float(knn.temperature)], str(knn.distance), bank_size=int(knn.k))
+    require(
+        not cfg.report.momentum_readout or uses_ema(cfg),
+        "report.momentum_readout=True reads the EMA copy's backbone, and this config has none "
+        "(momentum.base_tau = final_tau = 0: the *-noema configs); drop it or use an EMA config",
+    )
     for key in ("proj_hidden_dim", "proj_output_dim", "pred_hidden_dim"):
         require(int(mk[key]) >= 1, f"method_kwargs.{key} must be a positive integer, got {mk[key]}")
     alpha = _number(cfg, "method_kwargs.dp_alpha")

@@ -5,7 +5,7 @@
     p, p_sqrt = predictor.predict_views(z, n_views, groups)
     z_t = target(views, z, n_views, groups)          # EMA copy or stop-gradient online z
     loss = sum over ordered view pairs (a, b) of loss_fn(z_a, p_a, p_sqrt_a, z_t_b)
-    + online readout cross-entropy on feats.detach()
+    + the online readouts' cross-entropy on detached features (``SSLMethod.readouts``)
     optimizer step, then the EMA target update (once per optimizer step)
 
 ``method`` chooses the predictor (``byol``: learned MLP, ``directpred``: closed form);
@@ -31,7 +31,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ivreg.backbones import build_backbone, is_timm
 from ivreg.config import lr_scale, uses_ema
 from ivreg.data.datasets import dataset_info
-from ivreg.errors import TrainingError, first_line
+from ivreg.errors import ConfigError, TrainingError, first_line
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.norms import ViewGroups, follows_view_groups, run_views, share_view_groups
@@ -75,9 +75,9 @@ def backbone_from_config(cfg: Mapping) -> nn.Module:
 class Readout(NamedTuple):
     """An online readout, the features it reads and the suffix of its metrics' names."""
 
-    suffix: str  # "" (the readout), "_raw" (unstandardised), "_random" (random-init backbone)
+    suffix: str  # "" (the readout), "_raw" (unstandardised), "_random", "_momentum"
     module: OnlineReadout
-    on_random_backbone: bool
+    features: str  # whose backbone: "online", "random" (frozen random init) or "momentum" (EMA copy)
 
 
 def _metric_key(suffix: str) -> str:
@@ -133,6 +133,12 @@ class SSLMethod(L.LightningModule):
         if report.get("compare_random_init", False):
             self.random_backbone = backbone_from_config(cfg).requires_grad_(False)
             self.random_readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
+        # Optional: a readout on the EMA copy's backbone (solo-learn's momentum classifier).
+        self.momentum_readout: OnlineReadout | None = None
+        if report.get("momentum_readout", False):
+            if not self.target.has_copy:
+                raise ConfigError("report.momentum_readout=True needs an EMA target; this config has none")
+            self.momentum_readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
         # val_acc1<suffix> of every readout (torchmetrics states are not saved in checkpoints)
         self.val_top1 = nn.ModuleDict(
             {_metric_key(r.suffix): MulticlassAccuracy(num_classes, top_k=1, average="micro") for r in self.readouts()}
@@ -173,11 +179,13 @@ class SSLMethod(L.LightningModule):
 
     def readouts(self) -> list[Readout]:
         """The online readouts this run trains (the first is the one reported as val_acc1)."""
-        found = [Readout("", self.readout, False)]
+        found = [Readout("", self.readout, "online")]
         if self.raw_readout is not None:
-            found.append(Readout("_raw", self.raw_readout, False))
+            found.append(Readout("_raw", self.raw_readout, "online"))
         if self.random_readout is not None:
-            found.append(Readout("_random", self.random_readout, True))
+            found.append(Readout("_random", self.random_readout, "random"))
+        if self.momentum_readout is not None:
+            found.append(Readout("_momentum", self.momentum_readout, "momentum"))
         return found
 
     def on_train_start(self) -> None:
@@ -241,7 +249,11 @@ class SSLMethod(L.LightningModule):
             # splits its graph here (observe_views runs eager) and not inside a nested frame
             observe_views(self.predictor, z, n_views)
             p, p_sqrt = self.predictor.predict_views(z, n_views, groups)
-        z_t = self.target(inputs, z, n_views, groups)
+        features = {"online": feats}
+        if self.momentum_readout is not None:  # the EMA copy's features as well as its projections
+            features["momentum"], z_t = self.target.features_and_projections(inputs, n_views, groups)
+        else:
+            z_t = self.target(inputs, z, n_views, groups)
         ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views)
 
         with torch.no_grad():
@@ -251,15 +263,12 @@ class SSLMethod(L.LightningModule):
                 "train_z_std": F.normalize(z_all, dim=-1).std(dim=1).mean(),
                 "train_z_norm": z_all.norm(dim=-1).mean(),
             }
-            random_feats = None
             if self.random_backbone is not None:
-                random_feats = run_views(self.random_backbone, inputs, n_views, groups)
+                features["random"] = run_views(self.random_backbone, inputs, n_views, groups)
         all_labels = labels.repeat(n_views)
         class_loss = ssl_loss.new_zeros(())
         for readout in self.readouts():
-            loss, hits, count = readout.module.loss_and_hits(
-                random_feats if readout.on_random_backbone else feats, all_labels
-            )
+            loss, hits, count = readout.module.loss_and_hits(features[readout.features], all_labels)
             class_loss = class_loss + loss
             metrics[f"train_class_loss{readout.suffix}"] = loss.detach()
             metrics[f"train_hits{readout.suffix}"] = hits.float()
@@ -372,12 +381,15 @@ class SSLMethod(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        feats = self.backbone(images)
-        random_feats = self.random_backbone(images) if self.random_backbone is not None else None
+        features = {"online": self.backbone(images)}
+        if self.random_backbone is not None:
+            features["random"] = self.random_backbone(images)
+        if self.momentum_readout is not None:
+            features["momentum"] = self.target.net[0](images)
         labelled = labels >= 0
         labels = labels[labelled]
         for readout in self.readouts():
-            logits = readout.module(random_feats if readout.on_random_backbone else feats).float()[labelled]
+            logits = readout.module(features[readout.features]).float()[labelled]
             self.val_top1[_metric_key(readout.suffix)].update(logits, labels)
             if readout.module is self.readout:
                 self.val_acc5.update(logits, labels)

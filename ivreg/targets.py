@@ -74,6 +74,16 @@ class EMATarget(nn.Module):
         return run_views(self.net, views, n_views, groups)
 
     @torch.no_grad()
+    def features_and_projections(
+        self, views: torch.Tensor | Sequence[torch.Tensor], n_views: int, groups: ViewGroups | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The copy's backbone features and projections of all views, for a readout of the
+        copy's features (``net`` must be ``Sequential(backbone, projector)``)."""
+        backbone, projector = self.net
+        feats = run_views(backbone, views, n_views, groups)
+        return feats, run_views(projector, feats, n_views, groups)
+
+    @torch.no_grad()
     def update(self, online_params: Sequence[torch.Tensor], tau: float) -> None:
         """target <- tau * target + (1 - tau) * online, as one fused foreach op.
 

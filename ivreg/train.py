@@ -122,6 +122,11 @@ def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if precision == "16-mixed" and not on_gpu:
         raise ConfigError("precision=16 (float16 autocast) needs a GPU; use precision=bf16 or 32 on the CPU")
     devices = OmegaConf.to_object(cfg.devices) if OmegaConf.is_list(cfg.devices) else cfg.devices
+    if isinstance(devices, list) and not on_gpu:  # (Lightning: a TypeError from inside its CPU accelerator)
+        raise ConfigError(
+            f"devices={devices} lists GPU indices (the shipped configs' devices=[0]), but the run is on the CPU "
+            f"(accelerator={accelerator}); give a number of processes instead: devices=1"
+        )
     world = world_size_of(cfg.devices, int(cfg.get("num_nodes", 1)), accelerator)
     strategy = str(cfg.strategy)
     if world == 1 and strategy.startswith("ddp"):
@@ -208,7 +213,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[L.Callback]:
     if cfg.knn.enabled:
         from ivreg.eval.knn import OnlineKNN
 
-        callbacks.append(OnlineKNN(int(cfg.knn.k), float(cfg.knn.temperature), int(cfg.knn.every_n_epochs)))
+        knn = cfg.knn
+        callbacks.append(OnlineKNN(int(knn.k), float(knn.temperature), int(knn.every_n_epochs), str(knn.distance)))
     if cfg.umap.enabled:
         from ivreg.analysis.online_umap import OnlineUMAP
 
@@ -246,8 +252,9 @@ def apply_performance_options(cfg: DictConfig, model: SSLMethod, datamodule: Pre
         else:
             model.backbone.compile(mode=mode)
             model.projector.compile(mode=mode)
-            if model.target.has_copy:
-                model.target.net.compile(mode=mode)
+            if model.target.has_copy:  # its parts, which the momentum readout calls one by one
+                for part in model.target.net:
+                    part.compile(mode=mode)
         model.cudagraph_steps = mode in CUDAGRAPH_COMPILE_MODES
 
 

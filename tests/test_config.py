@@ -251,3 +251,26 @@ def test_solo_learns_auto_umap_section_is_the_online_map() -> None:
     with pytest.warns(UnreadConfigKeyWarning, match=r"auto_umap.dir is not read .* <run folder>/umap/"):
         cfg = prepare_config(_cifar(["++auto_umap.enabled=True", "++auto_umap.frequency=5", "++auto_umap.dir=maps"]))
     assert cfg.umap.enabled is True and cfg.umap.every_n_epochs == 5 and "auto_umap" not in cfg
+
+
+def test_solo_learns_knn_eval_section_is_the_online_knn() -> None:
+    overrides = ["++knn_eval.enabled=True", "++knn_eval.k=5", "++knn_eval.distance_func=euclidean", "++knn_eval.x=1"]
+    with pytest.warns(UnreadConfigKeyWarning, match=r"knn_eval.x is not read .* knn_eval takes \['T', 'distance_func'"):
+        cfg = prepare_config(_cifar(overrides))
+    assert (cfg.knn.enabled, cfg.knn.k, cfg.knn.distance) == (True, 5, "euclidean") and "knn_eval" not in cfg
+    with pytest.raises(ConfigError, match=r"unknown kNN distance 'manhattan'"):
+        prepare_config(_cifar(["++knn.enabled=True", "++knn.distance=manhattan"]))
+
+
+def test_solo_learns_momentum_classifier_is_the_momentum_readout() -> None:
+    cfg = prepare_config(_cifar(["++momentum.classifier=True"], "byol.yaml"))
+    assert cfg.report.momentum_readout is True and "classifier" not in cfg.momentum
+    noema = ["++report.momentum_readout=True"]
+    with pytest.raises(ConfigError, match=r"momentum_readout=True reads the EMA copy's backbone.*\*-noema"):
+        prepare_config(_cifar(noema, "isoloss-noema.yaml"))
+
+
+def test_solo_learn_keys_of_another_name_get_advice_not_the_closest_name() -> None:
+    with pytest.warns(UnreadConfigKeyWarning, match=r"opposite sense: performance.channels_last=False") as caught:
+        prepare_config(_cifar(["++performance.disable_channel_last=True"]))
+    assert not any("did you mean" in str(w.message) for w in caught)

@@ -15,7 +15,7 @@ from ivreg.method import SSLMethod, metric_means
 from .conftest import CIFAR_CONFIGS
 
 
-def _model(*overrides: str) -> SSLMethod:
+def _model(*overrides: str, config: str = "isoloss-noema.yaml") -> SSLMethod:
     small = [
         "backbone.name=resnet10",
         "++method_kwargs.proj_hidden_dim=32",
@@ -23,7 +23,7 @@ def _model(*overrides: str) -> SSLMethod:
         "++method_kwargs.proj_output_dim=16",
         "data.dataset=cifar10",
     ]
-    cfg = prepare_config(compose(str(CIFAR_CONFIGS), "isoloss-noema.yaml", [*small, *overrides]))
+    cfg = prepare_config(compose(str(CIFAR_CONFIGS), config, [*small, *overrides]))
     cfg.data.num_classes = 10
     torch.manual_seed(0)
     return SSLMethod(OmegaConf.to_container(cfg, resolve=True))
@@ -93,3 +93,19 @@ def test_without_report_options_only_the_standardised_readout_exists() -> None:
         "train_hits",
         "train_count",
     }
+
+
+def test_the_momentum_readout_reads_the_ema_copys_backbone() -> None:
+    model = _model("++report.momentum_readout=True", config="byol.yaml")
+    assert [r.suffix for r in model.readouts()] == ["", "_momentum"]
+    with torch.no_grad():  # make the copy differ from the online network
+        for p in model.target.net.parameters():
+            p.mul_(0.5)
+    views, labels = [torch.rand(4, 3, 32, 32)] * 2, torch.tensor([0, 1, 2, 3])
+    loss, metrics = model.forward_step(views, labels)
+    copy_feats = model.target.net[0](torch.cat(views))
+    expected, _, _ = model.momentum_readout.loss_and_hits(copy_feats, labels.repeat(2))
+    assert float(metrics["train_class_loss_momentum"]) == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    assert model.momentum_readout.linear.weight.grad is not None
+    assert all(p.grad is None for p in model.target.net.parameters())  # the copy follows by EMA only

@@ -762,6 +762,18 @@ def test_sync_batchnorm_on_cpu_processes_is_said_to_have_no_effect() -> None:
         hardware_kwargs(prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", [*cpu, "devices=1"])))
 
 
+def test_gpu_indices_on_the_cpu_are_refused_with_the_way_out() -> None:
+    """The shipped configs' devices=[0] with accelerator=cpu (Lightning: a TypeError from
+    inside its CPU accelerator)."""
+    from ivreg.config import prepare_config
+    from ivreg.train import hardware_kwargs
+
+    cfg = prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", ["accelerator=cpu", "precision=32"]))
+    assert OmegaConf.to_object(cfg.devices) == [0]  # as shipped
+    with pytest.raises(ConfigError, match=r"devices=\[0\] lists GPU indices .* on the CPU .* devices=1"):
+        hardware_kwargs(cfg)
+
+
 def test_only_global_rank_zero_writes_the_config_of_a_multi_node_launch(
     image_data, tmp_path: Path, monkeypatch
 ) -> None:

@@ -21,7 +21,7 @@ import csv
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +52,14 @@ EUCLIDEAN_EPS = 1e-8
 
 @dataclass(frozen=True)
 class KNNResult:
-    """Accuracies (%) of one (k, temperature) setting."""
+    """Accuracies (%) of one (k, temperature) setting of one distance (and kind of features)."""
 
     k: int
     temperature: float
     distance: str
     acc1: float
     acc5: float
+    features: str = "backbone"  # (main_knn.py) backbone features or the projections z
 
 
 def check_knn_args(ks: Sequence[int], temperatures: Sequence[float], distance: str, bank_size: int) -> None:
@@ -229,7 +230,7 @@ def write_results(path: Path, results: Sequence[KNNResult], extra: Mapping[str, 
     from ivreg.callbacks import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{**extra, **asdict(r)} for r in results]
+    rows = [{**extra, "features": r.features, **asdict(r)} for r in results]
 
     def write(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()), lineterminator="\n")
@@ -241,7 +242,10 @@ def write_results(path: Path, results: Sequence[KNNResult], extra: Mapping[str, 
 
 def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     """``main_knn.py``: features of a checkpoint's backbone on the train (bank) and test splits,
-    then weighted kNN for every k and temperature. Prints a table; writes ``out`` (CSV) if set."""
+    then weighted kNN for every k and temperature, for every distance and kind of features
+    (``distance`` and ``features`` may be lists, as solo-learn's ``distance_function`` and
+    ``feature_type``: the images are encoded once). Prints a table per distance and kind of
+    features; writes ``out`` (CSV) if set."""
     from ivreg.checkpoints import load_backbone_and_config, load_projector
 
     user = launch_config(cfg)
@@ -256,47 +260,65 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
         raise ConfigError(f"k must be a whole number or a list of them, e.g. [10,20], got {ks}")
     if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in temps):
         raise ConfigError(f"temperature must be a number or a list of them, got {temps}")
-    distance = str(cfg.distance)
-    check_knn_args(ks, temps, distance, bank_size=max(ks, default=1))  # names and signs; the bank comes below
+    distances = list(dict.fromkeys(str(d) for d in _as_list(cfg.distance)))
+    kinds = list(dict.fromkeys(str(f) for f in _as_list(cfg.features)))
+    for distance in distances:  # names and signs; the bank comes below
+        check_knn_args(ks, temps, distance, bank_size=max(ks, default=1))
+    for kind in kinds or [""]:
+        if kind not in FEATURES:
+            raise ConfigError(f"unknown features '{kind}'; choose one of {list(FEATURES)} (or a list of them)")
     device = default_device(str(cfg.accelerator))
 
-    features = str(cfg.features)
-    if features not in FEATURES:
-        raise ConfigError(f"unknown features '{features}'; choose one of {list(FEATURES)}")
     backbone, pretrain_cfg = load_backbone_and_config(str(ckpt), map_location=device, pretraining=True)
-    if features == "projector":
+    projector = None  # (read before any image is encoded: a checkpoint without one fails at once)
+    if "projector" in kinds:
         projector = load_projector(str(ckpt), pretrain_cfg, int(backbone.num_features), map_location=device)
-        backbone = torch.nn.Sequential(backbone, projector).eval()
     data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]
     train, val, num_classes = eval_datasets(data, int(cfg.seed))
-    check_knn_args(ks, temps, distance, bank_size=len(train))  # type: ignore[arg-type]
+    for distance in distances:
+        check_knn_args(ks, temps, distance, bank_size=len(train))  # type: ignore[arg-type]
 
     batch, workers = int(cfg.batch_size), int(data["num_workers"])
     train_x, train_y = extract_features(backbone, eval_view(train, data), batch, workers, device)
     test_x, test_y = extract_features(backbone, eval_view(val, data), batch, workers, device)
-    results = knn_accuracy(
-        train_x,
-        train_y,
-        test_x,
-        test_y,
-        ks,
-        temps,
-        distance,
-        num_classes,
-        int(cfg.test_chunk_size),
-        int(cfg.bank_chunk_size),
-    )
-    if int(os.environ.get("RANK", "0")) != 0:  # launched by torchrun: every process computed it, one reports
-        return results
-    print(
-        f"kNN ({distance}) on {data['dataset']}: {len(train_x)} train / {len(test_x)} test images, "
-        f"{features} features of {ckpt}\n{format_results(results)}",
-        flush=True,
-    )
-    if cfg.out:
-        extra = {"checkpoint": str(ckpt), "dataset": data["dataset"], "features": features}
-        write_results(Path(str(cfg.out)).expanduser(), results, extra)
+    banks = {"backbone": (train_x, test_x)}
+    if projector is not None:  # z = projector(backbone(x)), from the features already encoded
+        banks["projector"] = (_projected(projector, train_x, batch), _projected(projector, test_x, batch))
+    results: list[KNNResult] = []
+    report = int(os.environ.get("RANK", "0")) == 0  # launched by torchrun: every process computes, one reports
+    for kind in kinds:
+        bank, queries = banks[kind]
+        for distance in distances:
+            found = knn_accuracy(
+                bank,
+                train_y,
+                queries,
+                test_y,
+                ks,
+                temps,
+                distance,
+                num_classes,
+                int(cfg.test_chunk_size),
+                int(cfg.bank_chunk_size),
+            )
+            found = [replace(r, features=kind) for r in found]
+            results += found
+            if report:
+                print(
+                    f"kNN ({distance}) on {data['dataset']}: {len(bank)} train / {len(queries)} test images, "
+                    f"{kind} features of {ckpt}\n{format_results(found)}",
+                    flush=True,
+                )
+    if report and cfg.out:
+        write_results(Path(str(cfg.out)).expanduser(), results, {"checkpoint": str(ckpt), "dataset": data["dataset"]})
     return results
+
+
+@torch.no_grad()
+def _projected(projector: torch.nn.Module, feats: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``projector`` (in eval mode) on rows of backbone features, ``batch_size`` at a time."""
+    projector.eval()
+    return torch.cat([projector(chunk).float() for chunk in feats.split(batch_size)])
 
 
 # ------------------------------------------------------------------------------ online kNN

@@ -45,9 +45,11 @@ from ivreg.callbacks import (
     validated_values,
 )
 from ivreg.config import (
+    LR_SCALINGS,
     PRECISIONS,
     check_value_types,
     config_leaves,
+    from_solo_learn,
     launch_config,
     lr_scale,
     merged_with_defaults,
@@ -87,6 +89,8 @@ LINEAR_DEFAULTS: dict[str, Any] = {
         "batch_size": 256,
         "lr": 0.1,
         "backbone_lr_scale": 1.0,  # with finetune: the backbone's lr is lr * this
+        # lr is per 256 images: x batch size x devices / 256 (linear_accumulated, none: as in pretraining)
+        "lr_scaling": "linear",
         "weight_decay": 0.0,
         "kwargs": {"momentum": 0.9},
     },
@@ -175,7 +179,7 @@ def linear_optimizer(opt: Mapping[str, Any], params: list[dict[str, Any]], lr: f
 
 def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     """Defaults merged under ``cfg`` and checked (the pretraining checkpoint is not read yet)."""
-    user = launch_config(cfg)
+    user = from_solo_learn(launch_config(cfg), sections=("wandb",))
     warn_unread_keys(
         user,
         defaults=LINEAR_DEFAULTS,
@@ -204,6 +208,10 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
     )
     for key in ("lr", "weight_decay", "backbone_lr_scale"):
         require(float(opt[key]) >= 0, f"optimizer.{key} must be >= 0, got {opt[key]}")
+    require(
+        opt.lr_scaling in LR_SCALINGS,
+        f"optimizer.lr_scaling '{opt.lr_scaling}' is not supported; choose one of {list(LR_SCALINGS)}",
+    )
     # its options, on a stand-in parameter, before anything is loaded or written
     linear_optimizer(OmegaConf.to_object(opt), [{"params": [torch.zeros(1, requires_grad=True)]}], float(opt.lr))  # type: ignore[arg-type]
     require(int(merged.max_epochs) >= 1, f"max_epochs must be >= 1, got {merged.max_epochs}")

@@ -218,6 +218,20 @@ def test_knn_on_projector_features_uses_the_trained_projector(image_data, tmp_pa
     assert result.acc1 == expected.acc1 and result.acc5 == expected.acc5
     with pytest.raises(ConfigError, match="unknown features 'logits'"):
         run_knn({**cfg, "features": "logits"})
+    # lists (solo-learn's feature_type and distance_function): one encoding, every combination
+    both = run_knn({**cfg, "features": ["backbone", "projector"], "distance": ["cosine", "euclidean"], "out": str(out)})
+    assert [(r.features, r.distance) for r in both] == [
+        ("backbone", "cosine"),
+        ("backbone", "euclidean"),
+        ("projector", "cosine"),
+        ("projector", "euclidean"),
+    ]
+    assert both[2].acc1 == expected.acc1 and both[2].acc5 == expected.acc5
+    (euclidean,) = knn_accuracy(*feats["train"], *feats["val"], ks=[3], distance="euclidean")
+    assert both[3].acc1 == euclidean.acc1
+    rows = out.read_text().splitlines()
+    assert rows[0] == "checkpoint,dataset,features,k,temperature,distance,acc1,acc5" and len(rows) == 5
+    assert [row.split(",")[2] for row in rows[1:]] == ["backbone", "backbone", "projector", "projector"]
 
 
 def test_epochs_the_online_knn_skips_hold_no_stale_accuracy(image_data, tmp_path) -> None:

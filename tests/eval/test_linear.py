@@ -401,6 +401,28 @@ def test_linear_keys_nothing_reads_are_named_in_a_warning() -> None:
         prepare_linear_config({"pretrained_feature_extractor": "x", "optimizer": {"lrr": 3}})
 
 
+def test_linear_lr_scaling_is_read_and_checked(colour_ckpt, tmp_path) -> None:
+    """optimizer.lr_scaling=none trains at optimizer.lr as written (it once warned "not read"
+    while the pretraining rule still scaled the rate by batch/256)."""
+    import warnings
+
+    from ivreg.config import UnreadConfigKeyWarning
+
+    cfg = _linear_cfg(colour_ckpt, tmp_path, epochs=1, name="unscaled")
+    cfg["optimizer"] = {"batch_size": 16, "lr": 0.1, "lr_scaling": "none"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreadConfigKeyWarning)
+        run = linear_eval(cfg)
+    assert run.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match=r"optimizer.lr_scaling 'sqrt' is not supported"):
+        prepare_linear_config({"pretrained_feature_extractor": "x", "optimizer": {"lr_scaling": "sqrt"}})
+
+
+def test_the_seeds_wandb_section_is_the_linear_runs_logger() -> None:
+    cfg = prepare_linear_config({"pretrained_feature_extractor": "x", "wandb": {"enabled": True, "project": "p"}})
+    assert cfg.logger.wandb.enabled is True and cfg.logger.wandb.project == "p" and "wandb" not in cfg
+
+
 def test_epochs_without_validation_hold_no_stale_accuracy(colour_ckpt, tmp_path, capsys):
     """check_val_every_n_epoch=2 of 3: epoch 2's row is not filled with epoch 1's figures, and
     the final line names the epoch it comes from."""
