@@ -21,7 +21,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from ivreg.config import auto_switch
-from ivreg.errors import CheckpointError, DataError, TrainingError, first_line
+from ivreg.errors import CheckpointError, DataError, DivergedError, first_line
 
 # epochs.csv column -> logged metric name. train_neg_cos_sim is the SSL loss summed over the
 # view pairs, whatever the loss (solo-learn's name, kept for its users): a negative cosine
@@ -136,6 +136,7 @@ def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | Asy
 # The processes a run trained with, as Lightning counted them (``devices=auto`` resolved on
 # the machine that ran it): a resume must keep the images per optimizer step.
 WORLD_SIZE_KEY = "world_size"
+CLASSES_KEY = "data_classes"  # the training data's class names, in label order
 
 
 class EpochCheckpoint(L.Callback):
@@ -160,6 +161,10 @@ class EpochCheckpoint(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         checkpoint[WORLD_SIZE_KEY] = trainer.world_size
+        # the class names, for a resume onto renamed class folders to be refused
+        classes = getattr(trainer.datamodule, "class_names", None)
+        if classes is not None:
+            checkpoint[CLASSES_KEY] = classes
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1
@@ -209,9 +214,9 @@ class NonFiniteLossGuard(L.Callback):
             hint = "a lower optimizer.lr" + (
                 "" if precision.startswith("32") or precision.startswith("64") else ", precision=bf16 or precision=32"
             )
-            raise TrainingError(
+            raise DivergedError(
                 f"the SSL loss became NaN or infinite in {bad} step(s) of epoch {trainer.current_epoch} "
-                f"(global step {trainer.global_step}). Try {hint}."
+                f"(global step {trainer.global_step}). Try {hint}"
             )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

@@ -17,6 +17,11 @@ class TrainingError(IvregError):
     """Training cannot go on (for example, the loss became NaN or infinite)."""
 
 
+class DivergedError(TrainingError):
+    """The loss or the projections became NaN or infinite: relaunching the same command would
+    resume from the last checkpoint and, training being deterministic, diverge again."""
+
+
 class CheckpointError(IvregError):
     """A checkpoint is missing, corrupt or does not fit the requested model."""
 

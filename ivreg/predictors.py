@@ -18,7 +18,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ivreg.errors import TrainingError, first_line
+from ivreg.errors import DivergedError, TrainingError, first_line
 from ivreg.heads import mlp
 from ivreg.norms import ViewGroups, run_views
 from ivreg.timing import time_runs
@@ -58,11 +58,11 @@ class RunningCorrelation(nn.Module):
                 self.C.mul_(self.tau).add_((1.0 - self.tau) * gram / batch)
 
 
-def decomposition_failed(exc: BaseException) -> TrainingError:
+def decomposition_failed(exc: BaseException) -> DivergedError:
     """The error for an eigendecomposition of C that failed (C holds NaN or inf)."""
-    return TrainingError(
+    return DivergedError(
         f"the eigendecomposition of the projection correlation matrix C failed ({first_line(exc)}); "
-        "the projections have become NaN or infinite. Try a lower optimizer.lr or precision=32."
+        "the projections have become NaN or infinite. Try a lower optimizer.lr or precision=32"
     )
 
 

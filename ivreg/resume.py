@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from ivreg.callbacks import WORLD_SIZE_KEY, read_csv_rows
+from ivreg.callbacks import CLASSES_KEY, WORLD_SIZE_KEY, read_csv_rows
 from ivreg.checkpoints import config_of, read_checkpoint, require_pretraining_config, resolve_path
 from ivreg.config import DEFAULTS, config_leaves, plain_value
 from ivreg.errors import CheckpointError, ConfigError
@@ -287,3 +287,38 @@ def is_finished(trainer: L.Trainer, resume_from: Path | None) -> bool:
         return False
     done = finished_epochs(resume_from)
     return done is not None and done >= trainer.max_epochs
+
+
+def check_resumed_classes(resume_from: Path | None, classes: list[str] | None, num_classes: int) -> None:
+    """Refuse to resume onto data whose classes differ from the checkpoint's (a label is an
+    index into the sorted class folders: a renamed, added or removed folder moves the labels
+    under the readout, or changes its shape). Checkpoints record their class names
+    (``EpochCheckpoint``); older ones only their number, in the run's config."""
+    if resume_from is None:
+        return
+    ckpt = read_checkpoint(resume_from, mmap=True)
+    then = ckpt.get(CLASSES_KEY)
+    if then is None or classes is None:  # (an older checkpoint, or no class names to compare)
+        saved = (ckpt.get("hyper_parameters") or {}).get("cfg") or {}  # (check_resume read it whole)
+        then_count = int((saved.get("data") or {}).get("num_classes", -1))
+        if then_count in (-1, num_classes):
+            return
+        detail = f"{then_count} classes then, {num_classes} now"
+    elif list(then) == list(classes):
+        return
+    else:
+        gone = [c for c in then if c not in classes]
+        new = [c for c in classes if c not in then]
+        detail = f"{len(then)} classes then, {len(classes)} now" + (
+            f"; gone: {_few(gone)}; new: {_few(new)}" if gone or new else "; the same names in another order"
+        )
+    raise ConfigError(
+        f"{resume_from} was trained on other classes than the data now given ({detail}): its labels would "
+        "point at other classes. Resume with the class folders it was trained on, or start a new run "
+        "(another name=...)"
+    )
+
+
+def _few(names: list[str], at_most: int = 5) -> str:
+    shown = ", ".join(names[:at_most]) or "-"
+    return shown + (f" and {len(names) - at_most} more" if len(names) > at_most else "")

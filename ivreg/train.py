@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
@@ -62,10 +63,11 @@ from ivreg.config import (
 )
 from ivreg.data.augment import parse_view_specs
 from ivreg.data.datamodule import PretrainDataModule
-from ivreg.errors import ConfigError, DataError, TrainingError, first_line
+from ivreg.errors import ConfigError, DataError, DivergedError, TrainingError, first_line
 from ivreg.method import SSLMethod
 from ivreg.resume import (
     check_resume,
+    check_resumed_classes,
     finished_epochs,
     is_finished,
     keep_fraction_draw,
@@ -105,7 +107,16 @@ class Run:
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
-    return Path(cfg.checkpoint.dir).expanduser() / str(cfg.name)
+    """``<checkpoint.dir>/<name>``; a name that is empty, null or leads out of checkpoint.dir is
+    refused (the run's files would land in checkpoint.dir itself, in a folder named None, or
+    elsewhere, where the tools that walk checkpoint.dir would not find it or take the root for a run)."""
+    name = cfg.get("name")
+    text = "" if name is None else str(name)
+    if not text.strip():
+        raise ConfigError(f"name={name!r} gives the run no folder of its own; set name=<run name>")
+    if Path(text).is_absolute() or ".." in Path(text).parts:
+        raise ConfigError(f"name={text!r} leads out of checkpoint.dir; set checkpoint.dir for another place")
+    return Path(cfg.checkpoint.dir).expanduser() / text
 
 
 def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -151,6 +162,13 @@ def hardware_kwargs(cfg: DictConfig) -> dict[str, Any]:
 def passthrough_trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     accepted = trainer_arguments() - MANAGED_TRAINER_KEYS
     out = {k: cfg[k] for k in cfg if k in accepted}
+    limit = out.get("limit_train_batches")
+    if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit == 0:
+        # Lightning would skip training and end without a word, a checkpoint or a result
+        raise ConfigError(
+            f"limit_train_batches={limit} trains no batch; give a number of batches (>= 1) or a fraction of the "
+            "epoch (0 < x <= 1.0), or drop it"
+        )
     out.setdefault("enable_progress_bar", False)  # epochs.csv and one line per epoch instead
     return {k: (OmegaConf.to_object(v) if OmegaConf.is_config(v) else v) for k, v in out.items()}
 
@@ -342,6 +360,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     views = parse_view_specs(OmegaConf.to_object(cfg.augmentations))  # type: ignore[arg-type]
     datamodule = PretrainDataModule(cfg.data, views, int(cfg.optimizer.batch_size), int(cfg.seed))
     cfg.data.num_classes = datamodule.num_classes
+    check_resumed_classes(resume_from, datamodule.class_names, datamodule.num_classes)
     require_online_evaluation_data(cfg, datamodule)
     model = SSLMethod(to_container(cfg))
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
@@ -384,12 +403,11 @@ def require_online_evaluation_data(cfg: DictConfig, datamodule: PretrainDataModu
 def make_trainer(**kwargs: Any) -> L.Trainer:
     """``L.Trainer(**kwargs)``, with Lightning's refusal of a setting (``devices=0``, an
     unknown strategy, ...) turned into a ConfigError: one line, no traceback."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     try:
         return L.Trainer(**kwargs)
-    except MisconfigurationException as exc:
-        raise ConfigError(f"Lightning refused the trainer settings: {exc}") from exc
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as exc:
+        # (accelerator=tpu without torch_xla, strategy=fsdp on the CPU, devices=[5] on the CPU, ...)
+        raise ConfigError(f"Lightning refused the trainer settings: {first_line(exc)}") from exc
 
 
 OWN_METRICS_SYNC_ADVICE = r"It is recommended to use `self\.log\('(val_|train_|eigval_|part_ratio|tau'|lr')"
@@ -417,7 +435,10 @@ def fit(run: Run | LinearRun) -> None:
             # advice to add sync_dist=True, twenty lines per process, would only mislead.
             warnings.filterwarnings("ignore", message=OWN_METRICS_SYNC_ADVICE, category=PossibleUserWarning)
             ckpt_path = str(run.resume_from) if run.resume_from else None
-            run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+            try:
+                run.trainer.fit(run.model, datamodule=run.datamodule, ckpt_path=ckpt_path)
+            except MisconfigurationException as exc:  # a setting Lightning checks against the data
+                raise ConfigError(f"Lightning refused the settings: {first_line(exc)}") from exc
     finally:
         release_run_folder(run.run_dir)
     if run.resume_from is not None and not started.started and run.trainer.is_global_zero:
@@ -489,7 +510,7 @@ def say_what_is_kept(run_dir: Path) -> Iterator[None]:
         if isinstance(exc, RuntimeError):  # (its own error, the cause, is printed by that process)
             first = first_line(exc, last=True)
             exc = TrainingError(f"another process of this run stopped, and this one lost its connection ({first})")
-        kept = _kept(run_dir)
+        kept = _kept(run_dir, diverged=isinstance(exc, DivergedError))
         said = user_message(exc).rstrip(".")  # (a DataLoader worker's error: its last line)
         raise type(exc)(f"{said}. {kept[0].upper()}{kept[1:]}.") from exc
 
@@ -506,10 +527,17 @@ def _peer_gone(exc: RuntimeError) -> bool:
     )
 
 
-def _kept(run_dir: Path) -> str:
-    """What a relaunch of a stopped run would resume from."""
+def _kept(run_dir: Path, diverged: bool = False) -> str:
+    """What a relaunch of a stopped run would resume from. After a divergence the same
+    command would diverge again (resuming is exact) and a changed rate is another run."""
     last = run_dir / "last.ckpt"
     epochs = finished_epochs(last)
+    if diverged:
+        where = f"{last} keeps the {epochs} finished epoch(s) before it" if epochs else "no checkpoint was written"
+        return (
+            f"{where}; a changed setting is another run: relaunch with it and another name=... (the same "
+            "command would resume and diverge again)"
+        )
     if not epochs:  # none (checkpoint.enabled=False, or none written yet) or unreadable
         return f"no checkpoint was written in {run_dir}; a relaunch starts over"
     return f"{last} holds {epochs} finished epoch(s); launch the same command to resume"

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ivreg.config import compose
-from ivreg.errors import ConfigError, DataError, TrainingError
+from ivreg.errors import ConfigError, DataError, DivergedError, TrainingError
 from ivreg.targets import cosine_tau
 from ivreg.train import build_run, fit, pretrain, release_run_folder
 
@@ -426,9 +426,22 @@ def test_nonfinite_loss_stops_with_a_clear_error(config: str, image_data, tmp_pa
     run = build_run(_cfg(config, image_data, tmp_path, *extra))
     with torch.no_grad():
         run.model.projector[0].weight.fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"NaN or infinite.* No checkpoint was written in"):
+    with pytest.raises(DivergedError, match=r"NaN or infinite.* No checkpoint was written; a changed setting is an"):
         fit(run)
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
+
+
+def test_after_a_divergence_the_advice_is_a_new_run_not_the_same_command(image_data, tmp_path: Path) -> None:
+    """Resuming is exact, so the same command would diverge again; a lower rate cannot resume
+    the run (optimizer.lr is a resume key): the way on is another run."""
+    from ivreg.train import _kept
+
+    pretrain(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path))
+    run_dir = tmp_path / "tiny"
+    said = _kept(run_dir, diverged=True)
+    assert said.startswith(f"{run_dir / 'last.ckpt'} keeps the 1 finished epoch(s) before it")
+    assert "another name=..." in said and "launch the same command to resume" not in said
+    assert _kept(run_dir).endswith("holds 1 finished epoch(s); launch the same command to resume")
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -760,6 +773,84 @@ def test_sync_batchnorm_on_cpu_processes_is_said_to_have_no_effect() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one process: nothing to synchronise, nothing to say
         hardware_kwargs(prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", [*cpu, "devices=1"])))
+
+
+def test_a_resume_onto_other_class_folders_is_refused_before_anything_is_written(image_data, tmp_path: Path) -> None:
+    """A renamed class folder shifts every label under the trained readout (silently, before);
+    a removed one changes the readout's shape (a state_dict traceback, after config.yaml had
+    been rewritten)."""
+    import shutil
+
+    train, val = image_data
+    pretrain(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path))
+    run_dir = tmp_path / "tiny"
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["data_classes"] == ["class_0", "class_1", "class_2"]
+    config_before = (run_dir / "config.yaml").read_text()
+    renamed, fewer = tmp_path / "renamed", tmp_path / "fewer"
+    for root in (renamed, fewer):
+        shutil.copytree(train, root / "train")
+        shutil.copytree(val, root / "val")
+    for split in ("train", "val"):
+        (renamed / split / "class_0").rename(renamed / split / "class_9")
+        shutil.rmtree(fewer / split / "class_2")
+    for root, detail in ((renamed, "gone: class_0; new: class_9"), (fewer, "3 classes then, 2 now; gone: class_2")):
+        paths = [f"data.train_path={root / 'train'}", f"data.val_path={root / 'val'}", "max_epochs=2"]
+        with pytest.raises(ConfigError, match=f"trained on other classes than the data now given .*{detail}"):
+            build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "scheduler.warmup_epochs=0", *paths))
+    assert (run_dir / "config.yaml").read_text() == config_before
+    # the same class folders elsewhere (data paths may change on resume): resumed
+    moved = [f"data.train_path={renamed / 'train'}", f"data.val_path={renamed / 'val'}", "scheduler.warmup_epochs=0"]
+    for split in ("train", "val"):
+        (renamed / split / "class_9").rename(renamed / split / "class_0")
+    run = build_run(
+        _cfg("isoloss-noema.yaml", image_data, tmp_path, "scheduler.warmup_epochs=0", "max_epochs=2", *moved)
+    )
+    assert run.resume_from == run_dir / "last.ckpt"
+    release_run_folder(run_dir)
+
+
+def test_a_checkpoint_without_class_names_is_compared_by_its_number_of_classes(tmp_path: Path) -> None:
+    from ivreg.resume import check_resumed_classes
+
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"cfg": {"data": {"num_classes": 10}}}}, path)
+    check_resumed_classes(path, ["a"] * 10, 10)  # (names unknown then: the number agrees)
+    with pytest.raises(ConfigError, match=r"\(10 classes then, 9 now\)"):
+        check_resumed_classes(path, None, 9)
+    check_resumed_classes(None, ["a"], 1)  # a fresh start compares nothing
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("++limit_train_batches=0", r"limit_train_batches=0 trains no batch"),
+        ("accelerator=tpu", r"Lightning refused the trainer settings: .*torch_xla"),
+        ("augmentations.0.crop_size=abc", r"augmentations\[0\].crop_size must be a whole number, got 'abc'"),
+        ("augmentations.0.rrc.crop_min_scale=x", r"augmentations\[0\].rrc.crop_min_scale must be a number"),
+    ],
+)
+def test_settings_lightning_or_the_views_cannot_take_are_one_line_errors(
+    extra: str, message: str, image_data, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_run(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path, extra))
+
+
+def test_a_limit_below_one_batch_is_a_config_error_when_lightning_meets_it(image_data, tmp_path: Path) -> None:
+    """Lightning checks a fractional limit against the loader only when fitting."""
+    run = build_run(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path, "++limit_train_batches=0.001"))
+    with pytest.raises(ConfigError, match=r"Lightning refused the settings: .*0.001 \* 6 < 1"):
+        fit(run)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("''", "gives the run no folder of its own"), ("null", "gives the run no folder"), ("../out", "leads out of")],
+)
+def test_a_name_without_a_folder_of_its_own_is_refused(name: str, message: str, image_data, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=message):
+        build_run(_one_epoch_cfg("isoloss-noema.yaml", image_data, tmp_path / "runs", f"name={name}"))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
 
 
 def test_gpu_indices_on_the_cpu_are_refused_with_the_way_out() -> None:

@@ -32,7 +32,7 @@ from ivreg.cli import exit_on_user_error
 from ivreg.data.augment import MultiViewTransform, build_view_transform, parse_view_specs
 from ivreg.data.datasets import Transformed
 from ivreg.errors import ConfigError, DataError
-from ivreg.eval.common import eval_data_config, eval_datasets
+from ivreg.eval.common import eval_data_config, eval_split
 from ivreg.predictors import observe_and_predict
 
 FLOAT16_MAX = 65504.0
@@ -114,7 +114,7 @@ def measure(path: str | Path, batches: int = 4, batch_size: int = 256, seed: int
     method.train()
     cfg = method.cfg
     data = eval_data_config(cfg)
-    train, _, _ = eval_datasets(data, seed=seed)
+    train = eval_split(data, "train", seed=seed)
     specs = parse_view_specs(cfg["augmentations"])
     if len(specs) < 2:
         raise ConfigError("the run's augmentations define fewer than two views")

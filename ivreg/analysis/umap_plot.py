@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ivreg.cli import exit_on_user_error
+from ivreg.data.datasets import class_names_of
 from ivreg.errors import ConfigError, DataError, IvregError
 
 if TYPE_CHECKING:
@@ -120,13 +121,6 @@ def write_png(figure: Figure, out: Path, dpi: int = 150) -> Path:
     return out
 
 
-def class_names_of(dataset: Any) -> list[str] | None:
-    while hasattr(dataset, "dataset") and not hasattr(dataset, "classes"):
-        dataset = dataset.dataset  # through Subset / Transformed
-    names = getattr(dataset, "classes", None)
-    return [str(n) for n in names] if names else None
-
-
 def checkpoint_features(
     checkpoint: str | Path,
     split: str = "val",
@@ -140,13 +134,12 @@ def checkpoint_features(
     from torch.utils.data import Subset
 
     from ivreg.checkpoints import load_backbone_and_config
-    from ivreg.eval.common import default_device, eval_data_config, eval_datasets, eval_view, extract_features
+    from ivreg.eval.common import default_device, eval_data_config, eval_split, eval_view, extract_features
 
     device = default_device(accelerator)
     backbone, pretrain_cfg = load_backbone_and_config(checkpoint, map_location=device, pretraining=True)
     data = eval_data_config(pretrain_cfg, data_overrides)
-    train, val, _ = eval_datasets(data, seed)
-    dataset = train if split == "train" else val
+    dataset = eval_split(data, split, seed)
     names = class_names_of(dataset)
     if max_samples > 0 and len(dataset) > max_samples:  # type: ignore[arg-type]
         keep = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:max_samples])  # type: ignore[arg-type]

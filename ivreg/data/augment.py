@@ -60,15 +60,26 @@ def load_view_specs(path: str | Path) -> list[ViewSpec]:
     return parse_view_specs(OmegaConf.to_object(OmegaConf.load(path)))  # type: ignore[arg-type]
 
 
+def _as(kind: type[int] | type[float], value: object, where: str) -> Any:
+    """``value`` as an int or a float, or a ConfigError naming its key (``crop_size=abc``)."""
+    what = "a whole number" if kind is int else "a number"
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{where} must be {what}, got {value!r}")
+    try:
+        return kind(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} must be {what}, got {value!r}") from None
+
+
 def _prob(value: object, where: str) -> float:
-    p = float(value)  # type: ignore[arg-type]
+    p = _as(float, value, where)
     if not 0.0 <= p <= 1.0:
         raise ConfigError(f"{where} must be a probability in [0, 1], got {p}")
     return p
 
 
 def _non_negative(value: object, where: str) -> float:
-    x = float(value)  # type: ignore[arg-type]
+    x = _as(float, value, where)
     if x < 0:
         raise ConfigError(f"{where} must be >= 0, got {x}")
     return x
@@ -125,15 +136,15 @@ def parse_view_specs(aug_cfg: Sequence[Mapping]) -> list[ViewSpec]:
             raise ConfigError(f"{where}.crop_size is missing")
         rrc = group.get("rrc", {}) or {}
         cj = group.get("color_jitter", {}) or {}
-        lo = float(rrc.get("crop_min_scale", 0.08))
-        hi = float(rrc.get("crop_max_scale", 1.0))
+        lo = _as(float, rrc.get("crop_min_scale", 0.08), f"{where}.rrc.crop_min_scale")
+        hi = _as(float, rrc.get("crop_max_scale", 1.0), f"{where}.rrc.crop_max_scale")
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"{where}.rrc needs 0 < crop_min_scale <= crop_max_scale <= 1")
         hue = _non_negative(cj.get("hue", 0.0), f"{where}.color_jitter.hue")
         if hue > 0.5:
             raise ConfigError(f"{where}.color_jitter.hue must be <= 0.5, got {hue}")
         spec = ViewSpec(
-            crop_size=int(group["crop_size"]),
+            crop_size=_as(int, group["crop_size"], f"{where}.crop_size"),
             rrc=bool(rrc.get("enabled", True)),
             crop_min_scale=lo,
             crop_max_scale=hi,
@@ -152,7 +163,7 @@ def parse_view_specs(aug_cfg: Sequence[Mapping]) -> list[ViewSpec]:
         )
         if spec.crop_size < 1:
             raise ConfigError(f"{where}.crop_size must be positive, got {spec.crop_size}")
-        num_crops = int(group.get("num_crops", 1))
+        num_crops = _as(int, group.get("num_crops", 1), f"{where}.num_crops")
         if num_crops < 1:
             raise ConfigError(f"{where}.num_crops must be >= 1, got {num_crops}")
         specs.extend([spec] * num_crops)

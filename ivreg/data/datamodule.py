@@ -38,6 +38,7 @@ from ivreg.data.datasets import (
     UnlabelledImages,
     build_dataset,
     check_same_classes,
+    class_names_of,
     dataset_info,
     num_classes_of,
     subset_fraction,
@@ -254,7 +255,7 @@ class PretrainDataModule(L.LightningDataModule):
             if isinstance(self.raw_train, Subset):
                 cut = f" (data.fraction={self.data_cfg.get('fraction')} of {len(self.raw_train.dataset)})"  # type: ignore[arg-type]
             raise DataError(
-                f"the training set has {n} images{cut}, fewer than one batch "
+                f"the training set has {n} image{'s' if n != 1 else ''}{cut}, fewer than one batch "
                 f"(optimizer.batch_size={self.batch_size}){per}; lower the batch size"
             )
 
@@ -262,6 +263,13 @@ class PretrainDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         self.prepare_raw()
         return self._num_classes
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The class names in label order (of the training split, or of the validation split
+        when the training images are unlabelled); None without named classes."""
+        self.prepare_raw()
+        return class_names_of(self.raw_train) or class_names_of(self.raw_val)
 
     @property
     def device(self) -> torch.device:
@@ -356,7 +364,8 @@ class PretrainDataModule(L.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             if n < trainer.world_size:  # a process without an image would stop Lightning
                 raise DataError(
-                    f"the validation split has {n} images, fewer than the {trainer.world_size} processes; "
+                    f"the validation split has {n} image{'s' if n != 1 else ''}, fewer than the "
+                    f"{trainer.world_size} processes; "
                     "validate on more images or train on fewer devices"
                 )
             return FixedShardSampler(n, self.seed, trainer.global_rank, trainer.world_size)

@@ -14,6 +14,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,6 +218,15 @@ class AnnotatedImages(Dataset):
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
         path, label = self.samples[i]
         return _checked_loader(path), label
+
+
+def class_names_of(dataset: Any) -> list[str] | None:
+    """The class names of a dataset (through ``Subset`` and ``Transformed`` wrappers), whose
+    positions are its labels; None for one without classes."""
+    while hasattr(dataset, "dataset") and not hasattr(dataset, "classes"):
+        dataset = dataset.dataset
+    names = getattr(dataset, "classes", None)
+    return [str(n) for n in names] if names else None
 
 
 def check_same_classes(train: Dataset, val: Dataset, name: str) -> None:

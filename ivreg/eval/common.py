@@ -108,17 +108,38 @@ def labelled_only(dataset: Dataset) -> Dataset:
 def eval_datasets(data: Mapping[str, Any], seed: int = 0) -> tuple[Dataset, Dataset, int]:
     """Raw labelled train split (a ``data.fraction`` of it), raw test split, number of classes."""
     name = str(data["dataset"])
-    download = bool(data.get("download", False))
-    full_train = build_dataset(name, data.get("train_path"), train=True, download=download, labelled=True)
+    full_train = _full_train(data)
     num_classes = num_classes_of(full_train, name)
+    train = _labelled_fraction(full_train, data, seed)
+    raw_val = _raw_val(data)
+    check_same_classes(full_train, raw_val, name)
+    return train, labelled_only(raw_val), num_classes
+
+
+def eval_split(data: Mapping[str, Any], split: str, seed: int = 0) -> Dataset:
+    """One labelled split of :func:`eval_datasets` (``train``: its ``data.fraction``; ``val``),
+    reading only that split's folder: a map of the test images needs no training folder, and
+    a look at training batches no test folder."""
+    if split == "train":
+        return _labelled_fraction(_full_train(data), data, seed)
+    return labelled_only(_raw_val(data))
+
+
+def _full_train(data: Mapping[str, Any]) -> Dataset:
+    download = bool(data.get("download", False))
+    return build_dataset(str(data["dataset"]), data.get("train_path"), train=True, download=download, labelled=True)
+
+
+def _labelled_fraction(full_train: Dataset, data: Mapping[str, Any], seed: int) -> Dataset:
     fraction, draw = float(data.get("fraction", 1.0)), data.get("fraction_draw") or "per_class"
-    train = subset_fraction(labelled_only(full_train), fraction, seed, draw)
+    return subset_fraction(labelled_only(full_train), fraction, seed, draw)
+
+
+def _raw_val(data: Mapping[str, Any]) -> Dataset:
+    name = str(data["dataset"])
     if data.get("val_path") is None and dataset_info(name).source != "embedded":
         raise DataError(f"evaluation needs a test split: set data.val_path for dataset '{name}'")
-    raw_val = build_dataset(name, data.get("val_path"), train=False, download=download)
-    check_same_classes(full_train, raw_val, name)
-    val = labelled_only(raw_val)
-    return train, val, num_classes
+    return build_dataset(name, data.get("val_path"), train=False, download=bool(data.get("download", False)))
 
 
 def eval_view(dataset: Dataset, data: Mapping[str, Any]) -> Dataset:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -92,3 +93,19 @@ def test_errors_name_this_tools_flags_not_config_keys(colour_ckpt, capsys):
     err = capsys.readouterr().err
     assert "--dataset=cifar100 differs from the pretraining run's custom" in err
     assert "set --train-path and --val-path to the cifar100 folders" in err and "data." not in err
+
+
+def test_a_map_of_the_validation_split_reads_no_training_folder(colour_ckpt, tmp_path, capsys):
+    """After the training folder moved away, --split val still works; --split train names the
+    flag that sets the training folder."""
+    val = tmp_path / "val"
+    shutil.copytree(colour_ckpt.parent.parent / "val", val)
+    gone = ["--train-path", str(tmp_path / "moved"), "--val-path", str(val), "--accelerator", "cpu"]
+    out = tmp_path / "pca.png"
+    assert main([str(colour_ckpt), "--method", "pca", "--out", str(out), *gone]) == 0
+    assert out.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(colour_ckpt), "--method", "pca", "--split", "train", "--out", str(out), *gone])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not exist; set --train-path" in err and "data." not in err
