@@ -38,9 +38,12 @@ def resolve_path(path: str | Path) -> Path:
     return p
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
+def read_checkpoint(
+    path: str | Path, map_location: Any = "cpu", mmap: bool = False, bare_ok: bool = False
+) -> dict[str, Any]:
     """The checkpoint dict, loaded with ``weights_only=True`` (no arbitrary code from the file);
-    ``mmap``: tensors stay in the file until read (for a look at the config of a large one)."""
+    ``mmap``: tensors stay in the file until read (for a look at the config of a large one).
+    ``bare_ok``: a file holding only a state_dict is read as ``{"state_dict": it}``."""
     import torch
 
     p = resolve_path(path)
@@ -58,15 +61,29 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", mmap: bool = Fa
         raise CheckpointError(
             f"{p} is not a readable PyTorch checkpoint (corrupt or truncated?): {first_line(exc).split('. ')[0]}"
         ) from exc
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        if not bare_ok:  # torch.save(model.state_dict())
+            raise CheckpointError(
+                f"{p} is a bare state_dict, not a Lightning checkpoint written by ivreg; {FOREIGN_ADVICE}"
+            )
+        ckpt = {"state_dict": ckpt}
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), Mapping):
         raise CheckpointError(f"{p} is not a Lightning checkpoint: it has no 'state_dict'")
     return ckpt
 
 
+FOREIGN_ADVICE = (
+    "to evaluate another library's checkpoint (solo-learn's, a torchvision state_dict), name its "
+    "architecture and data: backbone.name=resnet18 data.dataset=cifar10 (and data.train_path, data.val_path)"
+)
+
+
 def config_of(ckpt: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
     cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
-    if not isinstance(cfg, Mapping):
-        raise CheckpointError(f"{path} has no run config (hyper_parameters.cfg); it was not written by ivreg")
+    if not isinstance(cfg, Mapping) or not isinstance(cfg.get("backbone"), Mapping):
+        raise CheckpointError(
+            f"{path} has no run config (hyper_parameters.cfg); it was not written by ivreg. {FOREIGN_ADVICE}"
+        )
     for key in ("backbone", "data"):
         if not isinstance(cfg.get(key), Mapping):
             raise CheckpointError(f"the config stored in {path} has no '{key}' section")
@@ -136,12 +153,36 @@ def build_backbone_for(cfg: Mapping[str, Any], arch: str | None = None) -> nn.Mo
         raise CheckpointError(f"cannot build the backbone the checkpoint's config describes: {exc}") from exc
 
 
+# Where other libraries keep the backbone's weights: solo-learn ("backbone."; "encoder." before
+# its 1.0), the same saved from inside DDP ("module."), and lightly-style modules ("model.").
+FOREIGN_PREFIXES = ("backbone.", "encoder.", "module.backbone.", "module.encoder.", "model.backbone.", "module.")
+
+
+def foreign_backbone_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The backbone entries of another library's state_dict: those under the first of
+    ``FOREIGN_PREFIXES`` present, prefix removed, else the whole state_dict (a bare backbone's)."""
+    for prefix in FOREIGN_PREFIXES:
+        state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if state:
+            return state
+    return dict(state_dict)
+
+
 def load_backbone_and_config(
-    path: str | Path, map_location: Any = "cpu", arch: str | None = None, pretraining: bool = False
+    path: str | Path,
+    map_location: Any = "cpu",
+    arch: str | None = None,
+    pretraining: bool = False,
+    foreign: Mapping[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """``load_backbone`` and ``load_config`` from one read of the file. ``pretraining``: the
     checkpoint must be a pretraining run's (``require_pretraining_config``), as the evaluation
-    tools that read its data and augmentations need."""
+    tools that read its data and augmentations need.
+
+    ``foreign``: for a checkpoint another library wrote (no ivreg config inside: solo-learn's,
+    a bare torchvision state_dict), the config that describes it, with at least
+    ``backbone.name`` and ``data.dataset`` (which chooses the CIFAR stem); its backbone weights
+    are found under ``FOREIGN_PREFIXES``. Ignored for ivreg's own checkpoints."""
     import torch
 
     # Read onto the CPU and move only the backbone: the file also holds the projector, the
@@ -149,22 +190,43 @@ def load_backbone_and_config(
     movable = isinstance(map_location, (str, torch.device))
     if movable and torch.device(map_location).type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"map_location={str(map_location)!r} but no CUDA GPU is visible; use map_location='cpu'")
-    ckpt = read_checkpoint(path, "cpu" if movable else map_location)
-    cfg = config_of(ckpt, path)
-    if pretraining:
-        require_pretraining_config(cfg, path)
-    state = backbone_state(ckpt["state_dict"], path)
+    ckpt = read_checkpoint(path, "cpu" if movable else map_location, bare_ok=foreign is not None)
+    if foreign is not None and not isinstance((ckpt.get("hyper_parameters") or {}).get("cfg"), Mapping):
+        cfg = _foreign_config(foreign, path)
+        state = foreign_backbone_state(ckpt["state_dict"])
+    else:
+        cfg = config_of(ckpt, path)
+        if pretraining:
+            require_pretraining_config(cfg, path)
+        state = backbone_state(ckpt["state_dict"], path)
     net = build_backbone_for(cfg, arch)
     problem = _mismatch_report(net, state)
     if problem:
+        named = (
+            "backbone.name and backbone.kwargs; data.dataset of at most 32 px gives ResNets the CIFAR stem"
+            if cfg.get("foreign_checkpoint")
+            else "the architecture its config names"
+        )
         raise CheckpointError(
-            f"the backbone weights in {path} do not fit a {cfg['backbone'].get('name')} "
-            f"(the architecture its config names): {problem}"
+            f"the backbone weights in {path} do not fit a {cfg['backbone'].get('name')} ({named}): {problem}"
         )
     net.load_state_dict(state, strict=True)
     if movable:
         net = net.to(map_location)
     return net.eval(), cfg
+
+
+def _foreign_config(foreign: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
+    """The config standing for a foreign checkpoint's: the given backbone and data, named
+    after the file."""
+    backbone = dict(foreign.get("backbone") or {})
+    data = dict(foreign.get("data") or {})
+    if not backbone.get("name") or not data.get("dataset"):
+        raise CheckpointError(
+            f"{path} has no run config (hyper_parameters.cfg); it was not written by ivreg. {FOREIGN_ADVICE}"
+        )
+    name = Path(path).stem if Path(path).stem != "last" else Path(path).parent.name
+    return {"name": name, "backbone": backbone, "data": data, "foreign_checkpoint": True}
 
 
 PROJECTOR_PREFIX = "projector."
@@ -190,16 +252,22 @@ def load_projector(path: str | Path, cfg: Mapping[str, Any], in_dim: int, map_lo
     return net.eval()
 
 
-def load_backbone(path: str | Path, map_location: Any = "cpu", arch: str | None = None) -> nn.Module:
+def load_backbone(
+    path: str | Path, map_location: Any = "cpu", arch: str | None = None, foreign: Mapping[str, Any] | None = None
+) -> nn.Module:
     """The pretrained backbone of a checkpoint, in eval mode.
 
     Returns the backbone of ``build_backbone`` (a torchvision ResNet with ``fc = Identity``,
     or a timm model without its classifier: its forward gives pooled features) with
     ``num_features`` set. ``path`` may be a run folder (its ``last.ckpt`` is used). ``arch``,
-    when given, must match the architecture the checkpoint's config names.
+    when given, must match the architecture the checkpoint's config names. ``foreign``
+    describes a checkpoint another library wrote (see ``load_backbone_and_config``).
 
         >>> import ivreg
         >>> net = ivreg.load_backbone("trained_models/isoloss-cifar10/last.ckpt")
         >>> feats = net(images)  # (batch, net.num_features)
+        >>> solo = ivreg.load_backbone(
+        ...     "solo-byol-cifar10.ckpt", foreign={"backbone": {"name": "resnet18"}, "data": {"dataset": "cifar10"}}
+        ... )
     """
-    return load_backbone_and_config(path, map_location, arch)[0]
+    return load_backbone_and_config(path, map_location, arch, foreign=foreign)[0]

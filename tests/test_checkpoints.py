@@ -71,6 +71,9 @@ def test_corrupt_and_foreign_files(tmp_path, resnet18_ckpt):
         load_backbone(empty)
     plain = tmp_path / "weights.pt"
     torch.save(build_backbone("resnet10").state_dict(), plain)  # a bare state dict, not Lightning's
+    with pytest.raises(CheckpointError, match="is a bare state_dict, not a Lightning checkpoint written by ivreg; to"):
+        load_backbone(plain)
+    torch.save({"weights": [1, 2]}, plain)
     with pytest.raises(CheckpointError, match="is not a Lightning checkpoint: it has no 'state_dict'"):
         load_backbone(plain)
 
@@ -85,8 +88,46 @@ def test_checkpoint_without_backbone_weights(tmp_path):
 
 def test_checkpoint_without_config(tmp_path):
     path = write_checkpoint(tmp_path / "nocfg.ckpt", None, build_backbone("resnet10"))
-    with pytest.raises(CheckpointError, match=r"has no run config \(hyper_parameters.cfg\)"):
+    with pytest.raises(CheckpointError, match=r"has no run config \(hyper_parameters.cfg\).*backbone.name=resnet18"):
         load_backbone(path)
+
+
+SOLO_CIFAR = {"backbone": {"name": "resnet18"}, "data": {"dataset": "cifar10"}}
+
+
+@pytest.mark.parametrize("layout", ["solo-learn", "solo-learn-0.x", "ddp", "bare"])
+def test_another_librarys_checkpoint_loads_when_described(tmp_path, layout):
+    """solo-learn's (backbone.*, next to its projector, momentum copy and classifier; encoder.*
+    before 1.0), a DDP module's and a bare torchvision state_dict: the weights are the same, the
+    architecture comes from the description (CIFAR-10: the 3x3 stem with padding 2, as solo-learn's)."""
+    torch.manual_seed(0)
+    source = build_backbone("resnet18", cifar_stem=True)
+    weights = source.state_dict()
+    heads = {"projector.0.weight": torch.zeros(4, 512), "momentum_backbone.conv1.weight": torch.zeros(64, 3, 3, 3)}
+    prefix = {"solo-learn": "backbone.", "solo-learn-0.x": "encoder.", "ddp": "module.", "bare": ""}[layout]
+    state = {f"{prefix}{k}": v for k, v in weights.items()}
+    path = tmp_path / f"{layout}.ckpt"
+    if layout == "bare":
+        torch.save(state, path)
+    else:
+        torch.save({"state_dict": state | (heads if prefix != "module." else {}), "epoch": 999}, path)
+    with pytest.raises(CheckpointError, match=r"not .*written by ivreg.*name its architecture and data"):
+        load_backbone(path)
+    net = load_backbone(path, foreign=SOLO_CIFAR)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.padding == (2, 2)
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=0, msg=key)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(net(x), source.eval()(x))
+
+
+def test_a_described_foreign_checkpoint_of_another_architecture_is_named(tmp_path):
+    path = tmp_path / "r50.pth"
+    torch.save(build_backbone("resnet50").state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"do not fit a resnet18 \(backbone.name and backbone.kwargs; .*CIFAR"):
+        load_backbone(path, foreign=SOLO_CIFAR)
+    with pytest.raises(CheckpointError, match="name its architecture and data"):
+        load_backbone(path, foreign={"backbone": {"name": "resnet50"}})  # no dataset: the stem is unknown
 
 
 def test_weights_of_another_architecture(tmp_path):

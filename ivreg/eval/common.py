@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -49,6 +50,18 @@ EVAL_DATA_DEFAULTS: dict[str, Any] = {
         "fraction_draw",
     )
 }
+
+
+def foreign_description(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What describes a checkpoint another library wrote (it holds no ivreg config, see
+    ``ivreg.checkpoints.load_backbone_and_config``): an evaluation config's ``backbone``
+    section and ``data.dataset``, when both are given."""
+    backbone = cfg.get("backbone")
+    dataset = (cfg.get("data") or {}).get("dataset")
+    if not isinstance(backbone, Mapping) or not backbone.get("name") or not dataset:
+        return None
+    plain = OmegaConf.to_object(backbone) if isinstance(backbone, DictConfig) else dict(backbone)
+    return {"backbone": plain, "data": {"dataset": dataset}}
 
 
 def pretrain_crop_size(pretrain_cfg: Mapping[str, Any]) -> int:

@@ -43,6 +43,7 @@ from ivreg.eval.common import (
     eval_datasets,
     eval_view,
     extract_features,
+    foreign_description,
     labelled_only,
 )
 
@@ -203,6 +204,9 @@ KNN_DEFAULTS: dict[str, Any] = {
     "accelerator": "auto",
     "seed": 5,
     "out": None,
+    # for a checkpoint another library wrote (no ivreg config inside): backbone.name (and
+    # kwargs), with data.dataset and its paths
+    "backbone": None,
     "data": EVAL_DATA_DEFAULTS,
 }
 
@@ -269,7 +273,8 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
             raise ConfigError(f"unknown features '{kind}'; choose one of {list(FEATURES)} (or a list of them)")
     device = default_device(str(cfg.accelerator))
 
-    backbone, pretrain_cfg = load_backbone_and_config(str(ckpt), map_location=device, pretraining=True)
+    foreign = foreign_description(cfg)
+    backbone, pretrain_cfg = load_backbone_and_config(str(ckpt), map_location=device, pretraining=True, foreign=foreign)
     projector = None  # (read before any image is encoded: a checkpoint without one fails at once)
     if "projector" in kinds:
         projector = load_projector(str(ckpt), pretrain_cfg, int(backbone.num_features), map_location=device)

@@ -61,7 +61,7 @@ from ivreg.config import (
 from ivreg.data.augment import ViewSpec
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
-from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets
+from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, foreign_description
 from ivreg.method import backbone_from_config, backbone_kwargs
 from ivreg.optim import check_schedule_section, optimizers_with_schedule, planned_optimizer_steps
 from ivreg.resume import check_resume, check_resumed_classes, keep_fraction_draw
@@ -403,7 +403,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     hw = hardware_kwargs(cfg)
     ckpt_path = resolve_path(str(cfg.pretrained_feature_extractor)).resolve()
-    pretrained, pretrain_cfg = load_backbone_and_config(ckpt_path, pretraining=True)
+    pretrained, pretrain_cfg = load_backbone_and_config(ckpt_path, pretraining=True, foreign=foreign_description(cfg))
 
     cfg.pretrained_feature_extractor = str(ckpt_path)
     cfg.pretrained_backbone_sha256 = weights_sha256(pretrained)

@@ -185,6 +185,21 @@ def test_online_knn_encodes_only_what_limited_loops_see(pipeline: str, image_dat
     assert 0.0 <= float(run.trainer.callback_metrics["val_knn_acc1"]) <= 100.0
 
 
+def test_knn_of_a_bare_state_dict_described_on_the_command_line(tmp_path):
+    from ivreg.checkpoints import load_backbone
+
+    train, val, ckpt = colour_checkpoint(tmp_path, per_class_train=12, per_class_val=4)
+    bare = tmp_path / "resnet10.pth"
+    torch.save(load_backbone(ckpt).state_dict(), bare)
+    data = {"dataset": "custom", "train_path": str(train), "val_path": str(val), "crop_size": 32}
+    cfg = {"pretrained_feature_extractor": str(bare), "k": [1], "accelerator": "cpu", "data": data}
+    (result,) = run_knn({**cfg, "backbone": {"name": "resnet10"}})
+    (own,) = run_knn({**cfg, "pretrained_feature_extractor": str(ckpt)})
+    assert result.acc1 == own.acc1 == 100.0
+    with pytest.raises(CheckpointError, match="bare state_dict, not a Lightning checkpoint written by ivreg"):
+        run_knn(cfg)
+
+
 def test_knn_on_projector_features_uses_the_trained_projector(image_data, tmp_path):
     """features=projector (solo-learn's feature_type): the kNN runs on z = projector(backbone(x))
     with the checkpoint's projector in eval mode."""

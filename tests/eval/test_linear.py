@@ -423,6 +423,29 @@ def test_the_seeds_wandb_section_is_the_linear_runs_logger() -> None:
     assert cfg.logger.wandb.enabled is True and cfg.logger.wandb.project == "p" and "wandb" not in cfg
 
 
+def test_linear_evaluation_of_another_librarys_checkpoint(colour_ckpt, tmp_path) -> None:
+    """A solo-learn checkpoint (backbone.* beside its heads, no ivreg config), described by
+    backbone.name and data.*: the backbone evaluated is its weights; without the description
+    the refusal says what to give."""
+    pretrained = load_backbone(colour_ckpt)
+    solo = tmp_path / "solo" / "byol-colour-ep=999.ckpt"
+    solo.parent.mkdir()
+    state = {f"backbone.{k}": v for k, v in pretrained.state_dict().items()}
+    torch.save({"state_dict": state | {"classifier.weight": torch.zeros(3, 512)}, "epoch": 999}, solo)
+    data_root = colour_ckpt.parent.parent
+    data = {"dataset": "custom", "train_path": str(data_root / "train"), "val_path": str(data_root / "val")}
+    cfg = _linear_cfg(solo, tmp_path, epochs=2, name=None) | {"backbone": {"name": "resnet10"}}
+    cfg["data"] = data | {"crop_size": 32}
+    run = linear_eval(cfg)
+    assert run.run_dir == tmp_path / "byol-colour-ep=999-linear"
+    for key, value in pretrained.state_dict().items():
+        torch.testing.assert_close(run.model.backbone.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert run.cfg.pretrain_cfg.foreign_checkpoint is True
+    assert float(_rows(run.run_dir / "epochs.csv")[-1]["val_acc1"]) > 50  # colour classes: far above 33
+    with pytest.raises(CheckpointError, match=r"not written by ivreg.*backbone.name=resnet18 data.dataset=cifar10"):
+        linear_eval({**cfg, "backbone": None, "name": "again"})
+
+
 def test_epochs_without_validation_hold_no_stale_accuracy(colour_ckpt, tmp_path, capsys):
     """check_val_every_n_epoch=2 of 3: epoch 2's row is not filled with epoch 1's figures, and
     the final line names the epoch it comes from."""
