@@ -83,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
         # x accumulate_grad_batches; "none": used as given
         "lr_scaling": "linear",
         "weight_decay": 1e-5,
+        # True: no weight decay on biases and normalisation parameters (solo-learn's key; LARS's
+        # kwargs.exclude_bias_n_norm also leaves them out of its trust-ratio adaptation)
+        "exclude_bias_n_norm_wd": False,
         "kwargs": {},
     },
     # step: the rate times gamma at each epoch of lr_decay_steps (e.g. [60, 80]), after the warmup

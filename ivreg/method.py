@@ -418,6 +418,7 @@ class SSLMethod(L.LightningModule):
             classifier_lr=float(opt_cfg["classifier_lr"]) * scale,
             weight_decay=float(opt_cfg["weight_decay"]),
             kwargs=dict(opt_cfg.get("kwargs") or {}),
+            exclude_bias_n_norm_wd=bool(opt_cfg.get("exclude_bias_n_norm_wd", False)),
         )
         total = planned_optimizer_steps(self.trainer)
         return optimizers_with_schedule(optimizer, self.cfg["scheduler"], total, int(self.cfg["max_epochs"]))

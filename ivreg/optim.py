@@ -136,17 +136,23 @@ def build_optimizer(
     classifier_lr: float,
     weight_decay: float,
     kwargs: dict,
+    exclude_bias_n_norm_wd: bool = False,
 ) -> torch.optim.Optimizer:
     """The SSL parameters at ``lr`` with weight decay; the readout at ``classifier_lr`` without
     weight decay (under LARS its weights are adapted too, as in the reference).
+    ``exclude_bias_n_norm_wd``: the SSL biases and normalisation parameters (the 1-D ones) go to
+    a third group, ``ssl_no_weight_decay``, at ``lr`` without weight decay (solo-learn's option).
 
     SGD and AdamW use torch's multi-tensor (``foreach``) implementation on every device, not
     only on CUDA where it is the default: the same arithmetic in a few ops per step instead of
     a few per parameter tensor."""
+    exempt = [p for p in ssl_params if exclude_bias_n_norm_wd and p.ndim <= 1]
     groups = [
-        {"name": "ssl", "params": ssl_params},
+        {"name": "ssl", "params": [p for p in ssl_params if not any(p is q for q in exempt)]},
         {"name": "classifier", "params": classifier_params, "lr": classifier_lr, "weight_decay": 0.0},
     ]
+    if exempt:  # (last: the first two groups keep their places in the logs and checkpoints)
+        groups.append({"name": "ssl_no_weight_decay", "params": exempt, "weight_decay": 0.0})
     kwargs = dict(kwargs)
     check_optimizer(name, kwargs)
     if name == "lars":

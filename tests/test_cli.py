@@ -31,6 +31,7 @@ def test_bad_input_gives_one_error_line(overrides: list[str], message: str, tmp_
             "--config-name",
             "isoloss.yaml",
             "accelerator=cpu",
+            "devices=1",
             "precision=32",
             f"checkpoint.dir={tmp_path}",
             *overrides,

@@ -74,6 +74,29 @@ def test_classifier_group_has_its_lr_and_no_weight_decay() -> None:
         build_optimizer("sgd", list(ssl.parameters()), [], 0.1, 0.1, 0.0, {"eta": 0.1})
 
 
+@pytest.mark.parametrize("name", ["sgd", "lars"])
+def test_exclude_bias_n_norm_wd_leaves_biases_and_norms_undecayed(name: str) -> None:
+    """solo-learn's optimizer.exclude_bias_n_norm_wd: one step on the same gradient moves the
+    biases and normalisation parameters as without weight decay, the weight matrices not."""
+    copies = []
+    for wd, exclude in ((0.1, True), (0.0, False)):
+        torch.manual_seed(0)
+        ssl, clf = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2)
+        opt = build_optimizer(name, list(ssl.parameters()), list(clf.parameters()), 0.5, 0.1, wd, {}, exclude)
+        for p in ssl.parameters():
+            p.grad = torch.linspace(-1, 1, p.numel()).reshape(p.shape)
+        opt.step()
+        copies.append((opt, ssl.state_dict()))
+    (excluded, after), (_, undecayed) = copies
+    assert [g["name"] for g in excluded.param_groups] == ["ssl", "classifier", "ssl_no_weight_decay"]
+    assert len(excluded.param_groups[2]["params"]) == 3 and excluded.param_groups[2]["weight_decay"] == 0.0
+    assert not torch.allclose(after["0.weight"], undecayed["0.weight"])
+    for key in ("0.bias", "1.weight", "1.bias"):
+        torch.testing.assert_close(after[key], undecayed[key], rtol=0, atol=0, msg=key)
+    default = build_optimizer(name, list(ssl.parameters()), list(clf.parameters()), 0.5, 0.1, 0.1, {})
+    assert [g["name"] for g in default.param_groups] == ["ssl", "classifier"]
+
+
 @pytest.mark.parametrize(("name", "kwargs"), [("sgd", {"momentum": 0.9}), ("adamw", {})])
 def test_multi_tensor_optimizers_match_the_per_tensor_loop(name: str, kwargs: dict) -> None:
     """build_optimizer asks for torch's foreach implementation on every device; on the CPU it
