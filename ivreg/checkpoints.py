@@ -119,7 +119,7 @@ def backbone_state(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> 
     return state
 
 
-def _mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+def mismatch_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str:
     """What differs between a model's state dict and ``state``, briefly (empty when they fit)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -200,7 +200,9 @@ def load_backbone_and_config(
             require_pretraining_config(cfg, path)
         state = backbone_state(ckpt["state_dict"], path)
     net = build_backbone_for(cfg, arch)
-    problem = _mismatch_report(net, state)
+    if cfg.get("foreign_checkpoint"):
+        state = _as_backbone_state(state, net)
+    problem = mismatch_report(net, state)
     if problem:
         named = (
             "backbone.name and backbone.kwargs; data.dataset of at most 32 px gives ResNets the CIFAR stem"
@@ -214,6 +216,21 @@ def load_backbone_and_config(
     if movable:
         net = net.to(map_location)
     return net.eval(), cfg
+
+
+CLASSIFIER_HEADS = ("fc.", "head.", "classifier.")  # torchvision's and timm's classification layers
+
+
+def _as_backbone_state(state: Mapping[str, torch.Tensor], net: nn.Module) -> dict[str, torch.Tensor]:
+    """A foreign state_dict as ``net``'s: without the classifier of a whole classification
+    network (``fc.*`` of a torchvision ResNet; the backbone has none), and with BatchNorm's
+    step counters where the file lacks them (they hold no weights; some libraries drop them)."""
+    own = net.state_dict()
+    fitted = {k: v for k, v in state.items() if k in own or not k.startswith(CLASSIFIER_HEADS)}
+    for key, value in own.items():
+        if key.endswith("num_batches_tracked") and key not in fitted:
+            fitted[key] = value
+    return fitted
 
 
 def _foreign_config(foreign: Mapping[str, Any], path: str | Path) -> dict[str, Any]:
@@ -244,7 +261,7 @@ def load_projector(path: str | Path, cfg: Mapping[str, Any], in_dim: int, map_lo
         raise CheckpointError(f"{path} holds no projector weights (no '{PROJECTOR_PREFIX}*' entries)")
     mk = cfg["method_kwargs"]
     net = mlp(in_dim, int(mk["proj_hidden_dim"]), int(mk["proj_output_dim"]))
-    problem = _mismatch_report(net, state)
+    problem = mismatch_report(net, state)
     if problem:
         raise CheckpointError(f"the projector weights in {path} do not fit its config's method_kwargs: {problem}")
     net.load_state_dict(state, strict=True)

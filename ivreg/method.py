@@ -35,7 +35,13 @@ from ivreg.errors import ConfigError, TrainingError, first_line
 from ivreg.heads import mlp
 from ivreg.losses import select_loss, symmetric_loss
 from ivreg.norms import ViewGroups, follows_view_groups, run_views, share_view_groups
-from ivreg.optim import build_optimizer, optimizers_with_schedule, planned_optimizer_steps, trainable_params
+from ivreg.optim import (
+    build_optimizer,
+    optimizers_with_schedule,
+    param_groups,
+    planned_optimizer_steps,
+    trainable_params,
+)
 from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, observe_views, spectrum_metrics
 from ivreg.readout import OnlineReadout
 from ivreg.targets import EMATarget, StopGradTarget, cosine_tau
@@ -120,12 +126,8 @@ class SSLMethod(L.LightningModule):
         self.decompose_per_view = bool(mk.get("decompose_per_view", False))
         readout_bn = bool((cfg.get("readout") or {}).get("batchnorm", True))
         report = cfg.get("report") or {}
+        # (built in this order, the random numbers of a seed initialise what they did before)
         self.readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
-        # Optional: the reference's raw readout (no standardisation) on the same features, so
-        # that one run reports both (val_acc1_raw).
-        self.raw_readout: OnlineReadout | None = None
-        if report.get("raw_readout", False) and readout_bn:
-            self.raw_readout = OnlineReadout(feat_dim, num_classes, batchnorm=False)
         # Optional baseline: the same readout, trained the same way, on a frozen randomly
         # initialised backbone (its BatchNorm statistics still follow the data).
         self.random_backbone: nn.Module | None = None
@@ -133,6 +135,11 @@ class SSLMethod(L.LightningModule):
         if report.get("compare_random_init", False):
             self.random_backbone = backbone_from_config(cfg).requires_grad_(False)
             self.random_readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
+        # Optional: the reference's raw readout (no standardisation) on the same features, so
+        # that one run reports both (val_acc1_raw).
+        self.raw_readout: OnlineReadout | None = None
+        if report.get("raw_readout", False) and readout_bn:
+            self.raw_readout = OnlineReadout(feat_dim, num_classes, batchnorm=False)
         # Optional: a readout on the EMA copy's backbone (solo-learn's momentum classifier).
         self.momentum_readout: OnlineReadout | None = None
         if report.get("momentum_readout", False):
@@ -406,14 +413,25 @@ class SSLMethod(L.LightningModule):
         self.val_loss.reset()
 
     # ------------------------------------------------------------------------ optimisation
+    def _optimized_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The SSL parameters and the readouts' (they learn at classifier_lr)."""
+        ssl = trainable_params([self.backbone, self.projector, self.predictor])
+        return ssl, trainable_params([readout.module for readout in self.readouts()])
+
+    def optimizer_group_names(self) -> list[str]:
+        """The names of the optimizer's parameter groups, in order (what a checkpoint's
+        optimizer state must have to be restored)."""
+        exclude = bool(self.cfg["optimizer"].get("exclude_bias_n_norm_wd", False))
+        return [group["name"] for group in param_groups(*self._optimized_params(), 0.0, exclude)]
+
     def configure_optimizers(self) -> dict:
         opt_cfg = self.cfg["optimizer"]
-        ssl = trainable_params([self.backbone, self.projector, self.predictor])
+        ssl, readouts = self._optimized_params()
         scale = lr_scale(self.cfg, self.trainer.world_size, int(self.trainer.accumulate_grad_batches))
         optimizer = build_optimizer(
             opt_cfg["name"],
             ssl,
-            trainable_params([readout.module for readout in self.readouts()]),
+            readouts,
             lr=float(opt_cfg["lr"]) * scale,
             classifier_lr=float(opt_cfg["classifier_lr"]) * scale,
             weight_decay=float(opt_cfg["weight_decay"]),

@@ -128,6 +128,26 @@ def trainable_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
     return out
 
 
+def param_groups(
+    ssl_params: list[nn.Parameter],
+    classifier_params: list[nn.Parameter],
+    classifier_lr: float,
+    exclude_bias_n_norm_wd: bool = False,
+) -> list[dict[str, Any]]:
+    """``build_optimizer``'s parameter groups: ``ssl``, ``classifier`` (at ``classifier_lr``,
+    no weight decay) and, with ``exclude_bias_n_norm_wd``, ``ssl_no_weight_decay`` (the 1-D SSL
+    parameters: biases and normalisation), last, so the first two keep their places in the
+    logs and checkpoints."""
+    exempt = [p for p in ssl_params if exclude_bias_n_norm_wd and p.ndim <= 1]
+    groups = [
+        {"name": "ssl", "params": [p for p in ssl_params if not any(p is q for q in exempt)]},
+        {"name": "classifier", "params": classifier_params, "lr": classifier_lr, "weight_decay": 0.0},
+    ]
+    if exempt:
+        groups.append({"name": "ssl_no_weight_decay", "params": exempt, "weight_decay": 0.0})
+    return groups
+
+
 def build_optimizer(
     name: str,
     ssl_params: list[nn.Parameter],
@@ -141,18 +161,12 @@ def build_optimizer(
     """The SSL parameters at ``lr`` with weight decay; the readout at ``classifier_lr`` without
     weight decay (under LARS its weights are adapted too, as in the reference).
     ``exclude_bias_n_norm_wd``: the SSL biases and normalisation parameters (the 1-D ones) go to
-    a third group, ``ssl_no_weight_decay``, at ``lr`` without weight decay (solo-learn's option).
+    a third group at ``lr`` without weight decay (solo-learn's option; see ``param_groups``).
 
     SGD and AdamW use torch's multi-tensor (``foreach``) implementation on every device, not
     only on CUDA where it is the default: the same arithmetic in a few ops per step instead of
     a few per parameter tensor."""
-    exempt = [p for p in ssl_params if exclude_bias_n_norm_wd and p.ndim <= 1]
-    groups = [
-        {"name": "ssl", "params": [p for p in ssl_params if not any(p is q for q in exempt)]},
-        {"name": "classifier", "params": classifier_params, "lr": classifier_lr, "weight_decay": 0.0},
-    ]
-    if exempt:  # (last: the first two groups keep their places in the logs and checkpoints)
-        groups.append({"name": "ssl_no_weight_decay", "params": exempt, "weight_decay": 0.0})
+    groups = param_groups(ssl_params, classifier_params, classifier_lr, exclude_bias_n_norm_wd)
     kwargs = dict(kwargs)
     check_optimizer(name, kwargs)
     if name == "lars":

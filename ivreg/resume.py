@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
 from ivreg.callbacks import CLASSES_KEY, WORLD_SIZE_KEY, read_csv_rows
-from ivreg.checkpoints import config_of, read_checkpoint, require_pretraining_config, resolve_path
+from ivreg.checkpoints import config_of, mismatch_report, read_checkpoint, require_pretraining_config, resolve_path
 from ivreg.config import DEFAULTS, config_leaves, plain_value
 from ivreg.errors import CheckpointError, ConfigError
 
@@ -201,7 +201,7 @@ def _require_same_run(
     saved = config_of(ckpt, path)
     if pretraining:  # a linear-evaluation checkpoint would not fit
         require_pretraining_config(saved, path)
-    diffs = _differing_keys(OmegaConf.create(saved), cfg, keys, defaults, ckpt.get(WORLD_SIZE_KEY))
+    diffs = _differing_keys(_with_solo_learn_names(saved), cfg, keys, defaults, ckpt.get(WORLD_SIZE_KEY))
     if diffs == ["pretrained_backbone_sha256"]:  # a linear run whose pretraining went on writing its checkpoint
         advice = (
             "The pretrained weights it began on have changed since (the pretraining run wrote that checkpoint "
@@ -222,6 +222,41 @@ def _require_same_run(
             f"{path} was trained towards max_epochs={then}; resumed with max_epochs={now}, its learning-rate "
             f"(and EMA) schedules are recomputed over {now} epochs from its step on, so the rate jumps there "
             "and the run follows neither schedule throughout",
+        )
+
+
+def _with_solo_learn_names(saved: Mapping[str, Any]) -> DictConfig:
+    """A checkpoint's config with solo-learn's keys under this library's names, as a launch's
+    are (``momentum.classifier``, stored unread by an older ivreg, is ``report.momentum_readout``)."""
+    config = OmegaConf.create(dict(saved))
+    momentum = config.get("momentum")
+    if isinstance(momentum, DictConfig) and "classifier" in momentum:
+        if OmegaConf.select(config, "report.momentum_readout") is None:
+            config = OmegaConf.merge(config, {"report": {"momentum_readout": momentum.classifier}})
+        config.momentum.pop("classifier")
+    return config
+
+
+def check_checkpoint_fits(resume_from: Path | None, model: torch.nn.Module, group_names: list[str] | None) -> None:
+    """Refuse, before anything is written, to resume from a checkpoint whose weights or
+    optimizer parameter groups are not those this config builds: a setting an older ivreg
+    stored without reading it (``report.momentum_readout``, ``optimizer.exclude_bias_n_norm_wd``)
+    acts now and would fail the restore with a traceback, after config.yaml was rewritten."""
+    if resume_from is None:
+        return
+    ckpt = read_checkpoint(resume_from, mmap=True)
+    problems = [mismatch_report(model, ckpt["state_dict"])]
+    states = ckpt.get("optimizer_states") or []
+    saved = [g.get("name") for g in states[0].get("param_groups", [])] if states and group_names is not None else []
+    if saved and saved != group_names:
+        problems.append(f"optimizer parameter groups {saved} then, {group_names} now")
+    problem = "; ".join(p for p in problems if p)
+    if problem:
+        raise ConfigError(
+            f"{resume_from} does not fit the model and optimizer this config builds ({problem}): it was trained "
+            "with other settings (a key an older ivreg stored without reading, such as report.momentum_readout or "
+            "optimizer.exclude_bias_n_norm_wd, now acts). Resume with the settings it was trained with, or start "
+            "a new run (another name=...)"
         )
 
 

@@ -66,6 +66,7 @@ from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError, DataError, DivergedError, TrainingError, first_line
 from ivreg.method import SSLMethod
 from ivreg.resume import (
+    check_checkpoint_fits,
     check_resume,
     check_resumed_classes,
     finished_epochs,
@@ -116,6 +117,8 @@ def run_dir_of(cfg: DictConfig) -> Path:
         raise ConfigError(f"name={name!r} gives the run no folder of its own; set name=<run name>")
     if Path(text).is_absolute() or ".." in Path(text).parts:
         raise ConfigError(f"name={text!r} leads out of checkpoint.dir; set checkpoint.dir for another place")
+    if os.path.normpath(text) == ".":  # (name=. or ./: checkpoint.dir itself)
+        raise ConfigError(f"name={text!r} gives the run no folder of its own; set name=<run name>")
     return Path(cfg.checkpoint.dir).expanduser() / text
 
 
@@ -363,6 +366,7 @@ def build_run(cfg: DictConfig | dict) -> Run:
     check_resumed_classes(resume_from, datamodule.class_names, datamodule.num_classes)
     require_online_evaluation_data(cfg, datamodule)
     model = SSLMethod(to_container(cfg))
+    check_checkpoint_fits(resume_from, model, model.optimizer_group_names())
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
     apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)
     trainer = make_trainer(

@@ -121,6 +121,22 @@ def test_another_librarys_checkpoint_loads_when_described(tmp_path, layout):
     torch.testing.assert_close(net(x), source.eval()(x))
 
 
+def test_a_whole_torchvision_classifier_state_dict_loads_as_its_backbone(tmp_path):
+    """torchvision's resnet18().state_dict(): its fc layer is dropped, and BatchNorm step
+    counters missing from a file (some libraries drop them) are no reason to refuse it."""
+    import torchvision
+
+    torch.manual_seed(0)
+    full = torchvision.models.resnet18()
+    state = {k: v for k, v in full.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "resnet18-imagenet.pth"
+    torch.save(state, path)
+    net = load_backbone(path, foreign={"backbone": {"name": "resnet18"}, "data": {"dataset": "imagenet100"}})
+    full.fc = torch.nn.Identity()
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(net(x), full.eval()(x))
+
+
 def test_a_described_foreign_checkpoint_of_another_architecture_is_named(tmp_path):
     path = tmp_path / "r50.pth"
     torch.save(build_backbone("resnet50").state_dict(), path)

@@ -530,11 +530,12 @@ def test_bf16_autocast_run_is_finite(image_data, tmp_path: Path) -> None:
     assert run.model.predictor.corr.C.dtype == torch.float32
 
 
-@pytest.mark.parametrize(("config", "copies"), [("byol.yaml", 3), ("isoloss-noema.yaml", 2)])
+@pytest.mark.parametrize(("config", "copies"), [("byol.yaml", 4), ("isoloss-noema.yaml", 2)])
 def test_compile_applies_the_mode_to_backbone_projector_and_ema_copy(
     config: str, copies: int, image_data, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """build_run compiles in place (checkpoint keys unchanged) with performance.compile_mode;
+    """build_run compiles in place (checkpoint keys unchanged) with performance.compile_mode,
+    the EMA copy as its backbone and projector (the momentum readout calls them one by one);
     nn.Module.compile is recorded rather than run, so this takes no compile time."""
     compiled: list[tuple[type, dict]] = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self), kw)))
@@ -809,6 +810,47 @@ def test_a_resume_onto_other_class_folders_is_refused_before_anything_is_written
     release_run_folder(run_dir)
 
 
+def _store_unread_keys(checkpoint: Path, **sections: dict) -> None:
+    """What an older ivreg did with keys it did not read: kept them in the stored config (and
+    it had no report.momentum_readout of its own)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    cfg = ckpt["hyper_parameters"]["cfg"]
+    del cfg["report"]["momentum_readout"], cfg["optimizer"]["exclude_bias_n_norm_wd"]
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    torch.save(ckpt, checkpoint)
+
+
+def test_a_run_whose_stored_keys_now_act_is_refused_in_one_line_before_writing(image_data, tmp_path: Path) -> None:
+    """report.momentum_readout and optimizer.exclude_bias_n_norm_wd were stored unread before
+    they existed: resuming such a run now would need weights or optimizer groups it lacks."""
+    pretrain(_one_epoch_cfg("byol.yaml", image_data, tmp_path))
+    run_dir = tmp_path / "tiny"
+    pristine = (run_dir / "last.ckpt").read_bytes()
+    config_before = (run_dir / "config.yaml").read_text()
+    cases = [
+        ({"report": {"momentum_readout": True}}, "++report.momentum_readout=True", r"missing weight.*momentum_readout"),
+        ({"momentum": {"classifier": True}}, "++momentum.classifier=True", r"missing weight.*momentum_readout"),
+        (
+            {"optimizer": {"exclude_bias_n_norm_wd": True}},
+            "++optimizer.exclude_bias_n_norm_wd=True",
+            r"optimizer parameter groups \['ssl', 'classifier'\] then, \['ssl', 'classifier', 'ssl_no_weight_decay'\]",
+        ),
+    ]
+    for stored, override, message in cases:
+        (run_dir / "last.ckpt").write_bytes(pristine)
+        _store_unread_keys(run_dir / "last.ckpt", **stored)
+        with pytest.raises(ConfigError, match=f"does not fit the model and optimizer this config builds .*{message}"):
+            build_run(_cfg("byol.yaml", image_data, tmp_path, "scheduler.warmup_epochs=0", "max_epochs=2", override))
+        assert (run_dir / "config.yaml").read_text() == config_before
+    # solo-learn's momentum.classifier=False, stored unread, resumes without the key
+    (run_dir / "last.ckpt").write_bytes(pristine)
+    _store_unread_keys(run_dir / "last.ckpt", momentum={"classifier": False})
+    run = build_run(_cfg("byol.yaml", image_data, tmp_path, "scheduler.warmup_epochs=0", "max_epochs=2"))
+    assert run.resume_from == run_dir / "last.ckpt"
+    release_run_folder(run_dir)
+
+
 def test_a_checkpoint_without_class_names_is_compared_by_its_number_of_classes(tmp_path: Path) -> None:
     from ivreg.resume import check_resumed_classes
 
@@ -845,7 +887,12 @@ def test_a_limit_below_one_batch_is_a_config_error_when_lightning_meets_it(image
 
 @pytest.mark.parametrize(
     ("name", "message"),
-    [("''", "gives the run no folder of its own"), ("null", "gives the run no folder"), ("../out", "leads out of")],
+    [
+        ("''", "gives the run no folder of its own"),
+        ("null", "gives the run no folder"),
+        (".", "gives the run no folder"),
+        ("../out", "leads out of"),
+    ],
 )
 def test_a_name_without_a_folder_of_its_own_is_refused(name: str, message: str, image_data, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -95,8 +95,11 @@ def run_key(cfg: Mapping[str, Any]) -> tuple[str, str]:
         pretrain = cfg.get("pretrain_cfg")
         if not isinstance(pretrain, Mapping):
             raise DataError("a linear-evaluation config without pretrain_cfg")
-        label = _label_of_pretraining(pretrain) + (" (fine-tuned)" if cfg.get("finetune") else "")
-        return label, dataset
+        if pretrain.get("foreign_checkpoint"):  # another library's checkpoint: no method to name
+            label = f"{pretrain.get('name')} (external checkpoint)"
+        else:
+            label = _label_of_pretraining(pretrain)
+        return label + (" (fine-tuned)" if cfg.get("finetune") else ""), dataset
     return _label_of_pretraining(cfg), dataset
 
 

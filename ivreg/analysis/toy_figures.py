@@ -481,7 +481,7 @@ def plot_rates(results: Sequence[RateResult], path: Path) -> None:
         ax.set_title(f"{exp.loss} loss", fontsize=9)
         ax.xaxis.set_minor_formatter(NullFormatter())  # (labelled minor ticks overlap)
         ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.legend(fontsize=8, loc="best")
+        ax.legend(fontsize=8, loc="upper right")  # (the slow modes sit at the left)
     fig.tight_layout()
     fig.savefig(path, dpi=150)
     plt.close(fig)

@@ -266,9 +266,11 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
         raise ConfigError(f"temperature must be a number or a list of them, got {temps}")
     distances = list(dict.fromkeys(str(d) for d in _as_list(cfg.distance)))
     kinds = list(dict.fromkeys(str(f) for f in _as_list(cfg.features)))
+    if not distances or not kinds:
+        raise ConfigError("distance and features must each name at least one, e.g. distance=cosine features=backbone")
     for distance in distances:  # names and signs; the bank comes below
         check_knn_args(ks, temps, distance, bank_size=max(ks, default=1))
-    for kind in kinds or [""]:
+    for kind in kinds:
         if kind not in FEATURES:
             raise ConfigError(f"unknown features '{kind}'; choose one of {list(FEATURES)} (or a list of them)")
     device = default_device(str(cfg.accelerator))
@@ -276,6 +278,11 @@ def run_knn(cfg: DictConfig | Mapping[str, Any]) -> list[KNNResult]:
     foreign = foreign_description(cfg)
     backbone, pretrain_cfg = load_backbone_and_config(str(ckpt), map_location=device, pretraining=True, foreign=foreign)
     projector = None  # (read before any image is encoded: a checkpoint without one fails at once)
+    if "projector" in kinds and pretrain_cfg.get("foreign_checkpoint"):
+        raise ConfigError(
+            f"features=projector needs the projector's shape from an ivreg config, which {ckpt} (another "
+            "library's checkpoint) lacks; use features=backbone"
+        )
     if "projector" in kinds:
         projector = load_projector(str(ckpt), pretrain_cfg, int(backbone.num_features), map_location=device)
     data = eval_data_config(pretrain_cfg, OmegaConf.to_object(cfg.data))  # type: ignore[arg-type]

@@ -64,7 +64,7 @@ from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, foreign_description
 from ivreg.method import backbone_from_config, backbone_kwargs
 from ivreg.optim import check_schedule_section, optimizers_with_schedule, planned_optimizer_steps
-from ivreg.resume import check_resume, check_resumed_classes, keep_fraction_draw
+from ivreg.resume import check_checkpoint_fits, check_resume, check_resumed_classes, keep_fraction_draw
 from ivreg.train import (
     build_loggers,
     claim_run_folder,
@@ -440,6 +440,7 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     datamodule.channels_last = on_gpu
 
     model = LinearEvalModule(to_container(cfg))
+    check_checkpoint_fits(resume_from, model, None)
     model.backbone.load_state_dict(pretrained.state_dict())
     if on_gpu:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it

@@ -212,3 +212,18 @@ def test_a_cell_mixing_validation_subsets_is_named(tmp_path: Path, capsys):
     assert main([str(root)]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "differ in" in line]
     assert len(warnings) == 1 and "differ in limit_val_batches (0.5, 1, None)" in warnings[0], warnings
+
+
+def test_linear_runs_of_external_checkpoints_are_rows_of_their_own(runs_root: Path, capsys):
+    """A solo-learn checkpoint evaluated by main_linear.py has no method to label it with; it
+    is not a BYOL run (the defaults would have said so)."""
+    external = {"name": "solo-byol-ep999", "backbone": {"name": "resnet18"}, "data": {"dataset": "cifar10"}}
+    linear = {
+        "pretrained_feature_extractor": "/x/solo-byol-ep999.ckpt",
+        "data": {"dataset": "cifar10"},
+        "pretrain_cfg": {**external, "foreign_checkpoint": True},
+    }
+    _run(runs_root, "solo-linear", linear, [70.0])
+    assert main([str(runs_root), "--kind", "linear"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "| solo-byol-ep999 (external checkpoint) | 70.00 |" in out and "| IsoLoss | 92.25 |" in out

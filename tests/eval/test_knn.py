@@ -198,6 +198,11 @@ def test_knn_of_a_bare_state_dict_described_on_the_command_line(tmp_path):
     assert result.acc1 == own.acc1 == 100.0
     with pytest.raises(CheckpointError, match="bare state_dict, not a Lightning checkpoint written by ivreg"):
         run_knn(cfg)
+    with pytest.raises(ConfigError, match="features=projector needs the projector's shape from an ivreg config"):
+        run_knn({**cfg, "backbone": {"name": "resnet10"}, "features": "projector"})
+    for empty in ({"distance": []}, {"features": []}):
+        with pytest.raises(ConfigError, match="distance and features must each name at least one"):
+            run_knn({**cfg, **empty})
 
 
 def test_knn_on_projector_features_uses_the_trained_projector(image_data, tmp_path):
