@@ -158,14 +158,15 @@ def build_backbone_for(cfg: Mapping[str, Any], arch: str | None = None) -> nn.Mo
 FOREIGN_PREFIXES = ("backbone.", "encoder.", "module.backbone.", "module.encoder.", "model.backbone.", "module.")
 
 
-def foreign_backbone_state(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The backbone entries of another library's state_dict: those under the first of
-    ``FOREIGN_PREFIXES`` present, prefix removed, else the whole state_dict (a bare backbone's)."""
+def foreign_backbone_state(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """The backbone entries of another library's state_dict and the prefix they were under:
+    those under the first of ``FOREIGN_PREFIXES`` present, prefix removed, else the whole
+    state_dict (a bare backbone's; prefix "")."""
     for prefix in FOREIGN_PREFIXES:
         state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if state:
-            return state
-    return dict(state_dict)
+            return state, prefix
+    return dict(state_dict), ""
 
 
 def load_backbone_and_config(
@@ -193,7 +194,8 @@ def load_backbone_and_config(
     ckpt = read_checkpoint(path, "cpu" if movable else map_location, bare_ok=foreign is not None)
     if foreign is not None and not isinstance((ckpt.get("hyper_parameters") or {}).get("cfg"), Mapping):
         cfg = _foreign_config(foreign, path)
-        state = foreign_backbone_state(ckpt["state_dict"])
+        state, prefix = foreign_backbone_state(ckpt["state_dict"])
+        cfg["foreign_prefix"] = prefix
     else:
         cfg = config_of(ckpt, path)
         if pretraining:
@@ -205,7 +207,8 @@ def load_backbone_and_config(
     problem = mismatch_report(net, state)
     if problem:
         named = (
-            "backbone.name and backbone.kwargs; data.dataset of at most 32 px gives ResNets the CIFAR stem"
+            "backbone.name and backbone.kwargs; data.dataset of at most 32 px gives ResNets the CIFAR stem; "
+            f"the weights read are those under {cfg.get('foreign_prefix') or 'no prefix'!r}"
             if cfg.get("foreign_checkpoint")
             else "the architecture its config names"
         )

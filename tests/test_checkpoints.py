@@ -142,6 +142,12 @@ def test_a_described_foreign_checkpoint_of_another_architecture_is_named(tmp_pat
     torch.save(build_backbone("resnet50").state_dict(), path)
     with pytest.raises(CheckpointError, match=r"do not fit a resnet18 \(backbone.name and backbone.kwargs; .*CIFAR"):
         load_backbone(path, foreign=SOLO_CIFAR)
+    mixed = tmp_path / "mixed.ckpt"  # the weights split over two prefixes: the error says which it read
+    weights = build_backbone("resnet18", cifar_stem=True).state_dict()
+    state = {(f"backbone.{k}" if k.startswith("conv1") else f"encoder.{k}"): v for k, v in weights.items()}
+    torch.save({"state_dict": state}, mixed)
+    with pytest.raises(CheckpointError, match=r"the weights read are those under 'backbone.'\)"):
+        load_backbone(mixed, foreign=SOLO_CIFAR)
     with pytest.raises(CheckpointError, match="name its architecture and data"):
         load_backbone(path, foreign={"backbone": {"name": "resnet50"}})  # no dataset: the stem is unknown
 

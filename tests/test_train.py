@@ -162,6 +162,7 @@ def test_raw_readout_is_reported_beside_the_standardised_one(image_data, tmp_pat
     assert isinstance(run.model.readout.norm, torch.nn.BatchNorm1d)
     row = _rows(tmp_path / "tiny" / "epochs.csv")[0]
     assert 0.0 <= float(row["val_acc1_raw"]) <= 100.0 and float(row["train_class_loss_raw"]) > 0
+    assert 0.0 <= float(row["train_acc1_raw"]) <= 100.0 and math.isnan(float(row["train_acc1_momentum"]))
     classifier = run.trainer.optimizers[0].param_groups[1]["params"]
     assert any(p is run.model.raw_readout.linear.weight for p in classifier)  # it is trained
 

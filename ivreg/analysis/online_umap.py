@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from ivreg.analysis.umap_plot import METHODS, embed_2d, embedding_figure, require_umap, write_png
 from ivreg.data.datasets import class_names_of
 from ivreg.errors import ConfigError
-from ivreg.eval.knn import due_after_validation, images_seen, split_features
+from ivreg.eval.online import due_after_validation, images_seen, split_features
 
 
 def embedding_title(method: str) -> str:
