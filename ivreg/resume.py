@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ivreg.callbacks import CLASSES_KEY, WORLD_SIZE_KEY, read_csv_rows
 from ivreg.checkpoints import config_of, mismatch_report, read_checkpoint, require_pretraining_config, resolve_path
-from ivreg.config import DEFAULTS, config_leaves, plain_value
+from ivreg.config import DEFAULTS, config_leaves, from_solo_learn, plain_value
 from ivreg.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -228,13 +228,7 @@ def _require_same_run(
 def _with_solo_learn_names(saved: Mapping[str, Any]) -> DictConfig:
     """A checkpoint's config with solo-learn's keys under this library's names, as a launch's
     are (``momentum.classifier``, stored unread by an older ivreg, is ``report.momentum_readout``)."""
-    config = OmegaConf.create(dict(saved))
-    momentum = config.get("momentum")
-    if isinstance(momentum, DictConfig) and "classifier" in momentum:
-        if OmegaConf.select(config, "report.momentum_readout") is None:
-            config = OmegaConf.merge(config, {"report": {"momentum_readout": momentum.classifier}})
-        config.momentum.pop("classifier")
-    return config
+    return from_solo_learn(OmegaConf.create(dict(saved)), sections=())
 
 
 def check_checkpoint_fits(resume_from: Path | None, model: torch.nn.Module, group_names: list[str] | None) -> None:
