@@ -231,14 +231,36 @@ def _with_solo_learn_names(saved: Mapping[str, Any]) -> DictConfig:
     return from_solo_learn(OmegaConf.create(dict(saved)), sections=())
 
 
-def check_checkpoint_fits(resume_from: Path | None, model: torch.nn.Module, group_names: list[str] | None) -> None:
-    """Refuse, before anything is written, to resume from a checkpoint whose weights or
-    optimizer parameter groups are not those this config builds: a setting an older ivreg
-    stored without reading it (``report.momentum_readout``, ``optimizer.exclude_bias_n_norm_wd``)
-    acts now and would fail the restore with a traceback, after config.yaml was rewritten."""
+def check_resumed_state(
+    resume_from: Path | None,
+    classes: list[str] | None,
+    num_classes: int,
+    model: torch.nn.Module,
+    group_names: list[str] | None,
+) -> None:
+    """``check_resumed_classes`` then ``check_checkpoint_fits``, from one read of the
+    checkpoint (the classes first: they name the cause of a readout of another shape)."""
     if resume_from is None:
         return
     ckpt = read_checkpoint(resume_from, mmap=True)
+    check_resumed_classes(resume_from, classes, num_classes, ckpt)
+    check_checkpoint_fits(resume_from, model, group_names, ckpt)
+
+
+def check_checkpoint_fits(
+    resume_from: Path | None,
+    model: torch.nn.Module,
+    group_names: list[str] | None,
+    ckpt: Mapping[str, Any] | None = None,
+) -> None:
+    """Refuse, before anything is written, to resume from a checkpoint whose weights or
+    optimizer parameter groups are not those this config builds: a setting an older ivreg
+    stored without reading it (``report.momentum_readout``, ``optimizer.exclude_bias_n_norm_wd``)
+    acts now and would fail the restore with a traceback, after config.yaml was rewritten.
+    ``ckpt``: the checkpoint, when read already."""
+    if resume_from is None:
+        return
+    ckpt = ckpt if ckpt is not None else read_checkpoint(resume_from, mmap=True)
     problems = [mismatch_report(model, ckpt["state_dict"])]
     states = ckpt.get("optimizer_states") or []
     saved = [g.get("name") for g in states[0].get("param_groups", [])] if states and group_names is not None else []
@@ -318,14 +340,17 @@ def is_finished(trainer: L.Trainer, resume_from: Path | None) -> bool:
     return done is not None and done >= trainer.max_epochs
 
 
-def check_resumed_classes(resume_from: Path | None, classes: list[str] | None, num_classes: int) -> None:
+def check_resumed_classes(
+    resume_from: Path | None, classes: list[str] | None, num_classes: int, ckpt: Mapping[str, Any] | None = None
+) -> None:
     """Refuse to resume onto data whose classes differ from the checkpoint's (a label is an
     index into the sorted class folders: a renamed, added or removed folder moves the labels
     under the readout, or changes its shape). Checkpoints record their class names
-    (``EpochCheckpoint``); older ones only their number, in the run's config."""
+    (``EpochCheckpoint``); older ones only their number, in the run's config. ``ckpt``: the
+    checkpoint, when read already."""
     if resume_from is None:
         return
-    ckpt = read_checkpoint(resume_from, mmap=True)
+    ckpt = ckpt if ckpt is not None else read_checkpoint(resume_from, mmap=True)
     then = ckpt.get(CLASSES_KEY)
     if then is None or classes is None:  # (an older checkpoint, or no class names to compare)
         saved = (ckpt.get("hyper_parameters") or {}).get("cfg") or {}  # (check_resume read it whole)

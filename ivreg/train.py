@@ -66,9 +66,8 @@ from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError, DataError, DivergedError, TrainingError, first_line
 from ivreg.method import SSLMethod
 from ivreg.resume import (
-    check_checkpoint_fits,
     check_resume,
-    check_resumed_classes,
+    check_resumed_state,
     finished_epochs,
     is_finished,
     keep_fraction_draw,
@@ -363,10 +362,11 @@ def build_run(cfg: DictConfig | dict) -> Run:
     views = parse_view_specs(OmegaConf.to_object(cfg.augmentations))  # type: ignore[arg-type]
     datamodule = PretrainDataModule(cfg.data, views, int(cfg.optimizer.batch_size), int(cfg.seed))
     cfg.data.num_classes = datamodule.num_classes
-    check_resumed_classes(resume_from, datamodule.class_names, datamodule.num_classes)
     require_online_evaluation_data(cfg, datamodule)
     model = SSLMethod(to_container(cfg))
-    check_checkpoint_fits(resume_from, model, model.optimizer_group_names())
+    check_resumed_state(
+        resume_from, datamodule.class_names, datamodule.num_classes, model, model.optimizer_group_names()
+    )
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
     apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)
     trainer = make_trainer(

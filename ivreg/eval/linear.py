@@ -64,7 +64,7 @@ from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, foreign_description
 from ivreg.method import backbone_from_config, backbone_kwargs
 from ivreg.optim import check_schedule_section, optimizers_with_schedule, planned_optimizer_steps
-from ivreg.resume import check_checkpoint_fits, check_resume, check_resumed_classes, keep_fraction_draw
+from ivreg.resume import check_resume, check_resumed_state, keep_fraction_draw
 from ivreg.train import (
     build_loggers,
     claim_run_folder,
@@ -434,13 +434,12 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
         augmentations=OmegaConf.to_object(cfg.augmentations),  # type: ignore[arg-type]
     )
     cfg.data = {**data, "num_classes": datamodule.num_classes}
-    check_resumed_classes(resume_from, datamodule.class_names, datamodule.num_classes)
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
     datamodule.compile_augmentation = on_gpu  # as pretraining's default: eager it is launch bound
     datamodule.channels_last = on_gpu
 
     model = LinearEvalModule(to_container(cfg))
-    check_checkpoint_fits(resume_from, model, None)
+    check_resumed_state(resume_from, datamodule.class_names, datamodule.num_classes, model, None)
     model.backbone.load_state_dict(pretrained.state_dict())
     if on_gpu:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
