@@ -86,6 +86,13 @@ class Readout(NamedTuple):
     features: str  # whose backbone: "online", "random" (frozen random init) or "momentum" (EMA copy)
 
 
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Seeds every generator from (seed, epoch, rank), at an epoch's start: a resumed epoch
+    draws the same random numbers as an uninterrupted one, and DDP ranks draw different ones."""
+    # workers=True keeps the DataLoader workers' seeding if the loaders are rebuilt
+    seed_everything((seed + 1_000_003 * epoch + 7919 * rank) % 2**31, workers=True, verbose=False)
+
+
 def _metric_key(suffix: str) -> str:
     return suffix.lstrip("_") or "online"  # (a ModuleDict key may not be empty)
 
@@ -363,8 +370,7 @@ class SSLMethod(L.LightningModule):
         """Reseed from (seed, epoch, rank): a resumed epoch draws the same random numbers as an
         uninterrupted one (the augmentations have their own seeds: per image from (seed,
         epoch, index) in ``Transformed``, per epoch and rank on the device)."""
-        seed = (int(self.cfg["seed"]) + 1_000_003 * self.current_epoch + 7919 * self.global_rank) % 2**31
-        seed_everything(seed, workers=True, verbose=False)  # keeps worker seeding if loaders are rebuilt
+        seed_epoch(int(self.cfg["seed"]), self.current_epoch, self.global_rank)
         self._metric_sums, self._metric_steps, self._epoch_cache, self._grad_stats = None, 0, None, None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -6,6 +6,8 @@ cannot switch it back), and a linear classifier on its pooled features is traine
 SGD (momentum 0.9, lr 0.1 per 256 images, no weight decay, cosine schedule, 100 epochs) on
 RandomResizedCrop(crop, scale 0.08-1) + horizontal flip views, then tested on centre crops.
 ``finetune=True`` trains the whole network instead, BatchNorm in training mode.
+solo-learn's regularisers of the probe are there too, off by default: ``label_smoothing``,
+and ``mixup`` / ``cutmix`` (Beta parameters; with both, each batch takes one of the two).
 
 The run folder mirrors pretraining: ``<checkpoint.dir>/<name>/`` with ``config.yaml``
 (including the pretraining config under ``pretrain_cfg``), ``last.ckpt``, ``epochs.csv``
@@ -32,6 +34,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.functional.classification import multiclass_accuracy
+from torchvision.transforms import v2
 
 from ivreg.callbacks import (
     EpochCheckpoint,
@@ -62,7 +65,7 @@ from ivreg.data.augment import ViewSpec
 from ivreg.data.datamodule import PretrainDataModule
 from ivreg.errors import ConfigError
 from ivreg.eval.common import EVAL_DATA_DEFAULTS, eval_data_config, eval_datasets, foreign_description
-from ivreg.method import backbone_from_config, backbone_kwargs
+from ivreg.method import backbone_from_config, backbone_kwargs, seed_epoch
 from ivreg.optim import check_schedule_section, optimizers_with_schedule, planned_optimizer_steps
 from ivreg.resume import check_resume, check_resumed_state, keep_fraction_draw
 from ivreg.train import (
@@ -80,6 +83,10 @@ LINEAR_DEFAULTS: dict[str, Any] = {
     "pretrained_feature_extractor": None,
     "finetune": False,
     "seed": 5,
+    # solo-learn's regularisers of the classifier's training (0: off, the standard protocol)
+    "label_smoothing": 0.0,  # the targets' share spread evenly over the classes
+    "mixup": 0.0,  # alpha of MixUp's Beta(alpha, alpha) blend of image pairs (DeiT: 0.8)
+    "cutmix": 0.0,  # alpha of CutMix's pasted boxes (DeiT: 1.0); with mixup too, one or the other per batch
     # data.pipeline: as in pretraining (auto: the training split on the GPU when it fits)
     "data": {**EVAL_DATA_DEFAULTS, "pipeline": "auto"},
     # The training views: RandomResizedCrop(crop_size, scale=(crop_min_scale, crop_max_scale)) + flip.
@@ -131,6 +138,9 @@ LINEAR_RESUME_KEYS = (
     "pretrained_feature_extractor",
     "pretrained_backbone_sha256",  # the same path may hold a later checkpoint of the pretraining run
     "finetune",
+    "label_smoothing",
+    "mixup",
+    "cutmix",
     "data.dataset",
     "data.fraction",
     "data.crop_size",
@@ -221,6 +231,10 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
         f"precision '{merged.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
     )
     require(int(merged.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
+    smoothing = float(merged.label_smoothing)
+    require(0 <= smoothing < 1, f"label_smoothing must be in [0, 1), got {merged.label_smoothing}")
+    for key in ("mixup", "cutmix"):
+        require(float(merged[key]) >= 0, f"{key} is the alpha of a Beta distribution: >= 0 (0: off), got {merged[key]}")
     aug = merged.augmentations
     lo, hi = float(aug.crop_min_scale), float(aug.crop_max_scale)
     require(0 < lo <= hi <= 1, "augmentations needs 0 < crop_min_scale <= crop_max_scale <= 1")
@@ -288,6 +302,24 @@ class LinearDataModule(PretrainDataModule):
 
 
 # ----------------------------------------------------------------------------------- model
+def batch_mixing(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix of whole training batches into soft targets, or None if both are 0.
+
+    torchvision's batched transforms (no timm needed): the distributions of solo-learn's timm
+    ``Mixup(prob=1, switch_prob=0.5, mode="batch")``: lam ~ Beta(alpha, alpha) per batch, the
+    pasted box's sides sqrt(1 - lam) of the image's and lam corrected to its clipped area,
+    MixUp or CutMix with equal probability when both are on. They draw from torch's global
+    generator, which ``seed_epoch`` seeds at every epoch's start."""
+    parts: list[v2.Transform] = []
+    if mixup > 0:
+        parts.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        parts.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if len(parts) > 1:
+        return v2.RandomChoice(parts)
+    return parts[0] if parts else None
+
+
 class LinearEvalModule(L.LightningModule):
     """A backbone (frozen unless ``finetune``) and a linear classifier on its features."""
 
@@ -299,6 +331,8 @@ class LinearEvalModule(L.LightningModule):
         num_classes = int(cfg["data"]["num_classes"])
         self.backbone = backbone_from_config(cfg)
         self.classifier = nn.Linear(self.backbone.num_features, num_classes)
+        self.label_smoothing = float(cfg.get("label_smoothing", 0.0))
+        self.mixing = batch_mixing(float(cfg.get("mixup", 0.0)), float(cfg.get("cutmix", 0.0)), num_classes)
         if not self.finetune:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -320,10 +354,18 @@ class LinearEvalModule(L.LightningModule):
             feats = self.backbone(images)
         return self.classifier(feats)
 
+    def on_train_epoch_start(self) -> None:
+        seed_epoch(int(self.cfg["seed"]), self.current_epoch, self.global_rank)  # MixUp/CutMix resume alike
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        targets = labels
+        if self.mixing is not None:  # soft targets: each image's shares of its two classes
+            images, targets = self.mixing(images, labels)
+            labels = targets.argmax(dim=1)  # train_acc1 counts the larger share as the label
         logits = self(images).float()
-        loss = F.cross_entropy(logits, labels)
+        # on soft targets too, label smoothing mixes them with the uniform distribution (as timm's Mixup does)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
         acc1 = multiclass_accuracy(logits.detach(), labels, self.classifier.out_features, average="micro")
         # Epoch values are batch-size-weighted means: the exact loss and accuracy of the epoch.
         self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labels))

@@ -338,14 +338,16 @@ def square_ckpt(image_data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "pre" / "last.ckpt"
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_killed_linear_evaluation_resumes_to_the_same_weights(workers: int, square_ckpt, tmp_path):
+@pytest.mark.parametrize(("workers", "mixing"), [(0, False), (2, False), (0, True)])
+def test_killed_linear_evaluation_resumes_to_the_same_weights(workers: int, mixing: bool, square_ckpt, tmp_path):
     """2 epochs straight == 1 epoch, a kill, and a resumed second one: each image's crop and
     flip come from (seed, epoch, index), in the main process or in persistent workers (the
-    resumed epoch drew other views before)."""
+    resumed epoch drew other views before), and MixUp/CutMix draw from the generator seeded
+    at each epoch's start."""
 
     def cfg(name: str) -> dict:
-        return {**_linear_cfg(square_ckpt, tmp_path, epochs=2, name=name), "data": {"num_workers": workers}}
+        mix = {"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1} if mixing else {}
+        return {**_linear_cfg(square_ckpt, tmp_path, epochs=2, name=name), "data": {"num_workers": workers}, **mix}
 
     straight = linear_eval(cfg("straight"))
     killed = build_linear_run(cfg("killed"))
@@ -457,3 +459,77 @@ def test_epochs_without_validation_hold_no_stale_accuracy(colour_ckpt, tmp_path,
     assert f"every2: final val_acc1 {acc:.2f} (epoch 1, the last validated of 3), best {acc:.2f} (epoch 1)" in (
         capsys.readouterr().out
     )
+
+
+def _mixing_lams(mix, draws: int, size: int = 32) -> tuple[list[float], list[bool]]:
+    """Per draw: the first image's own-class share of its target, and whether the images were
+    blended (MixUp) rather than a box pasted (CutMix). Two images of classes 0 and 1, all 0s
+    and all 1s: a pasted box leaves only 0s and 1s."""
+    x = torch.stack([torch.zeros(1, size, size), torch.ones(1, size, size)])
+    lams, blended = [], []
+    for _ in range(draws):
+        images, targets = mix(x.clone(), torch.tensor([0, 1]))
+        lams.append(float(targets[0, 0]))
+        blended.append(not bool(((images[0] == 0) | (images[0] == 1)).all()))
+    return lams, blended
+
+
+def test_mixup_and_cutmix_draw_the_distributions_of_solo_learns_timm_mixup() -> None:
+    """MixUp's lam ~ Beta(alpha, alpha); CutMix's clipped-box share is distributed as timm's
+    (solo-learn's Mixup); with both, each kind for about half the batches. The mixed images
+    hold exactly the targets' shares."""
+    from scipy import stats
+
+    from ivreg.eval.linear import batch_mixing
+
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    torch.manual_seed(0)
+    assert batch_mixing(0.0, 0.0, 10) is None
+    lams, _ = _mixing_lams(batch_mixing(0.8, 0.0, 2), 3000)
+    assert stats.kstest(lams, "beta", args=(0.8, 0.8)).pvalue > 1e-3
+    x = torch.randn(6, 3, 8, 8)
+    images, targets = batch_mixing(0.8, 0.0, 6)(x, torch.arange(6))
+    lam = targets.diagonal()  # each image's own share; the rest is its batch neighbour's
+    torch.testing.assert_close(images, lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * x.roll(1, 0))
+
+    ours, blended = _mixing_lams(batch_mixing(0.0, 1.0, 2), 3000)
+    assert not any(blended)
+    reference = timm_mixup.Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0, num_classes=2)
+    theirs = [float(reference(torch.zeros(2, 1, 32, 32), torch.tensor([0, 1]))[1][0, 0]) for _ in range(3000)]
+    assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
+    images, targets = batch_mixing(0.0, 1.0, 6)(x, torch.arange(6))
+    own = (images == x).all(dim=1).float().mean(dim=(1, 2))  # the share of each image's own pixels
+    torch.testing.assert_close(own, targets.diagonal())
+
+    _, blended = _mixing_lams(batch_mixing(0.8, 1.0, 2), 2000)
+    assert abs(sum(blended) / 2000 - 0.5) < 4 * 0.5 / math.sqrt(2000)
+
+
+def test_label_smoothing_on_mixed_targets_is_timms_soft_target_loss() -> None:
+    """cross_entropy(logits, mixed targets, label_smoothing=s) == timm's SoftTargetCrossEntropy
+    on mixup_target(lam, smoothing=s), the loss of solo-learn's probe with mixup and smoothing."""
+    import torch.nn.functional as F
+
+    timm_mixup = pytest.importorskip("timm.data.mixup")
+    from timm.loss import SoftTargetCrossEntropy
+
+    torch.manual_seed(1)
+    logits, labels, lam, s = torch.randn(8, 10), torch.randint(0, 10, (8,)), 0.7, 0.1
+    mixed = lam * F.one_hot(labels, 10).float() + (1 - lam) * F.one_hot(labels.flip(0), 10).float()
+    expected = SoftTargetCrossEntropy()(logits, timm_mixup.mixup_target(labels, 10, lam=lam, smoothing=s))
+    torch.testing.assert_close(F.cross_entropy(logits, mixed, label_smoothing=s), expected)
+
+
+def test_linear_probe_with_label_smoothing_mixup_and_cutmix(colour_ckpt, tmp_path) -> None:
+    """The regularisers train the probe (soft targets through the loss, the larger share as
+    train_acc1's label), and settings outside their ranges are refused by name."""
+    cfg = {**_linear_cfg(colour_ckpt, tmp_path, epochs=2, name="mixed"), "label_smoothing": 0.1}
+    run = linear_eval({**cfg, "mixup": 0.8, "cutmix": 1.0})
+    rows = _rows(tmp_path / "mixed" / "epochs.csv")
+    assert len(rows) == 2 and all(math.isfinite(float(r["train_loss"])) for r in rows)
+    assert run.model.mixing is not None and run.model.label_smoothing == 0.1
+    assert float(rows[-1]["val_acc1"]) > 60.0  # three colour classes: chance is 33%
+    with pytest.raises(ConfigError, match=r"label_smoothing must be in \[0, 1\), got 1"):
+        prepare_linear_config({"pretrained_feature_extractor": "x", "label_smoothing": 1})
+    with pytest.raises(ConfigError, match="mixup is the alpha of a Beta distribution: >= 0"):
+        prepare_linear_config({"pretrained_feature_extractor": "x", "mixup": -0.5})
