@@ -17,14 +17,13 @@ CONFIG_FILES = sorted((ROOT / "scripts" / "pretrain").glob("*/*.yaml"))
 
 def test_config_tree_is_complete() -> None:
     names = {"byol", "byol-noema", "directpred", "directpred-noema", "isoloss", "isoloss-noema"}
-    for folder in ("cifar", "stl-10", "tinyimagenet"):
+    for folder in ("cifar", "stl-10", "tinyimagenet", "imagenet"):
         assert {p.stem for p in (ROOT / "scripts/pretrain" / folder).glob("*.yaml")} == names
         for group, files in (
             ("augmentations", {"asymmetric", "symmetric", "symmetric_weak"}),
             ("logger", {"default", "wandb", "wandb_offline", "csv"}),
         ):
             assert {p.stem for p in (ROOT / "scripts/pretrain" / folder / group).glob("*.yaml")} == files
-    assert {p.stem for p in (ROOT / "scripts/pretrain/imagenet").glob("*.yaml")} == {"byol", "directpred", "isoloss"}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")

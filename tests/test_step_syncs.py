@@ -177,3 +177,68 @@ def test_linear_evaluation_steps_never_wait_for_the_device(finetune: bool, tmp_p
     recorded = _fit_recording_steps(build_linear_run(cfg), monkeypatch)
     assert recorded.ops > 100, "the window recorded no training steps"
     assert recorded.found == [], f"host syncs in the training step: {recorded.found[:3]}"
+
+
+class _ValidationWindow(L.Callback):
+    """Records the validation steps after the first (the metrics' states exist by then), from
+    the batch on the device to the metrics' updates."""
+
+    def __init__(self, mode: _RecordSyncs) -> None:
+        self.mode, self.batches = mode, 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self.mode.recording = batch_idx >= 1 and not trainer.sanity_checking
+        self.batches += self.mode.recording
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # type: ignore[no-untyped-def]
+        self.mode.recording = False
+
+
+def _fit_recording_validation(run, monkeypatch) -> tuple[_RecordSyncs, int]:  # type: ignore[no-untyped-def]
+    mode = _RecordSyncs()
+    for name in ("tolist", "cpu", "numpy", "item", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, _recorded(getattr(torch.Tensor, name), name, mode))
+    window = _ValidationWindow(mode)
+    run.trainer.callbacks.append(window)
+    with mode:
+        fit(run)
+    return mode, window.batches
+
+
+@pytest.mark.parametrize("config", ["byol.yaml", "isoloss-noema.yaml"])
+def test_validation_steps_never_wait_for_the_device(config: str, image_data, tmp_path: Path, monkeypatch) -> None:
+    """The readouts' top-1 (online, raw, random, momentum), top-5 and loss accumulate on the
+    device over a validation epoch, unlabelled images left out without a boolean mask."""
+    train, val = image_data
+    cfg = compose(
+        str(CIFAR_CONFIGS),
+        config,
+        tiny_overrides(train, val, tmp_path)
+        + ["max_epochs=1", "++limit_train_batches=1", "++report.compare_random_init=True", "++report.raw_readout=True"]
+        + (["++report.momentum_readout=True"] if config == "byol.yaml" else []),
+    )
+    recorded, batches = _fit_recording_validation(build_run(cfg), monkeypatch)
+    assert batches >= 2 and recorded.ops > 100, "the window recorded no validation steps"
+    assert recorded.found == [], f"host syncs in the validation step: {recorded.found[:3]}"
+
+
+def test_linear_validation_steps_never_wait_for_the_device(tmp_path: Path, monkeypatch) -> None:
+    from ivreg.eval.linear import build_linear_run
+
+    from .eval_helpers import colour_checkpoint
+
+    ckpt = colour_checkpoint(tmp_path / "data", per_class_train=8, per_class_val=8)[2]
+    cfg = {
+        "pretrained_feature_extractor": str(ckpt),
+        "max_epochs": 1,
+        "accelerator": "cpu",
+        "precision": 32,
+        "optimizer": {"batch_size": 8},
+        "checkpoint": {"dir": str(tmp_path / "runs")},
+        "logger": {"csv": False, "tensorboard": False},
+        "num_sanity_val_steps": 0,
+        "enable_model_summary": False,
+    }
+    recorded, batches = _fit_recording_validation(build_linear_run(cfg), monkeypatch)
+    assert batches >= 2 and recorded.ops > 100, "the window recorded no validation steps"
+    assert recorded.found == [], f"host syncs in the validation step: {recorded.found[:3]}"
