@@ -25,8 +25,6 @@ from lightning.fabric.utilities.seed import seed_everything
 from torch import nn
 from torch._dynamo.exc import TorchDynamoException
 from torch._inductor.exc import InductorError
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
 
 from ivreg.backbones import build_backbone, is_timm
 from ivreg.config import lr_scale, uses_ema
@@ -43,7 +41,7 @@ from ivreg.optim import (
     trainable_params,
 )
 from ivreg.predictors import MLPPredictor, SpectralPredictor, observe_and_predict, observe_views, spectrum_metrics
-from ivreg.readout import OnlineReadout
+from ivreg.readout import IGNORE_LABEL, LabelledMean, OnlineReadout, top_k_hits
 from ivreg.targets import EMATarget, StopGradTarget, cosine_tau
 
 
@@ -153,14 +151,12 @@ class SSLMethod(L.LightningModule):
             if not self.target.has_copy:
                 raise ConfigError("report.momentum_readout=True needs an EMA target; this config has none")
             self.momentum_readout = OnlineReadout(feat_dim, num_classes, batchnorm=readout_bn)
-        # val_acc1<suffix> of every readout (torchmetrics states are not saved in checkpoints)
-        self.val_top1 = nn.ModuleDict(
-            {_metric_key(r.suffix): MulticlassAccuracy(num_classes, top_k=1, average="micro") for r in self.readouts()}
-        )
-        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
-        # per image, summed over the DDP ranks' uneven shares (Lightning's sync_dist mean
-        # divided by a truncated mean count)
-        self.val_loss = MeanMetric()
+        # val_acc1<suffix> of every readout, val_acc5 and val_loss: per labelled image, summed
+        # over the DDP ranks' uneven shares (Lightning's sync_dist mean divided by a truncated
+        # mean count); metric states are not saved in checkpoints
+        self.val_top1 = nn.ModuleDict({_metric_key(r.suffix): LabelledMean() for r in self.readouts()})
+        self.val_acc5 = LabelledMean()
+        self.val_loss = LabelledMean()
         self.base_tau = float(cfg["momentum"]["base_tau"])
         self.final_tau = float(cfg["momentum"]["final_tau"])
         # Counted on the device; NonFiniteLossGuard reads it now and then (no per-step sync).
@@ -399,14 +395,13 @@ class SSLMethod(L.LightningModule):
             features["random"] = self.random_backbone(images)
         if self.momentum_readout is not None:
             features["momentum"] = self.target.net[0](images)
-        labelled = labels >= 0
-        labels = labels[labelled]
-        for readout in self.readouts():
-            logits = readout.module(features[readout.features]).float()[labelled]
-            self.val_top1[_metric_key(readout.suffix)].update(logits, labels)
+        for readout in self.readouts():  # unlabelled images (label -1) count in none of the means
+            logits = readout.module(features[readout.features]).float()
+            self.val_top1[_metric_key(readout.suffix)].update(top_k_hits(logits, labels, 1), labels)
             if readout.module is self.readout:
-                self.val_acc5.update(logits, labels)
-                self.val_loss.update(F.cross_entropy(logits, labels, reduction="none"))
+                self.val_acc5.update(top_k_hits(logits, labels, 5), labels)
+                losses = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none")
+                self.val_loss.update(losses, labels)
 
     def on_validation_epoch_end(self) -> None:
         for readout in self.readouts():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import Metric
 
 from ivreg.norms import BatchNorm1d
 
@@ -46,3 +47,33 @@ class OnlineReadout(nn.Module):
         loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="sum") / count.clamp_min(1)
         hits = ((logits.argmax(dim=-1) == labels) & labelled).sum()
         return loss, hits, count
+
+
+def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, whether the label is among the ``k`` largest logits (never for label -1)."""
+    return (logits.topk(min(k, logits.shape[1]), dim=1).indices == labels[:, None]).any(dim=1)
+
+
+class LabelledMean(Metric):
+    """The mean of per-image values over the labelled images (label >= 0) of an epoch, summed
+    over the DDP ranks' uneven shares at ``compute`` (NaN without labelled images).
+
+    Hand-written, a sum and a count, so that a validation step never waits for the device:
+    torchmetrics' ``MulticlassAccuracy`` checks the labels (``unique``) and ``MeanMetric``
+    checks for NaNs (``any``) at every update, and their ways to skip unlabelled images index
+    with a boolean mask, each a host-device synchronisation."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", default=torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor, labels: torch.Tensor) -> None:
+        labelled = labels != IGNORE_LABEL
+        self.total += torch.where(labelled, values.float(), 0.0).sum()
+        self.count += labelled.sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count

@@ -214,7 +214,13 @@ def test_validation_steps_never_wait_for_the_device(config: str, image_data, tmp
         str(CIFAR_CONFIGS),
         config,
         tiny_overrides(train, val, tmp_path)
-        + ["max_epochs=1", "++limit_train_batches=1", "++report.compare_random_init=True", "++report.raw_readout=True"]
+        + [
+            "max_epochs=1",
+            "scheduler.warmup_epochs=0",
+            "++limit_train_batches=1",
+            "++report.compare_random_init=True",
+            "++report.raw_readout=True",
+        ]
         + (["++report.momentum_readout=True"] if config == "byol.yaml" else []),
     )
     recorded, batches = _fit_recording_validation(build_run(cfg), monkeypatch)

@@ -78,7 +78,8 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 # Names of split folders: a root holding several of them is a folder of splits, not of classes.
-SPLIT_NAMES = {"train", "val", "valid", "validation", "test", "unlabeled", "unlabelled"}
+EVALUATION_SPLIT_NAMES = {"val", "valid", "validation", "test"}
+SPLIT_NAMES = {"train", "unlabeled", "unlabelled"} | EVALUATION_SPLIT_NAMES
 
 
 def _hidden(name: str) -> bool:
@@ -173,9 +174,11 @@ def image_folder(path: Path, what: str) -> tvd.ImageFolder:
         raise DataError(f"{what} folder {path} does not exist; set data.{what} to an ImageFolder root")
     splits = sorted(p.name for p in _class_folders(path) if p.name.lower() in SPLIT_NAMES)
     if len(splits) >= 2:
+        # the example names a split of the kind asked for: train/ for train_path, val/ or test/ for val_path
+        fitting = [s for s in splits if (s.lower() in EVALUATION_SPLIT_NAMES) == (what == "val_path")]
         raise DataError(
             f"{what} {path} holds the splits {', '.join(s + '/' for s in splits)}, not class folders; set "
-            f"data.train_path and data.val_path to the split folders (e.g. {path / splits[-1]})"
+            f"data.train_path and data.val_path to the split folders (e.g. data.{what}={path / (fitting or splits)[0]})"
         )
     if not is_image_folder(path):
         raise DataError(
