@@ -153,17 +153,15 @@ def test_training_steps_never_wait_for_the_device(
     assert recorded.found == [], f"host syncs in the training step: {recorded.found[:3]}"
 
 
-@pytest.mark.parametrize("finetune", [False, True])
-def test_linear_evaluation_steps_never_wait_for_the_device(finetune: bool, tmp_path: Path, monkeypatch) -> None:
-    """The linear probe's (and fine-tuning's) training step, accuracy and logged means included."""
+def _linear_run(tmp_path: Path, per_class_val: int, **options):  # type: ignore[no-untyped-def]
+    """A linear probe of a random resnet10 on 3 colour classes (16 training images each)."""
     from ivreg.eval.linear import build_linear_run
 
     from .eval_helpers import colour_checkpoint
 
-    ckpt = colour_checkpoint(tmp_path / "data", per_class_train=16, per_class_val=4)[2]
+    ckpt = colour_checkpoint(tmp_path / "data", per_class_train=16, per_class_val=per_class_val)[2]
     cfg = {
         "pretrained_feature_extractor": str(ckpt),
-        "finetune": finetune,
         "max_epochs": 1,
         "accelerator": "cpu",
         "precision": 32,
@@ -173,8 +171,15 @@ def test_linear_evaluation_steps_never_wait_for_the_device(finetune: bool, tmp_p
         "num_sanity_val_steps": 0,
         "enable_model_summary": False,
         "log_every_n_steps": 100,
+        **options,
     }
-    recorded = _fit_recording_steps(build_linear_run(cfg), monkeypatch)
+    return build_linear_run(cfg)
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_linear_evaluation_steps_never_wait_for_the_device(finetune: bool, tmp_path: Path, monkeypatch) -> None:
+    """The linear probe's (and fine-tuning's) training step, accuracy and logged means included."""
+    recorded = _fit_recording_steps(_linear_run(tmp_path, 4, finetune=finetune), monkeypatch)
     assert recorded.ops > 100, "the window recorded no training steps"
     assert recorded.found == [], f"host syncs in the training step: {recorded.found[:3]}"
 
@@ -229,22 +234,6 @@ def test_validation_steps_never_wait_for_the_device(config: str, image_data, tmp
 
 
 def test_linear_validation_steps_never_wait_for_the_device(tmp_path: Path, monkeypatch) -> None:
-    from ivreg.eval.linear import build_linear_run
-
-    from .eval_helpers import colour_checkpoint
-
-    ckpt = colour_checkpoint(tmp_path / "data", per_class_train=8, per_class_val=8)[2]
-    cfg = {
-        "pretrained_feature_extractor": str(ckpt),
-        "max_epochs": 1,
-        "accelerator": "cpu",
-        "precision": 32,
-        "optimizer": {"batch_size": 8},
-        "checkpoint": {"dir": str(tmp_path / "runs")},
-        "logger": {"csv": False, "tensorboard": False},
-        "num_sanity_val_steps": 0,
-        "enable_model_summary": False,
-    }
-    recorded, batches = _fit_recording_validation(build_linear_run(cfg), monkeypatch)
+    recorded, batches = _fit_recording_validation(_linear_run(tmp_path, 8), monkeypatch)
     assert batches >= 2 and recorded.ops > 100, "the window recorded no validation steps"
     assert recorded.found == [], f"host syncs in the validation step: {recorded.found[:3]}"

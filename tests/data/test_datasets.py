@@ -301,9 +301,7 @@ def test_a_folder_of_splits_is_not_taken_for_classes(tmp_path: Path) -> None:
     (root / "test" / "images").mkdir(parents=True)
     Image.new("RGB", (64, 64)).save(root / "test" / "images" / "test_0.JPEG")
     (root / "val").mkdir()
-    with pytest.raises(
-        DataError, match=r"holds the splits test/, train/, val/, .*data.train_path=\S*/train\)"
-    ):
+    with pytest.raises(DataError, match=r"holds the splits test/, train/, val/, .*data.train_path=\S*/train\)"):
         build_dataset("custom", str(root), train=True)
     with pytest.raises(DataError, match=r"holds the splits test/, train/, val/, .*data.val_path=\S*/test\)"):
         build_dataset("custom", str(root), train=False)
