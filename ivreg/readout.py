@@ -45,8 +45,7 @@ class OnlineReadout(nn.Module):
         count = labelled.sum()
         # Sum then divide, so that an all-unlabelled batch gives 0 instead of NaN.
         loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="sum") / count.clamp_min(1)
-        hits = ((logits.argmax(dim=-1) == labels) & labelled).sum()
-        return loss, hits, count
+        return loss, top_k_hits(logits, labels, 1).sum(), count
 
 
 def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
