@@ -183,9 +183,13 @@ def recorded_world_size(checkpoint: Path) -> int | None:
     return None
 
 
-# What a linear run adds to its pretraining run's settings.
+# What a linear run adds to its pretraining run's settings (the trained ones of
+# ivreg.eval.linear.LINEAR_RESUME_KEYS, which also holds what identifies the run).
 LINEAR_SETTINGS = (
     "finetune",
+    "label_smoothing",
+    "mixup",
+    "cutmix",
     "optimizer",
     "scheduler",
     "augmentations",

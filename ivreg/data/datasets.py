@@ -78,8 +78,12 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 # Names of split folders: a root holding several of them is a folder of splits, not of classes.
-EVALUATION_SPLIT_NAMES = {"val", "valid", "validation", "test"}
-SPLIT_NAMES = {"train", "unlabeled", "unlabelled"} | EVALUATION_SPLIT_NAMES
+# By kind, in the order one is suggested for data.train_path or data.val_path.
+SPLITS_BY_KIND = {
+    "train_path": ("train", "unlabeled", "unlabelled"),
+    "val_path": ("val", "valid", "validation", "test"),
+}
+SPLIT_NAMES = {name for names in SPLITS_BY_KIND.values() for name in names}
 
 
 def _hidden(name: str) -> bool:
@@ -174,11 +178,13 @@ def image_folder(path: Path, what: str) -> tvd.ImageFolder:
         raise DataError(f"{what} folder {path} does not exist; set data.{what} to an ImageFolder root")
     splits = sorted(p.name for p in _class_folders(path) if p.name.lower() in SPLIT_NAMES)
     if len(splits) >= 2:
-        # the example names a split of the kind asked for: train/ for train_path, val/ or test/ for val_path
-        fitting = [s for s in splits if (s.lower() in EVALUATION_SPLIT_NAMES) == (what == "val_path")]
+        # an example of the kind asked for: train/ for train_path, val/ (else test/...) for val_path
+        kind = SPLITS_BY_KIND[what]
+        fitting = sorted((s for s in splits if s.lower() in kind), key=lambda s: kind.index(s.lower()))
+        example = f" (e.g. data.{what}={path / fitting[0]})" if fitting else ""
         raise DataError(
             f"{what} {path} holds the splits {', '.join(s + '/' for s in splits)}, not class folders; set "
-            f"data.train_path and data.val_path to the split folders (e.g. data.{what}={path / (fitting or splits)[0]})"
+            f"data.train_path and data.val_path to the split folders{example}"
         )
     if not is_image_folder(path):
         raise DataError(

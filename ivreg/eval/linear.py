@@ -230,6 +230,9 @@ def prepare_linear_config(cfg: DictConfig | Mapping[str, Any]) -> DictConfig:
         f"precision '{merged.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
     )
     require(int(merged.checkpoint.frequency) >= 1, "checkpoint.frequency must be >= 1")
+    for key in ("label_smoothing", "mixup", "cutmix"):  # (null passes the type check)
+        value = merged[key]
+        require(value is not None and math.isfinite(float(value)), f"{key} must be a number (0: off), got {value}")
     smoothing = float(merged.label_smoothing)
     require(0 <= smoothing < 1, f"label_smoothing must be in [0, 1), got {merged.label_smoothing}")
     for key in ("mixup", "cutmix"):

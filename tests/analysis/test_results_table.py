@@ -157,14 +157,23 @@ def test_unfinished_runs_are_left_out_unless_asked_for(tmp_path: Path, capsys):
     )
 
 
-def test_linear_runs_on_other_label_fractions_are_named(tmp_path: Path, capsys):
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"data": {"dataset": "cifar10", "fraction": 0.01}}, "differ in linear.data.fraction (0.01, 1.0)"),
+        ({"mixup": 0.8, "cutmix": 1.0}, "differ in linear.cutmix (0.0, 1.0), linear.mixup (0.0, 0.8)"),
+        ({"label_smoothing": 0.1}, "differ in linear.label_smoothing (0.0, 0.1)"),
+    ],
+)
+def test_linear_runs_with_other_training_settings_are_named(setting: dict, message: str, tmp_path: Path, capsys):
+    """Another share of the labels, or the probe's regularisers: not one setting to average."""
     root = tmp_path / "runs"
-    for seed, fraction in ((1, 1.0), (2, 0.01)):
+    for seed, extra in ((1, {}), (2, setting)):
         pretrain = {**_pretrain("directpred", EMA, "cifar10", iso=True), "seed": seed}
         linear = {"pretrained_feature_extractor": f"/x{seed}/last.ckpt", "pretrain_cfg": pretrain}
-        _run(root, f"lin-{seed}", {**linear, "data": {"dataset": "cifar10", "fraction": fraction}}, [90])
+        _run(root, f"lin-{seed}", {**linear, "data": {"dataset": "cifar10", "fraction": 1.0}, **extra}, [90])
     assert main([str(root), "--kind", "linear"]) == 0
-    assert "differ in linear.data.fraction (0.01, 1.0)" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_options_newer_than_a_run_count_at_their_defaults(tmp_path: Path, capsys):

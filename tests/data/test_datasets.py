@@ -303,8 +303,16 @@ def test_a_folder_of_splits_is_not_taken_for_classes(tmp_path: Path) -> None:
     (root / "val").mkdir()
     with pytest.raises(DataError, match=r"holds the splits test/, train/, val/, .*data.train_path=\S*/train\)"):
         build_dataset("custom", str(root), train=True)
-    with pytest.raises(DataError, match=r"holds the splits test/, train/, val/, .*data.val_path=\S*/test\)"):
+    with pytest.raises(DataError, match=r"holds the splits test/, train/, val/, .*data.val_path=\S*/val\)"):
         build_dataset("custom", str(root), train=False)
+    (root / "train").rename(root / "Unlabeled")  # (STL-10's) and any case
+    with pytest.raises(DataError, match=r"holds the splits Unlabeled/, test/, val/, .*train_path=\S*/Unlabeled\)"):
+        build_dataset("custom", str(root), train=True)
+    only_evaluation = tmp_path / "eval-splits"  # no training split: no example rather than a wrong one
+    (only_evaluation / "val").mkdir(parents=True)
+    (only_evaluation / "Test").mkdir()
+    with pytest.raises(DataError, match=r"holds the splits Test/, val/, not class folders; .* split folders$"):
+        build_dataset("custom", str(only_evaluation), train=True)
 
 
 def test_class_names_that_differ_only_in_unicode_normalisation_are_named(tmp_path: Path) -> None:

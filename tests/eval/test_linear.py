@@ -547,3 +547,6 @@ def test_linear_probe_with_label_smoothing_mixup_and_cutmix(colour_ckpt, tmp_pat
         prepare_linear_config({"pretrained_feature_extractor": "x", "label_smoothing": 1})
     with pytest.raises(ConfigError, match="mixup is the alpha of a Beta distribution: >= 0"):
         prepare_linear_config({"pretrained_feature_extractor": "x", "mixup": -0.5})
+    for key, value in (("mixup", None), ("cutmix", float("inf")), ("label_smoothing", None)):
+        with pytest.raises(ConfigError, match=f"{key} must be a number .0: off., got {value}"):
+            prepare_linear_config({"pretrained_feature_extractor": "x", key: value})
