@@ -121,6 +121,7 @@ def symmetric_loss(
     p_sqrt: torch.Tensor | None,
     z_t: torch.Tensor,
     n_views: int,
+    n_targets: int | None = None,
 ) -> torch.Tensor:
     """Sum of ``loss_fn`` over every ordered pair of views (a, b), a != b: view a's prediction
     against view b's target.
@@ -129,13 +130,32 @@ def symmetric_loss(
     targets by k views pairs every view a with view a + k (mod n_views), so one call of
     ``loss_fn`` per shift k covers n_views pairs at once: the same sum as one call per pair,
     with 1/n_views as many ops. ``loss_fn`` averages over all rows, hence the factor n_views.
+
+    Multi-crop (solo-learn's): with ``n_targets`` < ``n_views``, only the first ``n_targets``
+    views (the large crops) are targets and ``z_t`` holds just theirs; the sum runs over the
+    pairs (a, b), b < n_targets, one call per pair: a small crop is predicted towards every
+    large one and is never a target itself.
     """
     rows = z.shape[0]
-    if n_views < 2 or rows % n_views or any(t is not None and t.shape[0] != rows for t in (p, p_sqrt, z_t)):
+    n_targets = n_views if n_targets is None else n_targets
+    target_rows = rows // n_views * n_targets if n_views else 0
+    if (
+        n_views < 2
+        or rows % n_views
+        or not 1 <= n_targets <= n_views
+        or any(t is not None and t.shape[0] != rows for t in (p, p_sqrt))
+        or z_t.shape[0] != target_rows
+    ):
         raise ValueError(
-            "the symmetric loss needs at least two views of equal size, with one prediction and one target per row"
+            "the symmetric loss needs at least two views of equal size, with one prediction per row and one "
+            "target per row of the first n_targets views"
         )
     batch = rows // n_views
+    if n_targets < n_views:
+        zs, ps, targets = z.split(batch), p.split(batch), z_t.split(batch)
+        roots = p_sqrt.split(batch) if p_sqrt is not None else [None] * n_views
+        pairs = [(a, b) for b in range(n_targets) for a in range(n_views) if a != b]
+        return torch.stack([loss_fn(zs[a], ps[a], roots[a], targets[b]) for a, b in pairs]).sum()
     total = loss_fn(z, p, p_sqrt, z_t.roll(-batch, dims=0))
     for shift in range(2, n_views):
         total = total + loss_fn(z, p, p_sqrt, z_t.roll(-shift * batch, dims=0))

@@ -250,6 +250,11 @@ class SSLMethod(L.LightningModule):
         # ops for all views.
         batched = self.batch_views and all(v.shape == views[0].shape for v in views)
         inputs: torch.Tensor | list[torch.Tensor] = torch.cat(views) if batched else list(views)
+        # Multi-crop as solo-learn: the views of view 0's size (the large crops, first) are the
+        # only targets, the EMA copy and the readouts see only them; every view is predicted.
+        n_large = sum(v.shape == views[0].shape for v in views)
+        large_rows = n_large * views[0].shape[0]
+        large_inputs = inputs if n_large == n_views else list(views[:n_large])
         groups = self.view_groups if batched else None
         feats = run_views(self.backbone, inputs, n_views, groups)
         z = run_views(self.projector, feats, n_views, groups)
@@ -259,12 +264,12 @@ class SSLMethod(L.LightningModule):
             # splits its graph here (observe_views runs eager) and not inside a nested frame
             observe_views(self.predictor, z, n_views)
             p, p_sqrt = self.predictor.predict_views(z, n_views, groups)
-        features = {"online": feats}
+        features = {"online": feats[:large_rows]}
         if self.momentum_readout is not None:  # the EMA copy's features as well as its projections
-            features["momentum"], z_t = self.target.features_and_projections(inputs, n_views, groups)
+            features["momentum"], z_t = self.target.features_and_projections(large_inputs, n_large, groups)
         else:
-            z_t = self.target(inputs, z, n_views, groups)
-        ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views)
+            z_t = self.target(large_inputs, z[:large_rows], n_large, groups)
+        ssl_loss = symmetric_loss(self.loss_fn, z, p, p_sqrt, z_t, n_views, n_large)
 
         with torch.no_grad():
             z_all = z.unflatten(0, (n_views, -1)).float()
@@ -274,8 +279,8 @@ class SSLMethod(L.LightningModule):
                 "train_z_norm": z_all.norm(dim=-1).mean(),
             }
             if self.random_backbone is not None:
-                features["random"] = run_views(self.random_backbone, inputs, n_views, groups)
-        all_labels = labels.repeat(n_views)
+                features["random"] = run_views(self.random_backbone, large_inputs, n_large, groups)
+        all_labels = labels.repeat(n_large)
         class_loss = ssl_loss.new_zeros(())
         for readout in self.readouts():
             loss, hits, count = readout.module.loss_and_hits(features[readout.features], all_labels)

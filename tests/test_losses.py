@@ -171,6 +171,30 @@ def test_symmetric_loss_sums_ordered_pairs_and_no_gradient_reaches_target(n_view
     assert all(t.grad is None for t in targets)
 
 
+@pytest.mark.parametrize(("n_views", "n_targets"), [(4, 2), (3, 1), (3, 3)])
+def test_multi_crop_loss_predicts_every_view_towards_the_large_crops_only(n_views: int, n_targets: int) -> None:
+    """solo-learn's multi-crop: the targets are the first n_targets views'; every other view's
+    prediction meets each of them. With every view a target it is the rolled sum."""
+    gen = torch.Generator().manual_seed(n_views)
+    zs = [torch.randn(4, 6, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(n_views)]
+    w = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    targets = [torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(n_targets)]
+    z = torch.cat(zs)
+    total = symmetric_loss(iso_cosine_loss, z, z @ w, z @ (w / 2), torch.cat(targets), n_views, n_targets)
+    expected = sum(
+        iso_cosine_loss(zs[a], zs[a] @ w, zs[a] @ (w / 2), targets[b])
+        for b in range(n_targets)
+        for a in range(n_views)
+        if a != b
+    )
+    torch.testing.assert_close(total, expected)
+    (grad,) = torch.autograd.grad(total, z)
+    (grad_expected,) = torch.autograd.grad(expected, zs[-1])
+    torch.testing.assert_close(grad[-4:], grad_expected)  # a small crop (or the last view) learns
+    with pytest.raises(ValueError, match="one target per row of the first n_targets views"):
+        symmetric_loss(cosine_loss, z, z, None, z, n_views, n_targets - 1 or 5)
+
+
 def test_symmetric_loss_pairs_view_a_with_view_b() -> None:
     """With two views the prediction of view 1 meets the target of view 2 and vice versa."""
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # view 1: e1, view 2: e2

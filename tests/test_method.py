@@ -95,6 +95,36 @@ def test_without_report_options_only_the_standardised_readout_exists() -> None:
     }
 
 
+def test_multi_crop_targets_and_readouts_see_only_the_large_crops() -> None:
+    """solo-learn's multi-crop: two 32 px views then two 16 px ones. The EMA copy runs on the
+    large crops only, the loss pairs every view with each large crop's target (2 x 3 pairs),
+    and the readouts train on the large crops' features."""
+    model = _model("++report.momentum_readout=True", config="byol.yaml")
+    seen: list[tuple[int, ...]] = []
+    model.target.net[0].register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    gen = torch.Generator().manual_seed(0)
+    views = [torch.rand(4, 3, s, s, generator=gen) for s in (32, 32, 16, 16)]
+    labels = torch.tensor([0, 1, 2, 3])
+    model.train()
+    loss, metrics = model.forward_step(views, labels)
+    assert seen and all(shape[-1] == 32 for shape in seen)
+    assert float(metrics["train_count"]) == 8  # 2 large crops x 4 images
+    model.eval()  # the same BatchNorm statistics for the recomputation below
+    with torch.no_grad():
+        loss, _ = model.forward_step(views, labels)
+        z = [model.projector(model.backbone(v)) for v in views]
+        p = [model.predictor(v)[0] for v in z]
+        z_t = [model.target.net(v) for v in views[:2]]
+        ssl = sum(model.loss_fn(z[a], p[a], None, z_t[b]) for b in range(2) for a in range(4) if a != b)
+        classes = sum(r.module.loss_and_hits(f, labels.repeat(2))[0] for r, f in model_readout_features(model, views))
+    torch.testing.assert_close(loss, ssl + classes, rtol=1e-4, atol=1e-5)
+
+
+def model_readout_features(model: SSLMethod, views: list[torch.Tensor]) -> list:
+    large = torch.cat(views[:2])
+    return [(r, (model.backbone if r.features == "online" else model.target.net[0])(large)) for r in model.readouts()]
+
+
 def test_the_momentum_readout_reads_the_ema_copys_backbone() -> None:
     model = _model("++report.momentum_readout=True", config="byol.yaml")
     assert [r.suffix for r in model.readouts()] == ["", "_momentum"]

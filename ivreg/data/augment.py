@@ -169,6 +169,13 @@ def parse_view_specs(aug_cfg: Sequence[Mapping]) -> list[ViewSpec]:
         specs.extend([spec] * num_crops)
     if len(specs) < 2:
         raise ConfigError("augmentations must produce at least two views in total")
+    large = specs[0].crop_size
+    n_large = sum(spec.crop_size == large for spec in specs)
+    if any(spec.crop_size != large for spec in specs[:n_large]):
+        raise ConfigError(
+            f"augmentations: the views of the first group's crop_size ({large}, the large crops, the only targets) "
+            "must come first; list the groups of smaller crops after them"
+        )
     return specs
 
 

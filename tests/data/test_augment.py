@@ -71,15 +71,19 @@ def test_num_crops_expands_views() -> None:
         ({"crop_size": 8, "num_crops": 2, "rrc": {"crop_min_scale": 0.9, "crop_max_scale": 0.5}}, "crop_min_scale"),
         ({"crop_size": 8, "num_crops": 2, "color_jitter": {"hue": 0.7}}, "hue must be <= 0.5"),
         ({"crop_size": 8, "num_crops": 1}, "at least two views"),
+        (
+            [{"crop_size": 16, "num_crops": 1}, {"crop_size": 8, "num_crops": 2}, {"crop_size": 16, "num_crops": 1}],
+            r"the views of the first group's crop_size \(16, the large crops, the only targets\) must come first",
+        ),
         ({"crop_size": 8, "num_crops": 2, "solarisation": {"prob": 0.2}}, r"solarisation; did you mean 'solarization'"),
         ({"crop_size": 8, "num_crops": 2, "color_jitter": {"probability": 0.8}}, r"color_jitter.probability"),
         ({"crop_size": 8, "num_crops": 2, "gaussian_blur": 0.5}, "gaussian_blur must be a mapping"),
         ("crop_size: 8", "must be a mapping of augmentation sections"),
     ],
 )
-def test_bad_augmentation_configs(group: dict, message: str) -> None:
+def test_bad_augmentation_configs(group: dict | list, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse_view_specs([group])
+        parse_view_specs(group if isinstance(group, list) else [group])
 
 
 def test_view_transform_outputs_normalised_float_views() -> None:
