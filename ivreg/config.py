@@ -23,7 +23,8 @@ from ivreg.optim import check_optimizer, check_schedule_section
 METHODS = ("byol", "directpred")
 # The other names the paper and solo-learn use, and what they are here
 METHOD_ALIASES = {
-    "simsiam": "method=byol with momentum.base_tau=0 momentum.final_tau=0 (byol-noema.yaml)",
+    "simsiam": "method=byol ++momentum.base_tau=0 ++momentum.final_tau=0, or byol-noema.yaml: the paper's SimSiam, "
+    "BYOL's networks without EMA (solo-learn's SimSiam has a 3-layer projector)",
     "isoloss": "method=directpred with method_kwargs.iso=True (isoloss.yaml, isoloss-noema.yaml)",
     "directcopy": "method=directpred with method_kwargs.dp_alpha=1 method_kwargs.eps_iso=0.25",
 }
@@ -288,6 +289,8 @@ SOLO_LEARN_SECTIONS: dict[str, tuple[str, dict[str, str] | None]] = {
     "knn_eval": ("knn", {"enabled": "enabled", "k": "k", "distance_func": "distance", "T": "temperature"}),
 }
 SOLO_LEARN_NOTES = {"auto_umap.dir": "the maps go to <run folder>/umap/"}
+# solo-learn's defaults where they differ from ivreg's: a solo-learn section without the key means these
+SOLO_LEARN_SECTION_DEFAULTS = {"knn_eval": {"distance_func": "euclidean"}}
 
 
 def from_solo_learn(user: DictConfig, sections: Iterable[str] = tuple(SOLO_LEARN_SECTIONS)) -> DictConfig:
@@ -302,7 +305,8 @@ def from_solo_learn(user: DictConfig, sections: Iterable[str] = tuple(SOLO_LEARN
             continue
         target, keys = SOLO_LEARN_SECTIONS[name]
         mapped: dict[str, Any] = {}
-        for key, value in section.items():
+        entries = {**SOLO_LEARN_SECTION_DEFAULTS.get(name, {}), **{str(k): v for k, v in section.items()}}
+        for key, value in entries.items():
             if keys is None or key in keys:
                 mapped[str(key) if keys is None else keys[str(key)]] = value
                 continue
@@ -451,10 +455,16 @@ def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first key that cannot work."""
     check_value_types(cfg, DEFAULTS, flexible=("devices", "precision", "scheduler.warmup_epochs"))
     alias = METHOD_ALIASES.get(str(cfg.method).lower().replace("-", "").replace("_", ""))
+    if str(cfg.method).lower() in METHODS:
+        alias = f"method={str(cfg.method).lower()}: names are lower case"
     require(
         cfg.method in METHODS,
         f"unknown method '{cfg.method}'; choose one of {list(METHODS)}"
-        + (f" ({cfg.method} is {alias})" if alias else ""),
+        + (
+            f" ({cfg.method} is {alias})"
+            if alias
+            else " (ivreg has the paper's non-contrastive methods; for others, such as SimCLR, use solo-learn)"
+        ),
     )
     check_backbone_name(str(cfg.backbone.name))
     if cfg.data.dataset not in DATASETS:
@@ -525,7 +535,8 @@ def validate(cfg: DictConfig) -> None:
     workers = _whole_number(cfg, "data.num_workers")
     require(workers >= 0, f"data.num_workers must be >= 0 (0: load in the main process), got {workers}")
     fraction = _number(cfg, "data.fraction")
-    require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}")
+    all_images = " (solo-learn's -1, all images, is 1.0 here)" if fraction == -1 else ""
+    require(0 < fraction <= 1, f"data.fraction must be in (0, 1], got {fraction}{all_images}")
     check_normalisation(*(plain_value(cfg.data.get(key)) for key in ("mean", "std")))
     draw = cfg.data.get("fraction_draw")
     require(draw in FRACTION_DRAWS, f"data.fraction_draw must be one of {list(FRACTION_DRAWS)}, got {draw!r}")

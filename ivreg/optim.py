@@ -44,7 +44,7 @@ class LARS(torch.optim.Optimizer):
         lr: float,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
-        eta: float = 0.02,
+        eta: float = 1e-3,  # solo-learn's default (the paper's CIFAR configs set 0.02)
         clip_lr: bool = False,
         exclude_bias_n_norm: bool = False,
         eps: float = 1e-8,

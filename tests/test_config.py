@@ -94,11 +94,14 @@ def _cifar(overrides: list[str], config: str = "isoloss.yaml"):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["method=simclr"], "unknown method 'simclr'"),
+        (["method=simclr"], "unknown method 'simclr'.*non-contrastive methods; for others, such as SimCLR, use solo"),
         (
             ["method=simsiam"],
-            r"unknown method .simsiam.; choose one of .* \(simsiam is method=byol with momentum.base_tau=0",
+            r"unknown method .simsiam.; choose one of .* \(simsiam is method=byol \+\+momentum.base_tau=0 "
+            r"\+\+momentum.final_tau=0, or byol-noema.yaml: the paper's SimSiam",
         ),
+        (["method=BYOL"], r"\(BYOL is method=byol: names are lower case\)"),
+        (["++data.fraction=-1"], r"data.fraction must be in \(0, 1\], got -1.0 \(solo-learn's -1, all images, is 1.0"),
         (["method=IsoLoss"], r"\(IsoLoss is method=directpred with method_kwargs.iso=True"),
         (["backbone.name=vgg16"], "unknown backbone.name 'vgg16'.*or timm:<model>"),
         (["momentum.base_tau=1.5"], r"momentum.base_tau must be in \[0, 1\]"),
@@ -257,6 +260,9 @@ def test_solo_learns_knn_eval_section_is_the_online_knn() -> None:
     with pytest.warns(UnreadConfigKeyWarning, match=r"knn_eval.x is not read .* knn_eval takes \['T', 'distance_func'"):
         cfg = prepare_config(_cifar(overrides))
     assert (cfg.knn.enabled, cfg.knn.k, cfg.knn.distance) == (True, 5, "euclidean") and "knn_eval" not in cfg
+    # without distance_func, solo-learn's default (euclidean), not ivreg's knn.distance (cosine)
+    assert prepare_config(_cifar(["++knn_eval.enabled=True"])).knn.distance == "euclidean"
+    assert prepare_config(_cifar(["++knn.enabled=True"])).knn.distance == "cosine"
     with pytest.raises(ConfigError, match=r"unknown kNN distance 'manhattan'"):
         prepare_config(_cifar(["++knn.enabled=True", "++knn.distance=manhattan"]))
 

@@ -267,3 +267,11 @@ def test_lars_resumes_from_its_state_dict_exactly() -> None:
         step(1, x)
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(a, b)
+
+
+def test_lars_defaults_are_solo_learns() -> None:
+    """A solo-learn LARS config without eta trains with solo-learn's 1e-3 (the paper's CIFAR
+    configs write their 0.02 out)."""
+    opt = build_optimizer("lars", [torch.nn.Parameter(torch.ones(2, 2))], [], 0.1, 0.1, 0.0, {})
+    assert opt.param_groups[0]["eta"] == 1e-3 and opt.param_groups[0]["momentum"] == 0.9
+    assert not opt.param_groups[0]["clip_lr"] and not opt.param_groups[0]["exclude_bias_n_norm"]
