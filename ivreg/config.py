@@ -254,6 +254,7 @@ def unread_keys(
     for key in sorted(set(cfg) - top):
         close = difflib.get_close_matches(key, top, n=1)
         hint = f"did you mean {close[0]}?" if close else "it is neither an ivreg key nor a Lightning Trainer argument"
+        hint = SOLO_LEARN_KEY_ADVICE.get(key, hint)
         lines.append(f"{key} is not read by ivreg and has no effect; {hint}")
     for section in closed:
         given = cfg.get(section)
@@ -280,6 +281,16 @@ SOLO_LEARN_KEY_ADVICE = {
     "data.no_labels": "a data.train_path folder with the images directly in it (no class folders) is read as "
     "unlabelled images (data.dataset=custom)",
     "scheduler.interval": "ivreg's schedules update the rate after every optimizer step, as solo-learn's interval=step",
+    "no_validation": "leave data.val_path unset (null) to train without validation",
+    "auto_augment": "ivreg's linear probe has no RandAugment: its training views are RandomResizedCrop "
+    "(augmentations.crop_min_scale, crop_max_scale) and flips (augmentations.horizontal_flip_prob)",
+    "data.augmentations": "the evaluation's crop size and normalisation are data.crop_size, data.mean and "
+    "data.std (null: the pretraining run's)",
+    # main_knn.py's names for solo-learn's knn flags
+    "pretrained_checkpoint_dir": "main_knn.py reads pretrained_feature_extractor=<checkpoint or run folder>",
+    "feature_type": "main_knn.py reads features=[backbone,projector]",
+    "distance_function": "main_knn.py reads distance=[cosine,euclidean]",
+    "num_workers": "it is data.num_workers",
 }
 # solo-learn's sections that ivreg reads under its own names: {section: (ivreg section,
 # {solo-learn key: ivreg key})}; None: every key as it is.

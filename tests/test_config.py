@@ -279,3 +279,18 @@ def test_solo_learn_keys_of_another_name_get_advice_not_the_closest_name() -> No
     with pytest.warns(UnreadConfigKeyWarning, match=r"opposite sense: performance.channels_last=False") as caught:
         prepare_config(_cifar(["++performance.disable_channel_last=True"]))
     assert not any("did you mean" in str(w.message) for w in caught)
+
+
+def test_solo_learn_keys_read_elsewhere_are_named_with_their_ivreg_keys() -> None:
+    """Top-level solo-learn keys (and main_knn's flags) get advice, not 'did you mean' guesses."""
+    from ivreg.config import unread_keys
+    from ivreg.eval.knn import KNN_DEFAULTS
+
+    given = OmegaConf.create({"pretrained_checkpoint_dir": "d", "feature_type": ["backbone"], "num_workers": 4})
+    lines = unread_keys(given, defaults=KNN_DEFAULTS, closed=("data",), top_level={*KNN_DEFAULTS})
+    assert any("pretrained_checkpoint_dir" in line and "pretrained_feature_extractor=" in line for line in lines)
+    assert any("feature_type" in line and "features=[backbone,projector]" in line for line in lines)
+    assert any("num_workers" in line and "data.num_workers" in line for line in lines)
+    lines = unread_keys(OmegaConf.create({"no_validation": True, "auto_augment": "rand-m9"}))
+    assert any("no_validation" in line and "data.val_path unset" in line for line in lines)
+    assert any("auto_augment" in line and "no RandAugment" in line for line in lines)

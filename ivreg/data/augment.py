@@ -98,6 +98,8 @@ VIEW_GROUP_KEYS: dict[str, frozenset[str]] = {
     "horizontal_flip": frozenset({"prob"}),
 }
 VIEW_GROUP_SCALARS = frozenset({"crop_size", "num_crops"})
+# solo-learn keys of a view group that ivreg reads elsewhere
+VIEW_GROUP_ELSEWHERE = {"mean": "data.mean", "std": "data.std"}
 
 
 def _refuse_unknown(keys: Iterable[Any], known: Iterable[str], where: str) -> None:
@@ -106,6 +108,8 @@ def _refuse_unknown(keys: Iterable[Any], known: Iterable[str], where: str) -> No
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
+            if where.count(".") == 0 and key in VIEW_GROUP_ELSEWHERE:  # a view group's own key
+                hint = f"the normalisation of every view is {VIEW_GROUP_ELSEWHERE[key]} here; "
             raise ConfigError(f"unknown augmentation key {where}.{key}; {hint}known keys: {known}")
 
 

@@ -79,6 +79,7 @@ def test_num_crops_expands_views() -> None:
         ({"crop_size": 8, "num_crops": 2, "color_jitter": {"probability": 0.8}}, r"color_jitter.probability"),
         ({"crop_size": 8, "num_crops": 2, "gaussian_blur": 0.5}, "gaussian_blur must be a mapping"),
         ("crop_size: 8", "must be a mapping of augmentation sections"),
+        ({"crop_size": 8, "num_crops": 2, "mean": [0.5] * 3}, r"\.mean; the normalisation of every view is data.mean"),
     ],
 )
 def test_bad_augmentation_configs(group: dict | list, message: str) -> None:
