@@ -116,11 +116,11 @@ def test_multi_crop_targets_and_readouts_see_only_the_large_crops() -> None:
         p = [model.predictor(v)[0] for v in z]
         z_t = [model.target.net(v) for v in views[:2]]
         ssl = sum(model.loss_fn(z[a], p[a], None, z_t[b]) for b in range(2) for a in range(4) if a != b)
-        classes = sum(r.module.loss_and_hits(f, labels.repeat(2))[0] for r, f in model_readout_features(model, views))
+        classes = sum(r.module.loss_and_hits(f, labels.repeat(2))[0] for r, f in _readout_features(model, views))
     torch.testing.assert_close(loss, ssl + classes, rtol=1e-4, atol=1e-5)
 
 
-def model_readout_features(model: SSLMethod, views: list[torch.Tensor]) -> list:
+def _readout_features(model: SSLMethod, views: list[torch.Tensor]) -> list:
     large = torch.cat(views[:2])
     return [(r, (model.backbone if r.features == "online" else model.target.net[0])(large)) for r in model.readouts()]
 

@@ -102,14 +102,18 @@ VIEW_GROUP_SCALARS = frozenset({"crop_size", "num_crops"})
 VIEW_GROUP_ELSEWHERE = {"mean": "data.mean", "std": "data.std"}
 
 
-def _refuse_unknown(keys: Iterable[Any], known: Iterable[str], where: str) -> None:
+def _refuse_unknown(
+    keys: Iterable[Any], known: Iterable[str], where: str, elsewhere: Mapping[str, str] | None = None
+) -> None:
+    """ConfigError for the first key outside ``known``: the ivreg key ``elsewhere`` names for
+    it, or the closest known one."""
     known = sorted(known)
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            if where.count(".") == 0 and key in VIEW_GROUP_ELSEWHERE:  # a view group's own key
-                hint = f"the normalisation of every view is {VIEW_GROUP_ELSEWHERE[key]} here; "
+            if elsewhere and key in elsewhere:
+                hint = f"the normalisation of every view is {elsewhere[key]} here; "
             raise ConfigError(f"unknown augmentation key {where}.{key}; {hint}known keys: {known}")
 
 
@@ -118,7 +122,7 @@ def check_view_group(group: Any, where: str) -> None:
     do not read."""
     if not isinstance(group, Mapping):
         raise ConfigError(f"{where} must be a mapping of augmentation sections, got {group!r}")
-    _refuse_unknown(group, VIEW_GROUP_SCALARS | set(VIEW_GROUP_KEYS), where)
+    _refuse_unknown(group, VIEW_GROUP_SCALARS | set(VIEW_GROUP_KEYS), where, VIEW_GROUP_ELSEWHERE)
     for section, known in VIEW_GROUP_KEYS.items():
         value = group.get(section)
         if value is None:
