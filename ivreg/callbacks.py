@@ -379,7 +379,13 @@ def unvalidated_after(rows: list[dict[str, str]], epoch: int) -> str:
 
 class EpochSummary(L.Callback):
     """One row per finished epoch in ``epochs.csv`` (and the spectrum in ``eigvals.csv``), and a
-    one-line report on stdout. Rows from epochs a resumed run repeats are dropped."""
+    one-line report on stdout. Rows from epochs a resumed run repeats are dropped.
+
+    The tables are kept in memory and rewritten whole each epoch, and each checkpoint holds
+    them as CSV text (``state_dict``): a resume rebuilds the files from the checkpoint, so the
+    rows of a file deleted or edited during a run come back."""
+
+    TABLES = ("epochs.csv", "eigvals.csv")
 
     def __init__(self, run_dir: Path, log_eigvals: bool, print_lines: bool = True):
         self.run_dir = Path(run_dir)
@@ -388,31 +394,40 @@ class EpochSummary(L.Callback):
         self._t_start = 0.0
         self._t_val = None
         self._lr = math.nan
+        self._rows: dict[str, list[dict[str, Any]]] = {name: [] for name in self.TABLES}
+        self._texts: dict[str, str] = {}  # each table's CSV text, as last written
+        self._restored: dict[str, str] = {}  # the tables of the checkpoint resumed from
 
-    @property
-    def epochs_path(self) -> Path:
-        return self.run_dir / "epochs.csv"
-
-    @property
-    def eigvals_path(self) -> Path:
-        return self.run_dir / "eigvals.csv"
-
-    @staticmethod
-    def _write(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def _write(self, name: str, columns: list[str]) -> None:
+        """Writes table ``name`` (its rows, under ``columns``) to the run folder, atomically."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=columns, restval="nan", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, buf.getvalue())
+        writer.writerows(self._rows[name])
+        self._texts[name] = buf.getvalue()
+        atomic_write_text(self.run_dir / name, self._texts[name])
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        self._rows[name].append(row)
+        self._write(name, list(row.keys()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._texts)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = {name: text for name, text in state_dict.items() if name in self.TABLES}
 
     @rank_zero_only
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         first = trainer.current_epoch  # > 0 when resuming (the loops are restored by now)
-        for path in (self.epochs_path, self.eigvals_path):
-            rows = read_csv_rows(path)
+        for name in self.TABLES:
+            # the checkpoint's rows; the file's for a checkpoint written before checkpoints held them
+            text = self._restored.get(name)
+            rows = list(csv.DictReader(io.StringIO(text))) if text else read_csv_rows(self.run_dir / name)
             if rows:
-                self._write(path, [r for r in rows if int(r["epoch"]) < first], list(rows[0].keys()))
+                self._rows[name] = [r for r in rows if int(r["epoch"]) < first]
+                self._write(name, list(rows[0].keys()))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if torch.cuda.is_available():
@@ -444,12 +459,11 @@ class EpochSummary(L.Callback):
             **columns,
         }
         row["lr"] = self._lr
-        rows = read_csv_rows(self.epochs_path) + [row]
-        self._write(self.epochs_path, rows, list(row.keys()))
+        self._append("epochs.csv", row)
         if self.log_eigvals:
             eigvals = pl_module.predictor.spectrum().detach().float().cpu()
             eig_row = {"epoch": trainer.current_epoch, **{f"eigval_{i}": v for i, v in enumerate(eigvals.tolist())}}
-            self._write(self.eigvals_path, read_csv_rows(self.eigvals_path) + [eig_row], list(eig_row.keys()))
+            self._append("eigvals.csv", eig_row)
             log_spectrum_histogram(trainer, eigvals)
         if self.print_lines:
             print(self.format_line(row), flush=True)

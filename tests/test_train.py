@@ -192,6 +192,36 @@ def test_auto_resume_continues_from_last_epoch(image_data, tmp_path: Path) -> No
     assert int(after[2]["step"]) == 3 * 6
 
 
+class _DeleteTablesAtEpoch(L.Callback):
+    """Deletes the run's epochs.csv and eigvals.csv when ``epoch`` starts, as a user tidying up might."""
+
+    def __init__(self, run_dir: Path, epoch: int) -> None:
+        self.run_dir, self.epoch = run_dir, epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            for name in ("epochs.csv", "eigvals.csv"):
+                (self.run_dir / name).unlink()
+
+
+def test_deleted_epoch_tables_come_back_whole(image_data, tmp_path: Path) -> None:
+    """epochs.csv and eigvals.csv deleted during a run are rewritten whole at the next epoch's
+    end, and deleted after a kill, rebuilt from the checkpoint by the resumed run."""
+    run = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3"))
+    run_dir = run.run_dir
+    run.trainer.callbacks[:0] = [_DeleteTablesAtEpoch(run_dir, 1), KillAtEpoch(2)]
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        run.trainer.fit(run.model, datamodule=run.datamodule)
+    epochs, eigvals = _rows(run_dir / "epochs.csv"), _rows(run_dir / "eigvals.csv")
+    assert [int(r["epoch"]) for r in epochs] == [int(r["epoch"]) for r in eigvals] == [0, 1]
+    for name in ("epochs.csv", "eigvals.csv"):
+        (run_dir / name).unlink()
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3"))
+    assert _rows(run_dir / "epochs.csv")[:2] == epochs and _rows(run_dir / "eigvals.csv")[:2] == eigvals
+    assert [int(r["epoch"]) for r in _rows(run_dir / "epochs.csv")] == [0, 1, 2]
+    assert len(_rows(run_dir / "eigvals.csv")) == 3
+
+
 @pytest.mark.parametrize(("pipeline", "workers"), [("workers", 0), ("workers", 2), ("resident", 0)])
 def test_killed_run_resumes_to_the_same_weights(pipeline: str, workers: int, image_data, tmp_path: Path) -> None:
     """3 epochs straight == 2 epochs, a kill, and a resumed third epoch (EMA, LARS, C, BN),
