@@ -358,7 +358,7 @@ def eigen_ode_rhs(eigenvalues: torch.Tensor, setting: str | Setting, sigma: floa
     - standard: ``4 lambda r (1 - r)``;  IsoLoss: ``4 lambda (1 - r)`` (the factor ``r``, the
       eigenvalue acting as a learning-rate multiplier, is gone);
     - no stop-gradient: ``-4 lambda [(r - 1)^2 + sigma^2]`` (always negative: collapse);
-    - no predictor: ``0`` (the expected gradient vanishes).
+    - no predictor: ``0`` (the expected gradient vanishes: the views differ by zero-mean noise).
 
     For the cosine losses ``||p||``, ``||z'||`` and ``p . z'`` are replaced by their expected values
     ``P = sqrt(sum lambda r^2)``, ``Z = sqrt((1 + sigma^2) sum lambda)``, ``D = sum lambda r``
@@ -367,7 +367,11 @@ def eigen_ode_rhs(eigenvalues: torch.Tensor, setting: str | Setting, sigma: floa
 
     - standard: ``(4 / PZ) lambda r (1 - D r / P^2)``;  IsoLoss: ``(4 / PZ) lambda (1 - D r / P^2)``;
     - no stop-gradient: ``(4 / PZ) lambda (2 r - D r^2 / P^2 - D / sum lambda)``;
-    - no predictor: ``0``.
+    - no predictor: ``0`` to this approximation's order, not exactly: the expected drift is of
+      order ``sigma^2`` (``1 / ||z'||`` correlates with the noise) and moves the eigenvalues towards
+      each other at a constant trace (each sample's gradient is orthogonal to ``z``). At M = 2 it
+      is large enough to see: from (0.08, 1.6), sigma 0.1, about +-0.023 per unit learning rate
+      (``tests/analysis/test_toy.py``).
 
     Leading dimensions of ``eigenvalues`` (``(..., M)``) are independent systems.
     """

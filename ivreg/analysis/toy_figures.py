@@ -68,6 +68,7 @@ class FigureOptions:
     steps_scale: float = 1.0
     batch_size: int = 2048
     activation: str = "relu"
+    alpha: float = 1.0  # W_p = (W W^T)^alpha: 1 as in the authors' toy notebook; DirectPred's runs use 0.5
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.steps_scale) or self.steps_scale <= 0:
@@ -76,6 +77,8 @@ class FigureOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if not np.isfinite(self.alpha) or self.alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
 
     def steps(self, full: int) -> int:
         """Number of Euler steps after scaling (at least 2 so every curve has a start and an end)."""
@@ -106,6 +109,11 @@ def _long(values: np.ndarray) -> Iterable[tuple[tuple[int, ...], float]]:
         yield index, float(values[index])
 
 
+def _predictor_label(alpha: float) -> str:
+    """The predictor of every panel, for the figure titles."""
+    return f"$W_p = (WW^T)^{{{alpha:g}}}$"
+
+
 def _panel_grid(title: str, figsize: tuple[float, float]) -> tuple[plt.Figure, np.ndarray]:
     """2 x 4 grid: rows Euclidean / cosine, columns no SG / no predictor / standard / IsoLoss."""
     fig, axes = plt.subplots(2, 4, figsize=figsize, squeeze=False)
@@ -131,6 +139,7 @@ def trajectories_data(opts: FigureOptions) -> tuple[dict[str, ToyRun], dict[str,
         lr=1e-2,
         steps=steps,
         batch_size=opts.batch_size,
+        alpha=opts.alpha,
         activation="linear",
         record_every=opts.record_every(steps),
     )
@@ -143,21 +152,25 @@ def trajectories_data(opts: FigureOptions) -> tuple[dict[str, ToyRun], dict[str,
 
 
 def _stream_field(ax: plt.Axes, name: str, sigma: float, alpha: float) -> None:
-    """Grey streamlines of the eigenvalue ODE; skipped where the field vanishes (no predictor)."""
+    """Grey streamlines of the eigenvalue ODE; skipped where it vanishes (no predictor: exactly for
+    the Euclidean loss, only to the approximation's order for the cosine one, see ``eigen_ode_rhs``)."""
     grid = np.linspace(0.02, PHASE_LIMIT, 40)
     l1, l2 = np.meshgrid(grid, grid)
     lam = torch.tensor(np.stack([l1, l2], axis=-1), dtype=torch.float64)
     field = eigen_ode_rhs(lam, name, sigma, alpha).numpy()
     if not np.any(np.abs(field) > 1e-12):
-        ax.text(0.5, 0.93, "mean field = 0", transform=ax.transAxes, ha="center", fontsize=7, color="grey")
+        exact = SETTINGS[name].loss == "euclidean"
+        note = "mean field = 0" if exact else "approximate mean field = 0\n(true drift: O($\\sigma^2$), to equal $\\lambda$)"
+        ax.text(0.5, 0.97, note, transform=ax.transAxes, ha="center", va="top", fontsize=7, color="grey")
         return
     ax.streamplot(l1, l2, field[..., 0], field[..., 1], color="#BBBBBB", density=0.7, linewidth=0.5, arrowsize=0.6)
 
 
 def plot_trajectories(runs: dict[str, ToyRun], odes: dict[str, np.ndarray], path: Path) -> None:
     """One phase-plane panel per setting."""
+    alpha = next(iter(runs.values())).config.alpha
     title = (
-        "Eigenvalue phase planes, M = 2 (solid: network; dashed: eigenvalue ODE, "
+        f"Eigenvalue phase planes, M = 2, {_predictor_label(alpha)} (solid: network; dashed: eigenvalue ODE, "
         "for the cosine loss a large-M approximation)"
     )
     fig, axes = _panel_grid(title, (13, 6.6))
@@ -234,6 +247,7 @@ def eigenvalues_data(opts: FigureOptions) -> dict[str, ToyRun]:
         out_dim=10,
         steps=steps,
         batch_size=opts.batch_size,
+        alpha=opts.alpha,
         activation=opts.activation,
         record_every=opts.record_every(steps),
     )
@@ -245,8 +259,9 @@ def eigenvalues_data(opts: FigureOptions) -> dict[str, ToyRun]:
 
 def plot_eigenvalues(runs: dict[str, ToyRun], lrs: dict[str, float], path: Path) -> None:
     """One log-scale panel of the ten eigenvalue curves per setting."""
-    activation = next(iter(runs.values())).config.activation
-    fig, axes = _panel_grid(f"Eigenvalues of $WW^T$, N = 15, M = 10, {activation} network", (13, 5.8))
+    config = next(iter(runs.values())).config
+    title = f"Eigenvalues of $WW^T$, N = 15, M = 10, {config.activation} network, {_predictor_label(config.alpha)}"
+    fig, axes = _panel_grid(title, (13, 5.8))
     for name, run in runs.items():
         ax = axes[_panel_index(name)]
         curves = run.eigenvalues[:, 0, :]
@@ -295,6 +310,7 @@ def fixed_points_data(opts: FigureOptions) -> tuple[dict[str, ToyRun], torch.Ten
         lr=5e-3,
         steps=steps,
         batch_size=opts.batch_size,
+        alpha=opts.alpha,
         activation="linear",
         record_every=opts.record_every(steps),
     )
@@ -350,7 +366,11 @@ def plot_fixed_points(runs: dict[str, ToyRun], path: Path) -> None:
         lam = runs[name].eigenvalues[-1, 0]
         ax.set_title(f"{title}: 20 probe inputs, start 1\nfinal $\\lambda$ = {lam[0]:.2f}, {lam[1]:.2f}", fontsize=10)
         ax.legend(fontsize=8, loc="upper left")
-    fig.suptitle("Euclidean and cosine losses reach different fixed points from the same starts", fontsize=11)
+    alpha = runs["euc_standard"].config.alpha
+    fig.suptitle(
+        f"Euclidean and cosine losses reach different fixed points from the same starts ({_predictor_label(alpha)})",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=150)
     plt.close(fig)
@@ -435,6 +455,7 @@ def rates_data(opts: FigureOptions) -> list[RateResult]:
             lr=exp.lr,
             steps=opts.steps(exp.steps),
             batch_size=opts.batch_size,
+            alpha=opts.alpha,
             activation="linear",
         )
         generator = torch.Generator().manual_seed(opts.seed)
@@ -456,7 +477,12 @@ def plot_rates(results: Sequence[RateResult], path: Path) -> None:
     """Per loss: the eigenvalue curves of both settings (dots: each mode's time) and the time
     against the initial eigenvalue."""
     fig, axes = plt.subplots(len(results), 3, figsize=(13, 4.2 * len(results)), squeeze=False)
-    fig.suptitle("How fast each eigenmode of $WW^T$ learns: standard loss vs IsoLoss (linear network)", fontsize=11)
+    alpha = next(iter(results[0].runs.values())).config.alpha
+    fig.suptitle(
+        "How fast each eigenmode of $WW^T$ learns: standard loss vs IsoLoss "
+        f"(linear network, {_predictor_label(alpha)})",
+        fontsize=11,
+    )
     for row, result in enumerate(results):
         exp = result.experiment
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(exp.spectrum)))
@@ -555,6 +581,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="relu",
         help="nonlinearity of the N=15, M=10 eigenvalue figure (the notebook uses relu)",
     )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="exponent of the closed-form predictor W_p = (W W^T)^alpha (default 1, as the authors' toy notebook; "
+        "DirectPred's published runs use 0.5)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (small ops: 1 is fastest)")
     return parser
 
@@ -568,6 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps_scale=args.steps_scale,
             batch_size=args.batch_size,
             activation=args.activation,
+            alpha=args.alpha,
         )
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
@@ -575,7 +609,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     names = FIGURES if args.figure == "all" else (args.figure,)
-    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        print(f"error: cannot create the output folder --out {args.out}: {err}", file=sys.stderr)
+        return 2
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -252,6 +252,11 @@ def test_bad_input_raises_clear_value_errors():
 def test_cli_rejects_bad_options(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--steps-scale", "0"]) == 2
     assert "steps_scale must be a finite number > 0" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--alpha", "-1"]) == 2
+    assert "alpha must be a finite number >= 0" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["--out", str(tmp_path / "file" / "figs"), "--figure", "rates"]) == 2
+    assert f"cannot create the output folder --out {tmp_path / 'file' / 'figs'}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as excinfo:
         main(["--out", str(tmp_path), "--figure", "nope"])
     assert excinfo.value.code == 2
@@ -284,6 +289,17 @@ def test_cli_writes_png_and_csv(tmp_path, capsys, figure):
     assert all(np.isfinite(float(row[-1])) for row in rows[1:])
     assert f"{figure}:" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{figure}.csv", f"{figure}.png"]
+
+
+def test_figures_simulate_the_predictor_exponent_asked_for():
+    from ivreg.analysis import toy_figures
+
+    opts = toy_figures.FigureOptions(steps_scale=0.001, batch_size=16, alpha=0.5)
+    runs, _ = toy_figures.trajectories_data(opts)
+    assert {run.config.alpha for run in runs.values()} == {0.5}
+    assert {run.config.alpha for run in toy_figures.eigenvalues_data(opts).values()} == {0.5}
+    assert {run.config.alpha for run in toy_figures.fixed_points_data(opts)[0].values()} == {0.5}
+    assert {run.config.alpha for result in toy_figures.rates_data(opts) for run in result.runs.values()} == {0.5}
 
 
 def test_rates_figure_measures_the_spread_of_learning_times(tmp_path, capsys):
@@ -341,6 +357,36 @@ def test_eigen_ode_matches_the_network_drift_for_cosine_rules(alpha):
         drift = torch.diagonal(basis[0].T @ drift_c @ basis[0])
         ode = toy.eigen_ode_rhs(spectrum[0], name, 0.1, alpha)
         assert float((drift - ode).norm() / ode.norm()) < 0.1, name
+
+
+def _expected_eigen_drift(name: str, sigma: float, weights: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """d lambda / dt of W W^T (in its eigenbasis) under the network's gradient, averaged over 4 x 10^5 samples."""
+    generator = torch.Generator().manual_seed(5)
+    drift = torch.zeros(weights.shape[1], dtype=torch.float64)
+    for _ in range(4):
+        x1 = torch.randn(100_000, weights.shape[2], generator=generator, dtype=torch.float64)
+        x2 = x1 + sigma * torch.randn(x1.shape, generator=generator, dtype=torch.float64)
+        w = weights.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(toy.setting_loss(w, x1, x2, toy.get_setting(name), 1.0).sum(), w)
+        drift_c = -(grad[0] @ weights[0].T + weights[0] @ grad[0].T)
+        drift += torch.diagonal(basis[0].T @ drift_c @ basis[0]) / 4
+    return drift
+
+
+def test_without_predictor_only_the_cosine_loss_drifts_in_expectation():
+    """The ODE's no-predictor field is 0 for both losses. For the Euclidean loss that is exact;
+    for the cosine loss only to the approximation's order: the network drifts, at order sigma^2,
+    towards equal eigenvalues at a constant trace (the phase-plane panel and README say so)."""
+    spectrum = torch.tensor([[0.08, 1.6]], dtype=torch.float64)
+    weights, basis = toy.weights_with_spectrum(spectrum, 10, torch.Generator().manual_seed(3))
+    for name in ("euc_nopred", "cos_nopred"):
+        assert torch.count_nonzero(toy.eigen_ode_rhs(spectrum[0], name, 0.1, 1.0)) == 0
+    euclidean = _expected_eigen_drift("euc_nopred", 0.1, weights, basis)
+    assert float(euclidean.abs().max()) < 0.005, euclidean  # sampling noise only
+    cosine = _expected_eigen_drift("cos_nopred", 0.1, weights, basis)
+    assert float(cosine[0]) > 0.015 and float(cosine[1]) < -0.015, cosine  # (measured: +-0.023)
+    assert abs(float(cosine.sum())) < 1e-9
+    assert float(_expected_eigen_drift("cos_nopred", 0.0, weights, basis).abs().max()) < 1e-9  # identical views
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])
