@@ -159,8 +159,9 @@ def _stream_field(ax: plt.Axes, name: str, sigma: float, alpha: float) -> None:
     lam = torch.tensor(np.stack([l1, l2], axis=-1), dtype=torch.float64)
     field = eigen_ode_rhs(lam, name, sigma, alpha).numpy()
     if not np.any(np.abs(field) > 1e-12):
-        exact = SETTINGS[name].loss == "euclidean"
-        note = "mean field = 0" if exact else "approximate mean field = 0\n(true drift: O($\\sigma^2$), to equal $\\lambda$)"
+        note = "mean field = 0"
+        if SETTINGS[name].loss == "cosine":  # zero only to the approximation's order
+            note = "approximate mean field = 0\n(true drift: O($\\sigma^2$), to equal $\\lambda$)"
         ax.text(0.5, 0.97, note, transform=ax.transAxes, ha="center", va="top", fontsize=7, color="grey")
         return
     ax.streamplot(l1, l2, field[..., 0], field[..., 1], color="#BBBBBB", density=0.7, linewidth=0.5, arrowsize=0.6)
