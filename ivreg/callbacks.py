@@ -140,6 +140,7 @@ def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | Asy
 # the machine that ran it): a resume must keep the images per optimizer step.
 WORLD_SIZE_KEY = "world_size"
 CLASSES_KEY = "data_classes"  # the training data's class names, in label order
+TRAIN_IMAGES_KEY = "data_train_images"  # the number of training images (after data.fraction)
 
 
 class EpochCheckpoint(L.Callback):
@@ -168,6 +169,10 @@ class EpochCheckpoint(L.Callback):
         classes = getattr(trainer.datamodule, "class_names", None)
         if classes is not None:
             checkpoint[CLASSES_KEY] = classes
+        # and the size of the training set, for a resume onto more or fewer images to be refused
+        images = getattr(trainer.datamodule, "num_train_images", None)
+        if images is not None:
+            checkpoint[TRAIN_IMAGES_KEY] = images
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         done = trainer.current_epoch + 1

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 
-from ivreg.callbacks import CLASSES_KEY, WORLD_SIZE_KEY, read_csv_rows
+from ivreg.callbacks import CLASSES_KEY, TRAIN_IMAGES_KEY, WORLD_SIZE_KEY, read_csv_rows
 from ivreg.checkpoints import config_of, mismatch_report, read_checkpoint, require_pretraining_config, resolve_path
 from ivreg.config import DEFAULTS, config_leaves, from_solo_learn, plain_value
 from ivreg.errors import CheckpointError, ConfigError
@@ -237,14 +237,32 @@ def check_resumed_state(
     num_classes: int,
     model: torch.nn.Module,
     group_names: list[str] | None,
+    train_images: int | None = None,
 ) -> None:
-    """``check_resumed_classes`` then ``check_checkpoint_fits``, from one read of the
-    checkpoint (the classes first: they name the cause of a readout of another shape)."""
+    """``check_resumed_classes``, ``check_resumed_images`` then ``check_checkpoint_fits``, from
+    one read of the checkpoint (the classes first: they name the cause of a readout of another
+    shape)."""
     if resume_from is None:
         return
     ckpt = read_checkpoint(resume_from, mmap=True)
     check_resumed_classes(resume_from, classes, num_classes, ckpt)
+    check_resumed_images(resume_from, train_images, ckpt)
     check_checkpoint_fits(resume_from, model, group_names, ckpt)
+
+
+def check_resumed_images(resume_from: Path, train_images: int | None, ckpt: Mapping[str, Any]) -> None:
+    """Refuse to resume onto a training set of another size (a requeued job that first started
+    while the data was still being copied): the steps per epoch set the schedules' length and
+    where the resumed epoch stands in them, and an image's index its augmentation draws.
+    Checkpoints from before the count was recorded are not compared."""
+    then = ckpt.get(TRAIN_IMAGES_KEY)
+    if then is None or train_images is None or int(then) == train_images:
+        return
+    raise ConfigError(
+        f"{resume_from} was trained on {int(then)} training images, the data now given has {train_images}: "
+        "the steps per epoch, and with them the rate and EMA schedules, would change mid-run. Resume with the "
+        "images it was trained on, or start a new run (another name=...)"
+    )
 
 
 def check_checkpoint_fits(

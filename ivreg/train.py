@@ -365,7 +365,12 @@ def build_run(cfg: DictConfig | dict) -> Run:
     require_online_evaluation_data(cfg, datamodule)
     model = SSLMethod(to_container(cfg))
     check_resumed_state(
-        resume_from, datamodule.class_names, datamodule.num_classes, model, model.optimizer_group_names()
+        resume_from,
+        datamodule.class_names,
+        datamodule.num_classes,
+        model,
+        model.optimizer_group_names(),
+        datamodule.num_train_images,
     )
     on_gpu = hw["accelerator"] != "cpu" and torch.cuda.is_available()
     apply_performance_options(cfg, model, datamodule, on_gpu=on_gpu)

@@ -810,7 +810,7 @@ def test_sync_batchnorm_on_cpu_processes_is_said_to_have_no_effect() -> None:
 def test_a_resume_onto_other_class_folders_is_refused_before_anything_is_written(image_data, tmp_path: Path) -> None:
     """A renamed class folder shifts every label under the trained readout (silently, before);
     a removed one changes the readout's shape (a state_dict traceback, after config.yaml had
-    been rewritten)."""
+    been rewritten); added images change the steps per epoch (the schedules jumped, silently)."""
     import shutil
 
     train, val = image_data
@@ -818,16 +818,25 @@ def test_a_resume_onto_other_class_folders_is_refused_before_anything_is_written
     run_dir = tmp_path / "tiny"
     assert torch.load(run_dir / "last.ckpt", weights_only=True)["data_classes"] == ["class_0", "class_1", "class_2"]
     config_before = (run_dir / "config.yaml").read_text()
-    renamed, fewer = tmp_path / "renamed", tmp_path / "fewer"
-    for root in (renamed, fewer):
+    renamed, fewer, more = tmp_path / "renamed", tmp_path / "fewer", tmp_path / "more"
+    for root in (renamed, fewer, more):
         shutil.copytree(train, root / "train")
         shutil.copytree(val, root / "val")
     for split in ("train", "val"):
         (renamed / split / "class_0").rename(renamed / split / "class_9")
         shutil.rmtree(fewer / split / "class_2")
-    for root, detail in ((renamed, "gone: class_0; new: class_9"), (fewer, "3 classes then, 2 now; gone: class_2")):
+    images = sorted((more / "train" / "class_1").iterdir())
+    for image in images[:5]:  # the same classes, 5 more images (a copy that had not finished at launch)
+        shutil.copy(image, image.with_name(f"copy_{image.name}"))
+    n = sum(1 for p in Path(train).rglob("*") if p.is_file())
+    cases = [
+        (renamed, r"trained on other classes than the data now given .*gone: class_0; new: class_9"),
+        (fewer, r"trained on other classes than the data now given .*3 classes then, 2 now; gone: class_2"),
+        (more, rf"was trained on {n} training images, the data now given has {n + 5}: the steps per epoch"),
+    ]
+    for root, message in cases:
         paths = [f"data.train_path={root / 'train'}", f"data.val_path={root / 'val'}", "max_epochs=2"]
-        with pytest.raises(ConfigError, match=f"trained on other classes than the data now given .*{detail}"):
+        with pytest.raises(ConfigError, match=message):
             build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "scheduler.warmup_epochs=0", *paths))
     assert (run_dir / "config.yaml").read_text() == config_before
     # the same class folders elsewhere (data paths may change on resume): resumed

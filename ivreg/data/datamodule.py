@@ -265,6 +265,12 @@ class PretrainDataModule(L.LightningDataModule):
         return self._num_classes
 
     @property
+    def num_train_images(self) -> int:
+        """The training images of all processes (after ``data.fraction``)."""
+        self.prepare_raw()
+        return len(self.raw_train)  # type: ignore[arg-type]
+
+    @property
     def class_names(self) -> list[str] | None:
         """The class names in label order (of the training split, or of the validation split
         when the training images are unlabelled); None without named classes."""

@@ -482,7 +482,9 @@ def build_linear_run(cfg: DictConfig | Mapping[str, Any]) -> LinearRun:
     datamodule.channels_last = on_gpu
 
     model = LinearEvalModule(to_container(cfg))
-    check_resumed_state(resume_from, datamodule.class_names, datamodule.num_classes, model, None)
+    check_resumed_state(
+        resume_from, datamodule.class_names, datamodule.num_classes, model, None, datamodule.num_train_images
+    )
     model.backbone.load_state_dict(pretrained.state_dict())
     if on_gpu:
         model.to(memory_format=torch.channels_last)  # cuDNN's convolutions prefer it
