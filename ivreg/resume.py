@@ -138,8 +138,8 @@ def check_resume(
             "continue it, or delete the folder to start over"
         )
     try:
-        advice = "Choose another name=... for this config (in a sweep, e.g. name=<run>_lr${optimizer.lr})"
-        _require_same_run(last, cfg, keys, defaults, pretraining, advice)
+        advice = "Choose another name=... for this config"
+        _require_same_run(last, cfg, keys, defaults, pretraining, advice, sweep_hint=True)
     except CheckpointError as exc:
         kept = sorted(p.name for p in run_dir.glob("epoch*.ckpt"))
         way = (
@@ -195,8 +195,16 @@ def keep_fraction_draw(cfg: DictConfig, resume_from: Path | None) -> None:
 
 
 def _require_same_run(
-    path: Path, cfg: DictConfig, keys: tuple[str, ...], defaults: Mapping[str, Any], pretraining: bool, advice: str
+    path: Path,
+    cfg: DictConfig,
+    keys: tuple[str, ...],
+    defaults: Mapping[str, Any],
+    pretraining: bool,
+    advice: str,
+    sweep_hint: bool = False,
 ) -> None:
+    """Refuse to resume from ``path`` unless its run is this config's (``keys`` compared);
+    ``sweep_hint``: the advice also shows a sweep's name built from the first differing key."""
     ckpt = read_checkpoint(path, mmap=True)
     saved = config_of(ckpt, path)
     if pretraining:  # a linear-evaluation checkpoint would not fit
@@ -207,6 +215,8 @@ def _require_same_run(
             "The pretrained weights it began on have changed since (the pretraining run wrote that checkpoint "
             "again); choose another name=... to evaluate the new weights, or delete the folder"
         )
+    if sweep_hint and (key := next((d for d in diffs if " " not in d), None)):
+        advice += f" (in a sweep, e.g. name=<run>_{key.rsplit('.', 1)[-1]}${{{key}}})"
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")
     done, then, now = finished_epochs(path, ckpt) or 0, saved.get("max_epochs"), cfg.get("max_epochs")

@@ -1008,7 +1008,9 @@ def test_resume_compares_the_checkpoints_own_config(image_data, tmp_path: Path) 
         "++limit_train_batches=7": "limit_train_batches",
     }
     for override, key in added.items():  # what the checkpoint's config lacks counts unless it holds the default
-        with pytest.raises(ConfigError, match=rf"differs from this config in \['{key}'\]"):
+        name = key.rsplit(".", 1)[-1]  # the sweep's example names the key that differs
+        hint = rf"\(in a sweep, e.g. name=<run>_{name}\$\{{{key}\}}\)"
+        with pytest.raises(ConfigError, match=rf"differs from this config in \['{key}'\]\. .*{hint}"):
             build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, *first, override))
     changed = ["optimizer.lr=20.0", "optimizer.weight_decay=0.1", "++seed=7", "method_kwargs.dp_tau=0.9"]
     with pytest.raises(
