@@ -11,12 +11,14 @@ import copy
 import difflib
 import warnings
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ivreg.backbones import check_backbone_name
 from ivreg.data.datasets import DATASETS, FRACTION_DRAWS, check_normalisation
+from ivreg.data.h5 import is_h5_file
 from ivreg.errors import ConfigError, DataError
 from ivreg.optim import check_optimizer, check_schedule_section
 
@@ -171,6 +173,29 @@ def config_leaves(node: Any, prefix: str) -> dict[str, Any]:
     if isinstance(node, (list, tuple)):
         return {k: v for i, child in enumerate(node) for k, v in config_leaves(child, f"{prefix}[{i}]").items()}
     return {prefix: node}
+
+
+DATA_FORMATS = ("image_folder", "h5")
+
+
+def check_data_format(data: Any) -> None:
+    """``data.format``: image_folder (ImageFolder trees, or the files torchvision reads) or h5
+    (solo-learn's: one HDF5 file per split, read by its .h5 suffix, which then every given
+    path needs)."""
+    fmt = data.get("format", "image_folder")
+    if fmt == "dali":
+        raise ConfigError(
+            "data.format=dali is not supported: ivreg augments on the GPU itself (data.pipeline: the whole "
+            "training set on the GPU when it fits, else workers that decode and crop); use image_folder or h5"
+        )
+    require(fmt in DATA_FORMATS, f"data.format '{fmt}' is not supported; choose one of {list(DATA_FORMATS)}")
+    if fmt == "h5":
+        for key in ("train_path", "val_path"):
+            path = data.get(key)
+            require(
+                path is None or is_h5_file(Path(str(path))),
+                f"data.format=h5 needs HDF5 files, but data.{key}={path} is not a .h5 or .hdf5 file",
+            )
 
 
 def _whole_number(cfg: DictConfig, key: str) -> int:
@@ -537,11 +562,7 @@ def validate(cfg: DictConfig) -> None:
         f"precision '{cfg.precision}' is not supported; choose one of {sorted(set(PRECISIONS))}",
     )
     require(int(cfg.accumulate_grad_batches) >= 1, "accumulate_grad_batches must be >= 1")
-    require(
-        cfg.data.format in ("image_folder",),
-        f"data.format '{cfg.data.format}' is not supported; use image_folder (torchvision datasets are "
-        "recognised by data.dataset)",
-    )
+    check_data_format(cfg.data)
     require(isinstance(cfg.get("augmentations"), ListConfig), "the config has no augmentations list")
     workers = _whole_number(cfg, "data.num_workers")
     require(workers >= 0, f"data.num_workers must be >= 0 (0: load in the main process), got {workers}")

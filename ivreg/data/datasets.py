@@ -1,4 +1,4 @@
-"""Datasets: torchvision's CIFAR/STL-10, ImageFolder trees, and the embedded digits set.
+"""Datasets: torchvision's CIFAR/STL-10, ImageFolder trees, HDF5 files of them, and the embedded digits set.
 
 Every dataset yields ``(image, label)`` with a PIL image or a uint8 CHW tensor; the
 transforms (per-view augmentation or evaluation) are applied by the caller, so the same
@@ -14,7 +14,7 @@ import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
 
+from ivreg.data.h5 import H5Images, is_h5_file
 from ivreg.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -132,14 +133,21 @@ def _to_8_bits(img: Image.Image, path: str) -> Image.Image:
     return img
 
 
+def decode_image(source: str | IO[bytes], name: str) -> Image.Image:
+    """An RGB image from a file or its bytes; a corrupt one becomes an error naming it (``name``),
+    and 16-bit images are scaled to 8 bits instead of clipped."""
+    try:
+        return _to_8_bits(Image.open(source), name).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(f"cannot read image {name}: {exc}") from exc
+
+
 def _checked_loader(path: str) -> Image.Image:
-    """ImageFolder's loader, but a corrupt file becomes an error naming the file, and 16-bit
-    images are scaled to 8 bits instead of clipped."""
+    """ImageFolder's loader, through ``decode_image``."""
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            return _to_8_bits(img, path).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            return decode_image(f, path)
+    except OSError as exc:  # (the file could not be opened)
         raise DataError(f"cannot read image {path}: {exc}") from exc
 
 
@@ -357,6 +365,8 @@ def build_dataset(name: str, path: str | None, train: bool, download: bool = Fal
     if path is None:
         raise DataError(f"data.{what} is not set for dataset '{name}'")
     root = Path(path).expanduser().resolve()
+    if is_h5_file(root):  # solo-learn's data.format=h5: one file of <class>/<image> bytes
+        return H5Images(root, what)
     if info.source == "torchvision":
         # e.g. CIFAR-10 exported as JPEG folders, given as the split or as the folder of splits
         for folder in (root, *(root / split for split in (("train",) if train else ("test", "val")))):
