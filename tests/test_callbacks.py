@@ -25,9 +25,9 @@ def test_epoch_line_reports_norm_and_only_nonzero_skipped_steps() -> None:
 def test_rows_written_before_a_column_existed_read_as_nan(tmp_path: Path) -> None:
     """A run resumed by a newer version adds columns; its earlier rows get 'nan', not ''."""
     path = tmp_path / "epochs.csv"
-    old = {"epoch": 0, "val_acc1": 10.0}
-    new = {"epoch": 1, "val_acc1": 11.0, "train_z_norm": 5.0}
-    EpochSummary._write(path, [old, new], list(new))
+    summary = EpochSummary(tmp_path, log_eigvals=False)
+    summary._append("epochs.csv", {"epoch": 0, "val_acc1": 10.0})
+    summary._append("epochs.csv", {"epoch": 1, "val_acc1": 11.0, "train_z_norm": 5.0})
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert math.isnan(float(rows[0]["train_z_norm"])) and float(rows[1]["train_z_norm"]) == 5.0
