@@ -281,3 +281,10 @@ def test_checkpoint_write_times_writes_and_leaves_no_copy(tmp_path: Path, capsys
     assert len(times) == 2 and all(t > 0 for t in times)
     assert "MiB written in" in capsys.readouterr().out
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_h5_read_packs_and_times_both(image_data, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("h5py", reason="h5py is not installed (pip install -e '.[h5]')")
+    figures = _load("h5_read").main([str(image_data[1]), "--images", "10"])
+    assert figures["size_mib"] > 0 and figures["folder_images_per_s"] > 0 and figures["h5_images_per_s"] > 0
+    assert "18 images of 3 classes packed in" in capsys.readouterr().out
