@@ -41,6 +41,19 @@ def test_an_h5_file_holds_the_image_folder_image_for_image(image_data, h5_data) 
         assert h5.samples[i][0] == f"{h5_data[0]}:{folder.classes[folder[i][1]]}/{Path(folder.samples[i][0]).name}"
 
 
+def test_files_written_as_solo_learns_converter_does_are_read(image_data, tmp_path) -> None:
+    """Its convert_imgfolder_to_h5.py stores each file's bytes gzip-compressed (level 9)."""
+    folder = image_folder(image_data[1], "val_path")
+    with h5py.File(tmp_path / "solo.h5", "w") as f:
+        for path, label in folder.samples:
+            data = np.frombuffer(Path(path).read_bytes(), dtype="uint8")
+            group = f.require_group(folder.classes[label])
+            group.create_dataset(Path(path).name, data=data, shape=data.shape, compression="gzip", compression_opts=9)
+    h5 = H5Images(tmp_path / "solo.h5")
+    assert h5.classes == folder.classes and len(h5) == 18
+    assert np.array_equal(np.asarray(h5[5][0]), np.asarray(folder[5][0]))
+
+
 def test_workers_open_the_file_themselves(h5_data) -> None:
     """The parent has read (and so opened) the file before the workers fork."""
     dataset = H5Images(h5_data[0])
