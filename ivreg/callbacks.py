@@ -388,7 +388,8 @@ class EpochSummary(L.Callback):
 
     The tables are kept in memory and rewritten whole each epoch, and each checkpoint holds
     them as CSV text (``state_dict``): a resume rebuilds the files from the checkpoint, so the
-    rows of a file deleted or edited during a run come back."""
+    rows of a file deleted or edited during a run come back; so does relaunching a finished run
+    whose file lost rows (``on_fit_end``)."""
 
     TABLES = ("epochs.csv", "eigvals.csv")
 
@@ -433,6 +434,21 @@ class EpochSummary(L.Callback):
             if rows:
                 self._rows[name] = [r for r in rows if int(r["epoch"]) < first]
                 self._write(name, list(rows[0].keys()))
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A finished run relaunched trains nothing (``on_train_start`` never ran): a table
+        whose file lost rows since (deleted, cut short) is written again from the checkpoint.
+        Values edited in the file are left as they are."""
+        for name, text in self._restored.items():
+            if name in self._texts:  # written by this launch
+                continue
+            rows = list(csv.DictReader(io.StringIO(text)))
+            on_disk = read_csv_rows(self.run_dir / name)
+            complete = all(None not in row.values() and None not in row for row in on_disk)
+            if [r.get("epoch") for r in on_disk] != [r["epoch"] for r in rows] or not complete:
+                atomic_write_text(self.run_dir / name, text)
+                print(f"rebuilt {self.run_dir / name} from the checkpoint ({len(rows)} epochs)", flush=True)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if torch.cuda.is_available():

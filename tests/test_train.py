@@ -220,6 +220,12 @@ def test_deleted_epoch_tables_come_back_whole(image_data, tmp_path: Path) -> Non
     assert _rows(run_dir / "epochs.csv")[:2] == epochs and _rows(run_dir / "eigvals.csv")[:2] == eigvals
     assert [int(r["epoch"]) for r in _rows(run_dir / "epochs.csv")] == [0, 1, 2]
     assert len(_rows(run_dir / "eigvals.csv")) == 3
+    # the finished run relaunched trains nothing, but rewrites a table cut short or deleted since
+    finished = {name: (run_dir / name).read_text() for name in ("epochs.csv", "eigvals.csv")}
+    (run_dir / "epochs.csv").write_text(finished["epochs.csv"][: len(finished["epochs.csv"]) // 2])
+    (run_dir / "eigvals.csv").unlink()
+    pretrain(_cfg("isoloss-noema.yaml", image_data, tmp_path, "max_epochs=3"))
+    assert {name: (run_dir / name).read_text() for name in finished} == finished
 
 
 @pytest.mark.parametrize(("pipeline", "workers"), [("workers", 0), ("workers", 2), ("resident", 0)])

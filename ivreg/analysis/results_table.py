@@ -121,14 +121,25 @@ def run_value(rows: Sequence[Mapping[str, str]], metric: str, column: str = "val
     return max(finite) if metric == "best" else finite[-1]
 
 
-def unfinished(cfg: Mapping[str, Any], rows: Sequence[Mapping[str, str]]) -> str | None:
+def unfinished(cfg: Mapping[str, Any], rows: Sequence[Mapping[str, str]], run_dir: Path | None = None) -> str | None:
     """Why a run (its config and ``epochs.csv``'s ``rows``) has not reached its ``max_epochs``
-    (None when it has, or when a ``max_steps`` limit makes the epoch count no measure of it)."""
+    (None when it has, or when a ``max_steps`` limit makes the epoch count no measure of it);
+    with its folder, a ``last.ckpt`` that finished more epochs than the rows hold is named."""
+    from ivreg.resume import finished_epochs
+
     max_steps = cfg.get("max_steps")
     if max_steps is not None and int(max_steps) >= 0:
         return None
     planned, done = int(cfg.get("max_epochs") or 0), len({r.get("epoch") for r in rows})
-    return f"unfinished ({done} of max_epochs={planned} epochs)" if done < planned else None
+    if done >= planned:
+        return None
+    trained = finished_epochs(run_dir / "last.ckpt") if run_dir is not None else None
+    if trained is not None and trained > done:
+        return (
+            f"its epochs.csv holds {done} of the {trained} epochs its last.ckpt has finished (rows were lost): "
+            "relaunch the run's command to rebuild epochs.csv from the checkpoint"
+        )
+    return f"unfinished ({done} of max_epochs={planned} epochs)"
 
 
 def collect(
@@ -155,7 +166,7 @@ def collect(
                 continue
             label, dataset = run_key(cfg)
             rows = read_csv_rows(run_dir / "epochs.csv")
-            value, short = run_value(rows, metric, column), unfinished(cfg, rows)
+            value, short = run_value(rows, metric, column), unfinished(cfg, rows, run_dir)
         except Exception as exc:  # one broken folder must not hide the others
             warn(f"skipping {run_dir}: {exc}")
             continue

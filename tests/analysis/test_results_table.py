@@ -157,6 +157,21 @@ def test_unfinished_runs_are_left_out_unless_asked_for(tmp_path: Path, capsys):
     )
 
 
+def test_a_run_whose_epochs_csv_lost_rows_is_told_how_to_rebuild_it(tmp_path: Path, capsys):
+    """Its last.ckpt finished more epochs than the rows hold: a relaunch rewrites them from it."""
+    import torch
+
+    root = tmp_path / "runs"
+    _run(root, "byol-done", {**_pretrain("byol", EMA, "cifar10"), "max_epochs": 3}, [80, 85, 86])
+    run = _run(root, "byol-cut", {**_pretrain("byol", EMA, "cifar10"), "max_epochs": 3}, [60])
+    torch.save({"epoch": 2, "state_dict": {}}, run / "last.ckpt")  # (Lightning's count: 3 epochs finished)
+    assert main([str(root), "--metric", "final"]) == 0
+    assert (
+        "skipping " + str(run) + ": its epochs.csv holds 1 of the 3 epochs its last.ckpt has finished (rows were "
+        "lost): relaunch the run's command to rebuild epochs.csv from the checkpoint"
+    ) in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
