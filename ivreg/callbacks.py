@@ -140,7 +140,7 @@ def checkpoint_io(checkpoint_cfg: Any, on_gpu: bool) -> AtomicCheckpointIO | Asy
 # the machine that ran it): a resume must keep the images per optimizer step.
 WORLD_SIZE_KEY = "world_size"
 CLASSES_KEY = "data_classes"  # the training data's class names, in label order
-TRAIN_IMAGES_KEY = "data_train_images"  # the number of training images (after data.fraction)
+TRAIN_IMAGES_KEY = "data_train_images"  # the training split's number of images (before data.fraction)
 
 
 class EpochCheckpoint(L.Callback):
@@ -364,6 +364,22 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
 
+def read_complete_rows(path: Path) -> tuple[list[dict[str, str]], bool]:
+    """``read_csv_rows`` without the rows a file cut short lost part of (a missing field, or a
+    last line without its line end: cut inside its last field), and whether there were any."""
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return [], False
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    whole = [row for row in rows if None not in row and None not in row.values()]
+    if rows and whole and whole[-1] is rows[-1] and not text.endswith("\n"):
+        whole.pop()
+    return whole, len(whole) < len(rows)
+
+
 def validated_values(rows: list[dict[str, str]], column: str = "val_acc1") -> list[tuple[int, float]]:
     """``(epoch, value)`` of the rows whose ``column`` holds a finite number: the validated
     epochs (the others, ``check_val_every_n_epoch`` > 1 or a newer column, hold nan)."""
@@ -444,9 +460,8 @@ class EpochSummary(L.Callback):
             if name in self._texts:  # written by this launch
                 continue
             rows = list(csv.DictReader(io.StringIO(text)))
-            on_disk = read_csv_rows(self.run_dir / name)
-            complete = all(None not in row.values() and None not in row for row in on_disk)
-            if [r.get("epoch") for r in on_disk] != [r["epoch"] for r in rows] or not complete:
+            on_disk, cut = read_complete_rows(self.run_dir / name)
+            if cut or [r["epoch"] for r in on_disk] != [r["epoch"] for r in rows]:
                 atomic_write_text(self.run_dir / name, text)
                 print(f"rebuilt {self.run_dir / name} from the checkpoint ({len(rows)} epochs)", flush=True)
 

@@ -261,10 +261,11 @@ def check_resumed_state(
 
 
 def check_resumed_images(resume_from: Path, train_images: int | None, ckpt: Mapping[str, Any]) -> None:
-    """Refuse to resume onto a training set of another size (a requeued job that first started
+    """Refuse to resume onto a training split of another size (a requeued job that first started
     while the data was still being copied): the steps per epoch set the schedules' length and
-    where the resumed epoch stands in them, and an image's index its augmentation draws.
-    Checkpoints from before the count was recorded are not compared."""
+    where the resumed epoch stands in them, an image's index its augmentation draws, and the
+    split the images ``data.fraction`` draws. Checkpoints from before the count was recorded
+    are not compared."""
     then = ckpt.get(TRAIN_IMAGES_KEY)
     if then is None or train_images is None or int(then) == train_images:
         return

@@ -162,3 +162,24 @@ def test_epochs_without_validation_hold_no_stale_figures(image_data, tmp_path: P
         f"{float(rows[1]['val_acc1_random']):.2f} (randomly initialised backbone) after epoch 1, the last "
         "validated of 3"
     ]
+
+
+def test_rows_a_file_cut_short_lost_part_of_are_left_out(tmp_path: Path) -> None:
+    from ivreg.callbacks import read_complete_rows
+
+    path = tmp_path / "epochs.csv"
+    summary = EpochSummary(tmp_path, log_eigvals=False)
+    for epoch in range(3):
+        summary._append("epochs.csv", {"epoch": epoch, "val_acc1": 10.0 + epoch, "lr": 0.125})
+    text = path.read_text()
+    assert read_complete_rows(path) == (
+        [{"epoch": str(e), "val_acc1": f"{10.0 + e}", "lr": "0.125"} for e in range(3)],
+        False,
+    )
+    path.write_text(text[:-3])  # inside the last field: "0.1", all fields there, no line end
+    rows, cut = read_complete_rows(path)
+    assert [r["epoch"] for r in rows] == ["0", "1"] and cut
+    path.write_text(text[: text.rindex(",12.0")])  # fields missing
+    rows, cut = read_complete_rows(path)
+    assert [r["epoch"] for r in rows] == ["0", "1"] and cut
+    assert read_complete_rows(tmp_path / "none.csv") == ([], False)

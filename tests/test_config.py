@@ -113,7 +113,7 @@ def _cifar(overrides: list[str], config: str = "isoloss.yaml"):
         (["optimizer.lr=-1"], "optimizer.lr must be >= 0"),
         (["optimizer.batch_size=1"], "batch_size must be >= 2"),
         (["data.num_workers=-1"], r"data.num_workers must be >= 0 \(0: load in the main process\), got -1"),
-        (["data.format=dali"], "data.format 'dali' is not supported"),
+        (["data.format=lmdb"], "data.format 'lmdb' is not supported; choose one of \\['image_folder', 'h5'\\]"),
         (["++performance.compile_augmentation=yes"], "performance.compile_augmentation must be auto, True or False"),
         (["++performance.batch_views=sometimes"], "performance.batch_views must be auto, True or False"),
         (["++checkpoint.async_write=later"], "checkpoint.async_write must be auto, True or False"),

@@ -835,6 +835,9 @@ def test_a_resume_onto_other_class_folders_is_refused_before_anything_is_written
     for image in images[:5]:  # the same classes, 5 more images (a copy that had not finished at launch)
         shutil.copy(image, image.with_name(f"copy_{image.name}"))
     n = sum(1 for p in Path(train).rglob("*") if p.is_file())
+    half = build_run(_cfg("isoloss-noema.yaml", image_data, tmp_path, "++data.fraction=0.5", name="half"))
+    assert half.datamodule.num_train_images == n  # the split a fraction draws from: its draw changes with it
+    release_run_folder(half.run_dir)
     cases = [
         (renamed, r"trained on other classes than the data now given .*gone: class_0; new: class_9"),
         (fewer, r"trained on other classes than the data now given .*3 classes then, 2 now; gone: class_2"),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ivreg.callbacks import read_csv_rows, validated_values
+from ivreg.callbacks import read_complete_rows, validated_values
 from ivreg.cli import exit_on_user_error
 from ivreg.errors import DataError
 
@@ -104,12 +104,14 @@ def run_key(cfg: Mapping[str, Any]) -> tuple[str, str]:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Folders at or under ``root`` holding both config.yaml and epochs.csv, sorted."""
+    """Folders at or under ``root`` holding config.yaml and epochs.csv, or config.yaml and a
+    last.ckpt (a run whose epochs.csv was deleted: named, not silently left out), sorted."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root} is not a folder")
     candidates = [root, *(p.parent for p in root.rglob("config.yaml"))]
-    return sorted({p for p in candidates if (p / "config.yaml").is_file() and (p / "epochs.csv").is_file()})
+    records = ("epochs.csv", "last.ckpt")
+    return sorted({p for p in candidates if (p / "config.yaml").is_file() and any((p / r).is_file() for r in records)})
 
 
 def run_value(rows: Sequence[Mapping[str, str]], metric: str, column: str = "val_acc1") -> float:
@@ -136,7 +138,7 @@ def unfinished(cfg: Mapping[str, Any], rows: Sequence[Mapping[str, str]], run_di
     trained = finished_epochs(run_dir / "last.ckpt") if run_dir is not None else None
     if trained is not None and trained > done:
         return (
-            f"its epochs.csv holds {done} of the {trained} epochs its last.ckpt has finished (rows were lost): "
+            f"missing rows: its epochs.csv holds {done} of the {trained} epochs its last.ckpt has finished; "
             "relaunch the run's command to rebuild epochs.csv from the checkpoint"
         )
     return f"unfinished ({done} of max_epochs={planned} epochs)"
@@ -165,7 +167,7 @@ def collect(
             if is_linear_run(cfg) != (kind == "linear"):
                 continue
             label, dataset = run_key(cfg)
-            rows = read_csv_rows(run_dir / "epochs.csv")
+            rows, _ = read_complete_rows(run_dir / "epochs.csv")  # (a row cut short is a lost one)
             value, short = run_value(rows, metric, column), unfinished(cfg, rows, run_dir)
         except Exception as exc:  # one broken folder must not hide the others
             warn(f"skipping {run_dir}: {exc}")

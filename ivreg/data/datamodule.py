@@ -266,9 +266,13 @@ class PretrainDataModule(L.LightningDataModule):
 
     @property
     def num_train_images(self) -> int:
-        """The training images of all processes (after ``data.fraction``)."""
+        """The images of the training split, before ``data.fraction`` draws from it (more images
+        under the same fraction draw other ones, even where their number rounds the same)."""
         self.prepare_raw()
-        return len(self.raw_train)  # type: ignore[arg-type]
+        dataset = self.raw_train
+        while isinstance(dataset, Subset):
+            dataset = dataset.dataset
+        return len(dataset)  # type: ignore[arg-type]
 
     @property
     def class_names(self) -> list[str] | None:

@@ -138,7 +138,9 @@ def decode_image(source: str | IO[bytes], name: str) -> Image.Image:
     and 16-bit images are scaled to 8 bits instead of clipped."""
     try:
         return _to_8_bits(Image.open(source), name).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+    except UnidentifiedImageError as exc:  # (its message names the file object, not the image)
+        raise DataError(f"cannot read image {name}: not an image file Pillow can read (or a corrupt one)") from exc
+    except (OSError, SyntaxError) as exc:
         raise DataError(f"cannot read image {name}: {exc}") from exc
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ivreg.config import check_data_format
 from ivreg.data.augment import build_eval_transform
 from ivreg.data.datasets import (
     Transformed,
@@ -31,7 +32,7 @@ from ivreg.errors import ConfigError, DataError
 
 # Keys of the pretraining run's ``data`` section an evaluation inherits. ``fraction`` is not
 # among them: a pretraining subset says nothing about how many labels the probe may use.
-INHERITED_DATA_KEYS = ("dataset", "train_path", "val_path", "download", "num_workers", "mean", "std")
+INHERITED_DATA_KEYS = ("dataset", "train_path", "val_path", "format", "download", "num_workers", "mean", "std")
 
 # The ``data`` section of an evaluation config: None means "as in the pretraining run"
 # (crop_size: the first pretraining view's; fraction: all labelled training images).
@@ -41,6 +42,7 @@ EVAL_DATA_DEFAULTS: dict[str, Any] = {
         "dataset",
         "train_path",
         "val_path",
+        "format",
         "download",
         "num_workers",
         "crop_size",
@@ -76,7 +78,7 @@ def pretrain_crop_size(pretrain_cfg: Mapping[str, Any]) -> int:
 def eval_data_config(pretrain_cfg: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The ``data`` settings of an evaluation: inherited from pretraining, then overridden.
 
-    Returns dataset, train_path, val_path, download, num_workers, crop_size, mean, std and
+    Returns dataset, train_path, val_path, format, download, num_workers, crop_size, mean, std and
     fraction, all resolved (mean/std from the dataset when neither config sets them).
     """
     base = pretrain_cfg.get("data") or {}
@@ -95,6 +97,8 @@ def eval_data_config(pretrain_cfg: Mapping[str, Any], overrides: Mapping[str, An
             f"{' and '.join(f'data.{k}' for k in paths)} to the {data['dataset']} folders"
         )
     info = dataset_info(str(data["dataset"]))
+    data["format"] = data.get("format") or "image_folder"
+    check_data_format(data)
     check_normalisation(data.get("mean"), data.get("std"))
     data["mean"] = [float(x) for x in (data.get("mean") or info.mean)]
     data["std"] = [float(x) for x in (data.get("std") or info.std)]

@@ -158,18 +158,30 @@ def test_unfinished_runs_are_left_out_unless_asked_for(tmp_path: Path, capsys):
 
 
 def test_a_run_whose_epochs_csv_lost_rows_is_told_how_to_rebuild_it(tmp_path: Path, capsys):
-    """Its last.ckpt finished more epochs than the rows hold: a relaunch rewrites them from it."""
+    """Its last.ckpt finished more epochs than the complete rows hold (rows deleted, the file
+    deleted, its last row cut short, which --metric final would have reported as the last
+    epoch's): a relaunch rewrites them from the checkpoint."""
     import torch
 
     root = tmp_path / "runs"
     _run(root, "byol-done", {**_pretrain("byol", EMA, "cifar10"), "max_epochs": 3}, [80, 85, 86])
-    run = _run(root, "byol-cut", {**_pretrain("byol", EMA, "cifar10"), "max_epochs": 3}, [60])
-    torch.save({"epoch": 2, "state_dict": {}}, run / "last.ckpt")  # (Lightning's count: 3 epochs finished)
+    cfg = {**_pretrain("byol", EMA, "cifar10"), "max_epochs": 3}
+    lost, gone, cut = _run(root, "lost", cfg, [60]), _run(root, "gone", cfg, [60]), _run(root, "cut", cfg, [60, 70, 90])
+    (gone / "epochs.csv").unlink()
+    text = (cut / "epochs.csv").read_text()
+    (cut / "epochs.csv").write_text(text[: text.rindex(",90")])  # the last row ends before its val_acc1
+    for run in (lost, gone, cut):
+        torch.save({"epoch": 2, "state_dict": {}}, run / "last.ckpt")  # (Lightning's count: 3 epochs finished)
     assert main([str(root), "--metric", "final"]) == 0
-    assert (
-        "skipping " + str(run) + ": its epochs.csv holds 1 of the 3 epochs its last.ckpt has finished (rows were "
-        "lost): relaunch the run's command to rebuild epochs.csv from the checkpoint"
-    ) in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert captured.out == "| Method | cifar10 |\n| --- | --- |\n| BYOL | 86.00 |\n"
+    for run, done in ((lost, 1), (gone, 0), (cut, 2)):
+        assert (
+            f"skipping {run}: missing rows: its epochs.csv holds {done} of the 3 epochs its last.ckpt has finished; "
+            "relaunch the run's command to rebuild epochs.csv from the checkpoint"
+        ) in captured.err
+    assert main([str(root), "--metric", "final", "--include-unfinished"]) == 0
+    assert f"{cut} is missing rows: its epochs.csv holds 2 of the 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

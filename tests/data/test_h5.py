@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import sys
 from pathlib import Path
 
@@ -54,6 +55,59 @@ def test_files_written_as_solo_learns_converter_does_are_read(image_data, tmp_pa
     assert np.array_equal(np.asarray(h5[5][0]), np.asarray(folder[5][0]))
 
 
+def test_nested_class_folders_keep_their_order_and_odd_entries_are_skipped_or_named(tmp_path) -> None:
+    """Sub-folders become sub-groups, listed in ImageFolder's order (folder path, then name:
+    files beside the sub-folders first), so index i is the same image in both. Entries that
+    are no images (.DS_Store, Thumbs.db, notes.txt, which solo-learn's converter copies) are
+    skipped as the folder reader skips them; h5py's np.void bytes are read; other values and
+    a file moved away are named."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for path in ("c1/b/1.png", "c1/a/2.png", "c1/a-b/0.png", "c1/0.png", "c2/images/9.png", "c2/images/deeper/1.png"):
+        (tmp_path / "nest" / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "nest" / path)
+    assert write_h5(tmp_path / "nest", tmp_path / "nest.h5") == (6, 2)
+    folder, h5 = image_folder(tmp_path / "nest", "train_path"), H5Images(tmp_path / "nest.h5")
+    names = [s[0].split(":", 1)[1] for s in h5.samples]
+    assert names == [str(Path(p).relative_to(tmp_path / "nest")) for p, _ in folder.samples]
+    assert all(np.array_equal(np.asarray(h5[i][0]), np.asarray(folder[i][0])) for i in range(6))
+    png = (tmp_path / "nest" / "c1" / "0.png").read_bytes()
+    with h5py.File(tmp_path / "odd.h5", "w") as f:
+        group = f.create_group("c")
+        for junk in (".DS_Store", "Thumbs.db", "notes.txt"):
+            group.create_dataset(junk, data=np.frombuffer(b"junk", dtype=np.uint8))
+        group.create_dataset("void.png", data=np.void(png))
+        group.create_dataset("floats.png", data=np.zeros(4))
+    odd = H5Images(tmp_path / "odd.h5")
+    assert [s[0].rsplit("/", 1)[1] for s in odd.samples] == ["floats.png", "void.png"]
+    assert np.array_equal(np.asarray(odd[1][0]), np.asarray(folder[0][0]))
+    with pytest.raises(DataError, match=r"odd.h5:c/floats.png: it holds float64 values, not an image file's bytes"):
+        odd[0]
+    with h5py.File(tmp_path / "junk.h5", "w") as f:
+        f.create_group("c").create_dataset("x.png", data=np.frombuffer(b"junk", dtype=np.uint8))
+    with pytest.raises(DataError, match=r"junk.h5:c/x.png: not an image file Pillow can read \(or a corrupt one\)$"):
+        H5Images(tmp_path / "junk.h5")[0]
+    moved = H5Images(tmp_path / "nest.h5")
+    (tmp_path / "nest.h5").rename(tmp_path / "elsewhere.h5")
+    with pytest.raises(DataError, match=r"cannot read image .*nest.h5:c1/0.png: "):
+        moved[0]
+
+
+def test_the_converter_takes_tiny_imagenets_validation_split(tmp_path) -> None:
+    from PIL import Image
+
+    val = tmp_path / "val"
+    (val / "images").mkdir(parents=True)
+    wnids = ["n02", "n01", "n02"]
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(val / "images" / f"val_{i}.JPEG")
+    (val / "val_annotations.txt").write_text("".join(f"val_{i}.JPEG\t{w}\t0\t0\t8\t8\n" for i, w in enumerate(wnids)))
+    assert write_h5(val, tmp_path / "val.h5") == (3, 2)
+    h5 = H5Images(tmp_path / "val.h5")
+    assert h5.classes == ["n01", "n02"] and h5.targets == [0, 1, 1]
+
+
 def test_workers_open_the_file_themselves(h5_data) -> None:
     """The parent has read (and so opened) the file before the workers fork."""
     dataset = H5Images(h5_data[0])
@@ -89,8 +143,22 @@ def test_the_command_line_writes_a_file_and_refuses_another_suffix(image_data, t
     assert main([str(image_data[1]), str(tmp_path / "val.zip")]) == 2
     assert "should end in .h5 or .hdf5" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x.h5")]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.h5"]  # nothing half-written
+    assert f"the source {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+    assert main([str(tmp_path / "val.h5"), str(tmp_path / "x.h5")]) == 2
+    assert "is not a folder; give an ImageFolder root" in capsys.readouterr().err
+    splits = tmp_path / "splits"
+    for split in ("train", "val"):
+        shutil.copytree(image_data[1], splits / split)
+    assert main([str(splits), str(tmp_path / "x.h5")]) == 2
+    assert "holds the splits train/, val/, not class folders; convert each split to its own file" in (
+        capsys.readouterr().err
+    )
+    assert main([str(image_data[1]), str(tmp_path / "nowhere" / "x.h5")]) == 2
+    assert f"the folder {tmp_path / 'nowhere'} of" in capsys.readouterr().err
+    (tmp_path / "dir.h5").mkdir()
+    assert main([str(image_data[1]), str(tmp_path / "dir.h5")]) == 2
+    assert "dir.h5 is a folder; give the path of the file to write" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.h5", "splits", "val.h5"]  # nothing half-written
 
 
 def test_bad_files_are_named(tmp_path) -> None:
@@ -121,10 +189,6 @@ def test_the_format_key_is_checked(image_data, tmp_path) -> None:
         prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", [*base, "data.format=h5"]))
     with pytest.raises(ConfigError, match=r"data.format=dali is not supported: ivreg augments on the GPU itself"):
         prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", [*base, "data.format=dali"]))
-    with pytest.raises(
-        ConfigError, match=r"data.format 'lmdb' is not supported; choose one of \['image_folder', 'h5'\]"
-    ):
-        prepare_config(compose(str(CIFAR_CONFIGS), "isoloss.yaml", [*base, "data.format=lmdb"]))
 
 
 def test_reading_without_h5py_names_the_install(monkeypatch, tmp_path) -> None:
