@@ -364,6 +364,11 @@ def read_csv_rows(path: Path) -> list[dict[str, str]]:
         raise DataError(f"cannot read {path}: {exc}") from exc
 
 
+def parse_csv_rows(text: str) -> list[dict[str, str]]:
+    """The rows of a CSV table held as text (a file's, or the copy a checkpoint holds)."""
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
 def read_complete_rows(path: Path) -> tuple[list[dict[str, str]], bool]:
     """``read_csv_rows`` without the rows a file cut short lost part of (a missing field, or a
     last line without its line end: cut inside its last field), and whether there were any."""
@@ -373,7 +378,7 @@ def read_complete_rows(path: Path) -> tuple[list[dict[str, str]], bool]:
         return [], False
     except OSError as exc:
         raise DataError(f"cannot read {path}: {exc}") from exc
-    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    rows = parse_csv_rows(text)
     whole = [row for row in rows if None not in row and None not in row.values()]
     if rows and whole and whole[-1] is rows[-1] and not text.endswith("\n"):
         whole.pop()
@@ -446,7 +451,7 @@ class EpochSummary(L.Callback):
         for name in self.TABLES:
             # the checkpoint's rows; the file's for a checkpoint written before checkpoints held them
             text = self._restored.get(name)
-            rows = list(csv.DictReader(io.StringIO(text))) if text else read_csv_rows(self.run_dir / name)
+            rows = parse_csv_rows(text) if text else read_csv_rows(self.run_dir / name)
             if rows:
                 self._rows[name] = [r for r in rows if int(r["epoch"]) < first]
                 self._write(name, list(rows[0].keys()))
@@ -459,7 +464,7 @@ class EpochSummary(L.Callback):
         for name, text in self._restored.items():
             if name in self._texts:  # written by this launch
                 continue
-            rows = list(csv.DictReader(io.StringIO(text)))
+            rows = parse_csv_rows(text)
             on_disk, cut = read_complete_rows(self.run_dir / name)
             if cut or [r["epoch"] for r in on_disk] != [r["epoch"] for r in rows]:
                 atomic_write_text(self.run_dir / name, text)

@@ -270,9 +270,10 @@ def check_resumed_images(resume_from: Path, train_images: int | None, ckpt: Mapp
     if then is None or train_images is None or int(then) == train_images:
         return
     raise ConfigError(
-        f"{resume_from} was trained on {int(then)} training images, the data now given has {train_images}: "
-        "the steps per epoch, and with them the rate and EMA schedules, would change mid-run. Resume with the "
-        "images it was trained on, or start a new run (another name=...)"
+        f"{resume_from} was trained on a training split of {int(then)} images, the data now given has "
+        f"{train_images}: the steps per epoch, and with them the rate and EMA schedules (and the images a "
+        "data.fraction draws), would change mid-run. Resume with the images it was trained on, or start a new "
+        "run (another name=...)"
     )
 
 

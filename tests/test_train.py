@@ -841,7 +841,7 @@ def test_a_resume_onto_other_class_folders_is_refused_before_anything_is_written
     cases = [
         (renamed, r"trained on other classes than the data now given .*gone: class_0; new: class_9"),
         (fewer, r"trained on other classes than the data now given .*3 classes then, 2 now; gone: class_2"),
-        (more, rf"was trained on {n} training images, the data now given has {n + 5}: the steps per epoch"),
+        (more, rf"was trained on a training split of {n} images, the data now given has {n + 5}: the steps per"),
     ]
     for root, message in cases:
         paths = [f"data.train_path={root / 'train'}", f"data.val_path={root / 'val'}", "max_epochs=2"]
