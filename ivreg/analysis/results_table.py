@@ -292,6 +292,34 @@ def mixed_settings(results: Iterable[RunResult]) -> list[str]:
     return lines
 
 
+# Options that make a run train or validate on part of its data (a smoke test's settings),
+# with the values that do not: ``limit_*`` 1.0 (an int counts batches), ``max_steps`` -1.
+PARTIAL_SETTINGS: dict[str, Any] = {"limit_train_batches": 1.0, "limit_val_batches": 1.0, "max_steps": -1}
+
+
+def partial_runs(results: Iterable[RunResult]) -> list[str]:
+    """One line per cell holding runs that trained or validated on part of their data: a cell
+    whose runs all share such a setting raises no "differ in" line, yet holds no full run."""
+    cells: dict[tuple[str, str], list[RunResult]] = {}
+    for r in results:
+        cells.setdefault((r.label, r.dataset), []).append(r)
+    lines = []
+    for (label, dataset), group in cells.items():
+        partial: set[str] = set()
+        for r in group:
+            for key, value in r.settings.items():
+                full = PARTIAL_SETTINGS.get(key.removeprefix("linear."))
+                if full is not None and value is not None and not (type(value) is type(full) and value == full):
+                    partial.add(f"{key}={value!r}")
+        if partial:
+            shown = ", ".join(sorted(partial))
+            lines.append(
+                f"runs of {label} on {dataset} trained or validated on part of their data ({shown}): smoke-test "
+                "settings, not the full protocol"
+            )
+    return lines
+
+
 def seed_of(cfg: Mapping[str, Any]) -> int | None:
     source = cfg.get("pretrain_cfg") if is_linear_run(cfg) else cfg
     seed = source.get("seed") if isinstance(source, Mapping) else None
@@ -377,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     results = collect(args.root, args.metric, args.kind, args.column, include_unfinished=args.include_unfinished)
-    for line in [*shared_seeds(results), *mixed_settings(results)]:
+    for line in [*shared_seeds(results), *mixed_settings(results), *partial_runs(results)]:
         print(f"warning: {line}", file=sys.stderr)
     cells = summarize(results)
     if not cells:

@@ -263,3 +263,19 @@ def test_linear_runs_of_external_checkpoints_are_rows_of_their_own(runs_root: Pa
     assert main([str(runs_root), "--kind", "linear"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "| solo-byol-ep999 (external checkpoint) | 70.00 |" in out and "| IsoLoss | 92.25 |" in out
+
+
+def test_cells_of_runs_on_part_of_their_data_are_named(tmp_path: Path, capsys):
+    """Runs that all share a smoke test's limits raise no "differ in" line; they are named."""
+    root = tmp_path / "runs"
+    byol, iso = _pretrain("byol", EMA, "cifar10"), _pretrain("directpred", EMA, "cifar10", iso=True)
+    for seed in (1, 2):
+        _run(root, f"byol-{seed}", {**byol, "seed": seed, "limit_train_batches": 5, "limit_val_batches": 3}, [50])
+        _run(root, f"iso-{seed}", {**iso, "seed": seed, "limit_train_batches": 1.0, "max_steps": -1}, [60])
+    assert main([str(root)]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "warning: runs of BYOL on cifar10 trained or validated on part of their data (limit_train_batches=5, "
+        "limit_val_batches=3): smoke-test settings, not the full protocol"
+    ) in err
+    assert "differ in" not in err and "IsoLoss" not in err  # full runs: nothing to say
