@@ -219,14 +219,14 @@ LINEAR_SETTINGS = (
 VALIDATION_SETTINGS: dict[str, Any] = {"limit_val_batches": 1.0, "check_val_every_n_epoch": 1}
 
 
+def _off_full(value: Any, full: Any) -> bool:
+    """``value`` is set and not the ``full`` one (of its type: 1, an int, is one batch; 1.0 all)."""
+    return value is not None and not (type(value) is type(full) and value == full)
+
+
 def validation_settings(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """The run's ``VALIDATION_SETTINGS`` that differ from a full validation every epoch."""
-    out = {}
-    for key, full in VALIDATION_SETTINGS.items():
-        value = cfg.get(key)
-        if value is not None and not (type(value) is type(full) and value == full):
-            out[prefix + key] = value
-    return out
+    return {prefix + key: cfg.get(key) for key, full in VALIDATION_SETTINGS.items() if _off_full(cfg.get(key), full)}
 
 
 def settings_of(cfg: Mapping[str, Any], world_size: int | None = None) -> dict[str, Any]:
@@ -270,14 +270,19 @@ def settings_of(cfg: Mapping[str, Any], world_size: int | None = None) -> dict[s
     return {**pick(cfg, keys, DEFAULTS), **per_step(cfg, world_size), **validation_settings(cfg)}
 
 
-def mixed_settings(results: Iterable[RunResult]) -> list[str]:
-    """One line per cell whose runs differ in more than their seed: the cell would average
-    different settings (an lr sweep, or another dataset's config run on this dataset)."""
+def _cells(results: Iterable[RunResult]) -> dict[tuple[str, str], list[RunResult]]:
+    """The runs of each table cell, (method label, dataset)."""
     cells: dict[tuple[str, str], list[RunResult]] = {}
     for r in results:
         cells.setdefault((r.label, r.dataset), []).append(r)
+    return cells
+
+
+def mixed_settings(results: Iterable[RunResult]) -> list[str]:
+    """One line per cell whose runs differ in more than their seed: the cell would average
+    different settings (an lr sweep, or another dataset's config run on this dataset)."""
     lines = []
-    for (label, dataset), group in cells.items():
+    for (label, dataset), group in _cells(results).items():
         keys = sorted({k for r in group for k in r.settings})
         differ = [k for k in keys if len({repr(r.settings.get(k)) for r in group}) > 1]
         if differ:
@@ -300,17 +305,15 @@ PARTIAL_SETTINGS: dict[str, Any] = {"limit_train_batches": 1.0, "limit_val_batch
 def partial_runs(results: Iterable[RunResult]) -> list[str]:
     """One line per cell holding runs that trained or validated on part of their data: a cell
     whose runs all share such a setting raises no "differ in" line, yet holds no full run."""
-    cells: dict[tuple[str, str], list[RunResult]] = {}
-    for r in results:
-        cells.setdefault((r.label, r.dataset), []).append(r)
     lines = []
-    for (label, dataset), group in cells.items():
-        partial: set[str] = set()
-        for r in group:
-            for key, value in r.settings.items():
-                full = PARTIAL_SETTINGS.get(key.removeprefix("linear."))
-                if full is not None and value is not None and not (type(value) is type(full) and value == full):
-                    partial.add(f"{key}={value!r}")
+    for (label, dataset), group in _cells(results).items():
+        partial = {
+            f"{key}={value!r}"
+            for r in group
+            for key, value in r.settings.items()
+            if key.removeprefix("linear.") in PARTIAL_SETTINGS
+            and _off_full(value, PARTIAL_SETTINGS[key.removeprefix("linear.")])
+        }
         if partial:
             shown = ", ".join(sorted(partial))
             lines.append(
@@ -342,9 +345,7 @@ def shared_seeds(results: Iterable[RunResult]) -> list[str]:
 
 
 def summarize(results: Iterable[RunResult]) -> dict[tuple[str, str], Cell]:
-    groups: dict[tuple[str, str], list[float]] = {}
-    for r in results:
-        groups.setdefault((r.label, r.dataset), []).append(r.value)
+    groups = {key: [r.value for r in group] for key, group in _cells(results).items()}
     return {
         key: Cell(statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for key, v in groups.items()
     }

@@ -41,6 +41,7 @@ from ivreg.analysis.toy import (  # noqa: E402
     SETTINGS,
     ToyConfig,
     ToyRun,
+    _check_alpha,
     convergence_steps,
     eigen_ode_rhs,
     growth_steps,
@@ -77,8 +78,7 @@ class FigureOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not np.isfinite(self.alpha) or self.alpha < 0:
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        _check_alpha(self.alpha)
 
     def steps(self, full: int) -> int:
         """Number of Euler steps after scaling (at least 2 so every curve has a start and an end)."""

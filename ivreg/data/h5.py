@@ -8,8 +8,9 @@ writes this layout, and so does this module's command line::
     python -m ivreg.data.h5 <ImageFolder root> <out.h5>
 
 Classes are the sorted group names (labels are their positions, as ImageFolder numbers its
-class folders); each class's images are sorted by name, so an index names the same image in
-every process and every launch. Reading needs ``h5py`` (``pip install -e ".[h5]"``).
+class folders); each class's images (sub-groups too) are listed in ImageFolder's order, so an
+index names the same image as in the folder the file came from, in every process and launch.
+Reading needs ``h5py`` (``pip install -e ".[h5]"``).
 """
 
 from __future__ import annotations
