@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from ivreg.config import COMPILE_MODES, COMPILE_SCOPES  # noqa: E402
 from ivreg.data.augment import ViewSpec, build_view_transform, load_view_specs  # noqa: E402
 from ivreg.data.batched_aug import build_batched_views  # noqa: E402
+from ivreg.optim import LARS  # noqa: E402
 from ivreg.predictors import time_decompose  # noqa: E402
 from ivreg.timing import synchronize, time_runs  # noqa: E402
 
@@ -593,11 +594,31 @@ def run_steps(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def cuda_launches(name: str, args: Sequence[Any]) -> int:
+    """1 for an op, but for a ``_foreach_*`` op whose tensor lists CUDA's multi-tensor route
+    cannot take (tensors of different shapes or strides at one position, as a list of 0-dim
+    factors against the parameters), one per tensor: CUDA then falls back to one kernel per
+    tensor, where the CPU loops in any case."""
+    if not name.startswith("_foreach_"):
+        return 1
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a)]
+    if len(lists) < 2:
+        return 1
+    first = lists[0]
+    same = all(
+        t.shape == f.shape and t.stride() == f.stride() and t.dtype == f.dtype
+        for other in lists[1:]
+        for t, f in zip(other, first)
+    )
+    return 1 if same else len(first)
+
+
 class _OpCensus:
     """Counts the ATen ops that eager PyTorch dispatches below autograd during the steps after
     ``warmup``, by the phase of the step that issued them. On a GPU each op that is neither a
     view nor an allocation is about one kernel launch, so the counts show where a step's
-    launches, and the host time they cost, come from; on the CPU they are the same ops.
+    launches, and the host time they cost, come from; on the CPU they are the same ops. A
+    foreach op counts one launch per tensor where CUDA would fall back to that (``cuda_launches``).
     Regions that would run compiled (the augmentation on GPUs) count as their eager ops."""
 
     ALLOCATIONS = ("empty", "empty_strided", "empty_like")
@@ -616,11 +637,12 @@ class _OpCensus:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
                 name = func.overloadpacket.__name__
                 kind = "views" if func.is_view else "allocations" if name in census.ALLOCATIONS else "ops"
+                count = cuda_launches(name, args) if kind == "ops" else 1
                 row = census.counts.setdefault(census.phase, {"ops": 0, "views": 0, "allocations": 0})
-                row[kind] += 1
+                row[kind] += count
                 if kind == "ops":
                     names = census.op_names.setdefault(census.phase, {})
-                    names[name] = names.get(name, 0) + 1
+                    names[name] = names.get(name, 0) + count
                 return func(*args, **(kwargs or {}))
 
         mode = Mode()
@@ -629,6 +651,11 @@ class _OpCensus:
             census.phase = phase
 
         class Phases(L.Callback):
+            def on_train_start(self, trainer, pl_module) -> None:  # type: ignore[no-untyped-def]
+                for optimizer in trainer.optimizers:  # LARS as on CUDA (its CPU path loops per tensor)
+                    if isinstance(optimizer, LARS):
+                        optimizer._gather = True
+
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
                 if batch_idx == warmup:
                     mode.__enter__()

@@ -61,6 +61,16 @@ class LARS(torch.optim.Optimizer):
             "eps": eps,
         }
         super().__init__(params, defaults)
+        # (group index, device, dtype, exclude_bias_n_norm, momentum > 0) -> its flat buffers
+        self._flat: dict[tuple, _FlatSteps] = {}
+        self._gather: bool | None = None  # _FlatSteps' choice by device; tests force either path
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled (``Optimizer.__getstate__`` keeps only the state and the groups): the flat
+        buffers are made again at the next step, from the momentum buffers in the state."""
+        super().__setstate__(state)
+        self.__dict__.setdefault("_flat", {})
+        self.__dict__.setdefault("_gather", None)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -68,52 +78,115 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            adapt = [not (group["exclude_bias_n_norm"] and p.ndim == 1) for p in params]
-            steps = torch._foreach_mul([p.grad for p in params], 1.0)  # copies, one launch
-            adapted = [i for i, a in enumerate(adapt) if a]
-            if adapted:
-                self._scale_adapted(group, [params[i] for i in adapted], [steps[i] for i in adapted])
-            self._momentum_update(group, params, steps)
+        for index, group in enumerate(self.param_groups):
+            buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    buckets.setdefault((p.device, p.dtype), []).append(p)
+            for key, params in buckets.items():
+                cache_key = (index, *key, group["exclude_bias_n_norm"], group["momentum"] > 0)
+                flat = self._flat.get(cache_key)
+                if flat is None or not flat.holds(params, self.state):
+                    adapted = [not (group["exclude_bias_n_norm"] and p.ndim == 1) for p in params]
+                    flat = _FlatSteps(params, adapted, group["momentum"] > 0, self.state, self._gather)
+                    self._flat[cache_key] = flat
+                self._update(group, flat)
         return loss
 
     @staticmethod
-    def _scale_adapted(group: dict, params: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
-        """In place: steps <- ratio * (g + wd w) where both norms are non-zero, g otherwise."""
+    def _update(group: dict, flat: _FlatSteps) -> None:
+        """d = factor (g + wd w) for the adapted tensors, g for the others; factor is the trust
+        ratio where both norms are non-zero, 1 where ||w|| = 0 (then wd w = 0 as well) and 0
+        where ||g|| = 0 (then d = 0 = g). Then buf = momentum buf + d and w -= lr buf."""
         wd, lr = group["weight_decay"], group["lr"]
+        params = flat.params
+        grads = [p.grad for p in params]
+        torch._foreach_copy_(flat.step_views, grads)
         w_norm = torch.stack(torch._foreach_norm(params))
-        g_norm = torch.stack(torch._foreach_norm(steps))
-        valid = (w_norm > 0) & (g_norm > 0)
+        g_norm = torch.stack(torch._foreach_norm(grads))
         ratio = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
         if group["clip_lr"]:
             ratio = (ratio / lr).clamp(max=1.0) if lr > 0 else torch.ones_like(ratio)
-        ratio = torch.where(valid, ratio, torch.ones_like(ratio))
-        if wd != 0:
-            decay = torch.where(valid, torch.full_like(ratio, wd), torch.zeros_like(ratio))
-            torch._foreach_add_(steps, torch._foreach_mul(params, list(decay.unbind())))
-        torch._foreach_mul_(steps, list(ratio.unbind()))
+        factor = torch.where(g_norm > 0, torch.where(w_norm > 0, ratio, 1.0), 0.0)
+        factor = torch.where(flat.adapted_mask, factor, 1.0)
+        if wd != 0 and flat.adapted:
+            torch._foreach_add_(flat.adapted_step_views, flat.adapted, alpha=wd)
+        if flat.segments is not None:
+            flat.steps.mul_(factor.index_select(0, flat.segments))
+        else:
+            torch._foreach_mul_(flat.step_views, list(factor.unbind()))
+        if flat.momentum is not None:
+            flat.momentum.mul_(group["momentum"]).add_(flat.steps)
+            torch._foreach_add_(params, flat.momentum_views, alpha=-lr)
+        else:
+            torch._foreach_add_(params, flat.step_views, alpha=-lr)
 
-    def _momentum_update(self, group: dict, params: list[torch.Tensor], steps: list[torch.Tensor]) -> None:
-        momentum = group["momentum"]
-        if momentum > 0:
-            bufs = []
-            for p, d in zip(params, steps):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = d.clone()
-                    bufs.append(None)
-                else:
-                    bufs.append(state["momentum_buffer"])
-            old = [(b, d) for b, d in zip(bufs, steps) if b is not None]
-            if old:
-                b_list, d_list = zip(*old)
-                torch._foreach_mul_(list(b_list), momentum)
-                torch._foreach_add_(list(b_list), list(d_list))
-            steps = [self.state[p]["momentum_buffer"] for p in params]
-        torch._foreach_add_(params, steps, alpha=-group["lr"])
+
+class _FlatSteps:
+    """Persistent flat buffers for the LARS update of one bucket of parameter tensors (one
+    group's tensors that have a gradient, of one device and dtype), with views shaped and
+    strided like each tensor, made once: the update steps and the momentum buffers.
+
+    Why: every tensor is scaled by its own trust ratio. On CUDA ``torch._foreach_mul_`` with a
+    list of 0-dim factors cannot take the multi-tensor route (its lists differ in shape) and
+    falls back to one kernel per tensor, as would ``_foreach_mul`` by per-tensor weight
+    decays: about 124 launches per ResNet-18 step, and host time per launch is what bounds
+    a step on a fast GPU. Off the CPU the factors are therefore gathered to one per element
+    (``segments``, the tensor index of each element, kept as int32) and applied by one flat
+    multiply; every other op is a flat op or a foreach op over same-shaped lists. On the CPU,
+    where foreach ops loop over the tensors anyway and a gather over every element costs
+    more than the loop, the factors go through ``_foreach_mul_`` (the same products, bit for
+    bit). The momentum buffers in ``optimizer.state`` are the views into the flat one, so
+    ``state_dict`` is the usual per-tensor one (``torch.save`` stores the shared storage once).
+    """
+
+    def __init__(
+        self, params: list[torch.Tensor], adapted: list[bool], momentum: bool, state: dict, gather: bool | None = None
+    ) -> None:
+        self.params = params
+        numels = torch.tensor([p.numel() for p in params])
+        like = params[0]
+        if gather is None:
+            gather = like.device.type != "cpu"
+        self.segments = (
+            torch.arange(len(params), dtype=torch.int32).repeat_interleave(numels).to(like.device) if gather else None
+        )
+        self.adapted_mask = torch.tensor(adapted, device=like.device)
+        self.steps = like.new_empty(int(numels.sum()))
+        self.step_views = _views_like(self.steps, params)
+        self.adapted = [p for p, a in zip(params, adapted) if a]
+        self.adapted_step_views = [v for v, a in zip(self.step_views, adapted) if a]
+        self.momentum: torch.Tensor | None = None
+        self.momentum_views: list[torch.Tensor] = []
+        if momentum:  # a tensor without a saved buffer starts from zero: m * 0 + d = d, as a clone of d
+            self.momentum = torch.zeros_like(self.steps)
+            self.momentum_views = _views_like(self.momentum, params)
+            for p, view in zip(params, self.momentum_views):
+                saved = state[p].get("momentum_buffer")
+                if saved is not None:
+                    view.copy_(saved)
+                state[p]["momentum_buffer"] = view
+
+    def holds(self, params: list[torch.Tensor], state: dict) -> bool:
+        """Whether this layout is for ``params`` and ``state`` still holds its buffers (not
+        so after ``load_state_dict`` or a move to another device)."""
+        if len(params) != len(self.params) or any(p is not q for p, q in zip(params, self.params)):
+            return False
+        return all(state[p].get("momentum_buffer") is view for p, view in zip(params, self.momentum_views))
+
+
+def _views_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Consecutive views of ``flat`` with each tensor's shape and, for dense tensors, its
+    strides (channels_last convolutions included), so foreach ops pair them with the
+    parameters and their gradients on the multi-tensor route."""
+    views, offset = [], 0
+    for p in params:
+        dense = torch.empty_like(p, device="meta").stride() == p.stride()
+        views.append(
+            flat.as_strided(p.shape, p.stride(), offset) if dense else flat[offset : offset + p.numel()].view(p.shape)
+        )
+        offset += p.numel()
+    return views
 
 
 def trainable_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
@@ -235,7 +308,7 @@ def warmup_cosine_factor(
     step: int, warmup_steps: int, total_steps: int, base_lr: float, warmup_start_lr: float, min_lr: float
 ) -> float:
     """Multiplier of ``base_lr`` at ``step``: linear from warmup_start_lr to base_lr over the
-    warmup, then cosine from base_lr to min_lr at ``total_steps``."""
+    warmup (``_warmup_factor``), then cosine from base_lr to min_lr at ``total_steps``."""
     if base_lr <= 0:
         return 0.0
     if step < warmup_steps:
@@ -246,8 +319,10 @@ def warmup_cosine_factor(
 
 
 def _warmup_factor(step: int, warmup_steps: int, base_lr: float, warmup_start_lr: float) -> float:
-    """Multiplier of ``base_lr`` during a linear warmup from warmup_start_lr."""
-    return (warmup_start_lr + (base_lr - warmup_start_lr) * step / warmup_steps) / base_lr
+    """Multiplier of ``base_lr`` during a linear warmup from warmup_start_lr: base_lr is reached
+    at the warmup's last step (``warmup_steps - 1``), as in solo-learn's (pl_bolts')
+    LinearWarmupCosineAnnealingLR, which the paper's runs stepped per step."""
+    return (warmup_start_lr + (base_lr - warmup_start_lr) * step / max(warmup_steps - 1, 1)) / base_lr
 
 
 def warmup_step_factor(

@@ -49,13 +49,17 @@ class RunningCorrelation(nn.Module):
         with _no_autocast(self.C):
             z = zs.detach().float() if isinstance(zs, torch.Tensor) else torch.stack([v.detach().float() for v in zs])
             grams = torch.bmm(z.transpose(1, 2), z)  # (views, d, d)
-            batch = z.new_full((1,), z.shape[1])
+            batch: torch.Tensor | int = z.shape[1]
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                packed = torch.cat([grams.flatten(), batch])
+                packed = torch.cat([grams.flatten(), z.new_full((1,), z.shape[1])])
                 dist.all_reduce(packed)
                 grams, batch = packed[:-1].view_as(grams), packed[-1:]
-            for gram in grams:
-                self.C.mul_(self.tau).add_((1.0 - self.tau) * gram / batch)
+            # The per-view updates in one: C <- tau^n C + (1 - tau) sum_k tau^(n-1-k) G_k / B
+            # (Horner's scheme over the views, in view order; 4 ops for two views instead of 9)
+            weighted = grams[0]
+            for gram in grams[1:]:
+                weighted = torch.add(gram, weighted, alpha=self.tau)
+            self.C.mul_(self.tau ** len(grams)).add_(weighted * ((1.0 - self.tau) / batch))
 
 
 def decomposition_failed(exc: BaseException) -> DivergedError:

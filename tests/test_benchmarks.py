@@ -68,6 +68,23 @@ def test_op_census_attributes_every_step_op_to_a_phase() -> None:
     assert phases["forward: backbone"]["ops"] == 12 + 9 + 4 + 1 + 12 * (2 + 1)
 
 
+def test_census_counts_a_foreach_op_that_cuda_runs_per_tensor_once_per_tensor() -> None:
+    launches = _load("throughput").cuda_launches
+    a, b = [torch.zeros(3, 2), torch.zeros(4)], [torch.ones(3, 2), torch.ones(4)]
+    assert launches("_foreach_add_", (a, b)) == 1  # same shapes at every position: multi-tensor
+    assert launches("_foreach_norm", (a,)) == 1
+    assert launches("_foreach_mul_", (a, [torch.tensor(2.0), torch.tensor(3.0)])) == 2  # 0-dim factors
+    conv = torch.zeros(2, 3, 2, 2)
+    assert launches("_foreach_add_", ([conv, a[1]], [conv.contiguous(memory_format=torch.channels_last), b[1]])) == 2
+    assert launches("mul", (a[0], 2.0)) == 1
+
+
+def test_eig_vs_eigh_measures_the_reference_predictors_drift() -> None:
+    figures = _load("eig_vs_eigh").main(["--dim", "48"])
+    assert set(figures) == {3, 6, 9}
+    assert all(value >= 0 for row in figures.values() for value in row)
+
+
 def test_eigh_section_times_the_decompositions_and_checks_newton_schulz() -> None:
     throughput = _load("throughput")
     eigh = throughput.main(["--section", "eigh", "--device", "cpu", "--eigh-repeats", "2"])["eigh"]

@@ -118,14 +118,29 @@ def test_multi_tensor_optimizers_match_the_per_tensor_loop(name: str, kwargs: di
         assert torch.equal(a, b)
 
 
+def _solo_learn_warmup_cosine(step: int, warmup: int, total: int, base: float, start: float, eta_min: float) -> float:
+    """Transcription of the closed form of pl_bolts' LinearWarmupCosineAnnealingLR (solo-learn's
+    scheduler, stepped once per optimizer step)."""
+    if step < warmup:
+        return start + step * (base - start) / max(1, warmup - 1)
+    return eta_min + 0.5 * (base - eta_min) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
 def test_warmup_cosine_values() -> None:
-    f = lambda k: 1.0 * warmup_cosine_factor(k, 10, 110, 1.0, 3e-5, 0.0)  # noqa: E731
+    f = lambda k: 1.0 * warmup_cosine_factor(k, 11, 111, 1.0, 3e-5, 0.0)  # noqa: E731
     assert f(0) == pytest.approx(3e-5)
     assert f(5) == pytest.approx(3e-5 + (1 - 3e-5) * 0.5)
-    assert f(10) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.5)
-    assert f(110) == pytest.approx(0.0, abs=1e-12)
-    assert f(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert f(10) == f(11) == pytest.approx(1.0)  # the warmup's last step reaches the base rate
+    assert f(61) == pytest.approx(0.5)
+    assert f(111) == pytest.approx(0.0, abs=1e-12)
+    assert f(36) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 2, 7])
+def test_warmup_cosine_is_solo_learns_schedule(warmup: int) -> None:
+    for step in range(40):
+        expected = _solo_learn_warmup_cosine(step, warmup, 40, 0.8, 3e-5, 1e-3)
+        assert 0.8 * warmup_cosine_factor(step, warmup, 40, 0.8, 3e-5, 1e-3) == pytest.approx(expected, rel=1e-12)
 
 
 def test_scheduler_steps_every_group_from_its_own_base_lr() -> None:
@@ -170,7 +185,7 @@ def test_step_schedule_multiplies_by_gamma_at_its_epochs_as_multisteplr() -> Non
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(0.5) and lrs[20] == lrs[49] == 1.0 and lrs[50] == 0.5
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(10 / 19) and lrs[19] == lrs[49] == 1.0 and lrs[50] == 0.5
     for steps, match in (
         (None, "needs scheduler.lr_decay_steps"),
         ([8, 6], "must increase"),
@@ -198,7 +213,8 @@ def test_optimizers_with_schedule_reads_the_scheduler_section() -> None:
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs[0] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.55) and lrs[20] == pytest.approx(1.0)
+    assert lrs[0] == pytest.approx(0.1) and lrs[10] == pytest.approx(0.1 + 0.9 * 10 / 19)
+    assert lrs[19] == lrs[20] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.01 + 0.99 * 0.5)  # half-way through the cosine, towards min_lr
     assert optimizers_with_schedule(opt, {**section, "name": "none"}, 100, 10) == {"optimizer": opt}
 
@@ -275,3 +291,62 @@ def test_lars_defaults_are_solo_learns() -> None:
     opt = build_optimizer("lars", [torch.nn.Parameter(torch.ones(2, 2))], [], 0.1, 0.1, 0.0, {})
     assert opt.param_groups[0]["eta"] == 1e-3 and opt.param_groups[0]["momentum"] == 0.9
     assert not opt.param_groups[0]["clip_lr"] and not opt.param_groups[0]["exclude_bias_n_norm"]
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_lars_gathered_factors_equal_the_per_tensor_products(momentum: float) -> None:
+    """The GPU path (trust ratios gathered to one per element, one flat multiply) and the CPU
+    path (one product per tensor) update the parameters bit for bit alike."""
+    torch.manual_seed(3)
+    nets = [_lars_net(), _lars_net()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = []
+    for net, gather in zip(nets, (True, False)):
+        ssl, clf = list(net[:3].parameters()), list(net[4].parameters())
+        kwargs = {"eta": 0.02, "exclude_bias_n_norm": True, "clip_lr": True, "momentum": momentum}
+        opts.append(build_optimizer("lars", ssl, clf, 0.3, 0.1, 1e-4, kwargs))
+        opts[-1]._gather = gather
+    for _ in range(3):
+        x = torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+        for net, opt in zip(nets, opts):
+            net.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+        for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+            assert torch.equal(a, b)
+    assert any(flat.segments is not None for flat in opts[0]._flat.values())
+    assert all(flat.segments is None for flat in opts[1]._flat.values())
+
+
+def test_lars_pickled_whole_continues_from_its_momentum() -> None:
+    import io
+
+    torch.manual_seed(5)
+    w = nn.Parameter(torch.randn(3, 3))
+    opt = LARS([w], lr=0.1, weight_decay=1e-4)
+    w.grad = torch.randn(3, 3)
+    opt.step()
+    saved = io.BytesIO()
+    torch.save(opt, saved)
+    saved.seek(0)
+    copy = torch.load(saved, weights_only=False)
+    twin = copy.param_groups[0]["params"][0]
+    twin.grad = w.grad.clone()
+    opt.step()
+    copy.step()
+    assert torch.equal(twin, w) and torch.equal(copy.state[twin]["momentum_buffer"], opt.state[w]["momentum_buffer"])
+
+
+def test_lars_momentum_buffers_are_views_of_one_flat_buffer_per_group() -> None:
+    """The state holds one buffer per tensor, shaped and strided as the tensor, all sharing
+    one storage per group: ``torch.save`` writes each group's momentum once."""
+    torch.manual_seed(4)
+    net = _lars_net()
+    params = list(net.parameters())
+    opt = LARS(params, lr=0.1, weight_decay=1e-4)
+    net(torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last)).square().mean().backward()
+    opt.step()
+    bufs = [opt.state[p]["momentum_buffer"] for p in params]
+    assert len({b.untyped_storage().data_ptr() for b in bufs}) == 1
+    for p, b in zip(params, bufs):
+        assert b.shape == p.shape and b.stride() == p.stride()
