@@ -215,7 +215,7 @@ def _require_same_run(
             "The pretrained weights it began on have changed since (the pretraining run wrote that checkpoint "
             "again); choose another name=... to evaluate the new weights, or delete the folder"
         )
-    if sweep_hint and (key := next((d for d in diffs if " " not in d), None)):
+    if sweep_hint and (key := next((d for d in diffs if " " not in d and d not in RECORDED_ONLY), None)):
         advice += f" (in a sweep, e.g. name=<run>_{key.rsplit('.', 1)[-1]}${{{key}}})"
     if diffs:
         raise ConfigError(f"cannot resume from {path}: its run differs from this config in {diffs}. {advice}")

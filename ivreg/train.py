@@ -519,7 +519,7 @@ def say_what_is_kept(run_dir: Path) -> Iterator[None]:
         if isinstance(exc, RuntimeError):  # (its own error, the cause, is printed by that process)
             first = first_line(exc, last=True)
             exc = TrainingError(f"another process of this run stopped, and this one lost its connection ({first})")
-        kept = _kept(run_dir, diverged=isinstance(exc, DivergedError))
+        kept = _kept(run_dir, diverged=isinstance(exc, DivergedError), data=isinstance(exc, DataError))
         said = user_message(exc).rstrip(".")  # (a DataLoader worker's error: its last line)
         raise type(exc)(f"{said}. {kept[0].upper()}{kept[1:]}.") from exc
 
@@ -536,20 +536,32 @@ def _peer_gone(exc: RuntimeError) -> bool:
     )
 
 
-def _kept(run_dir: Path, diverged: bool = False) -> str:
+def _kept(run_dir: Path, diverged: bool = False, data: bool = False) -> str:
     """What a relaunch of a stopped run would resume from. After a divergence the same
-    command would diverge again (resuming is exact) and a changed rate is another run."""
+    command would diverge again (resuming is exact) and a changed rate is another run; after
+    a data error (an unreadable image) the same command meets it again until the file is
+    mended."""
     last = run_dir / "last.ckpt"
     epochs = finished_epochs(last)
     if diverged:
-        where = f"{last} keeps the {epochs} finished epoch(s) before it" if epochs else "no checkpoint was written"
+        if not epochs:  # the folder holds no run yet: any setting may take it
+            return (
+                "no checkpoint was written; relaunch with a changed setting (the same name=... may stay; the "
+                "same command would diverge again)"
+            )
         return (
-            f"{where}; a changed setting is another run: relaunch with it and another name=... (the same "
-            "command would resume and diverge again)"
+            f"{last} keeps the {epochs} finished epoch(s) before it; a changed setting is another run: relaunch "
+            "with it and another name=... (the same command would resume and diverge again)"
         )
+    mend = (
+        "repair or replace the file (deleting a training image changes the training split, which a resumed run "
+        "refuses), then "
+        if data
+        else ""
+    )
     if not epochs:  # none (checkpoint.enabled=False, or none written yet) or unreadable
-        return f"no checkpoint was written in {run_dir}; a relaunch starts over"
-    return f"{last} holds {epochs} finished epoch(s); launch the same command to resume"
+        return f"no checkpoint was written in {run_dir}; {mend}a relaunch starts over"
+    return f"{last} holds {epochs} finished epoch(s); {mend}launch the same command to resume"
 
 
 def pretrain(cfg: DictConfig | dict) -> Run:

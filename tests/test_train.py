@@ -463,7 +463,7 @@ def test_nonfinite_loss_stops_with_a_clear_error(config: str, image_data, tmp_pa
     run = build_run(_cfg(config, image_data, tmp_path, *extra))
     with torch.no_grad():
         run.model.projector[0].weight.fill_(float("nan"))
-    with pytest.raises(DivergedError, match=r"NaN or infinite.* No checkpoint was written; a changed setting is an"):
+    with pytest.raises(DivergedError, match=r"NaN or infinite.* No checkpoint was written; relaunch with a changed"):
         fit(run)
     assert not (tmp_path / "tiny" / "last.ckpt").exists()
 
@@ -479,6 +479,11 @@ def test_after_a_divergence_the_advice_is_a_new_run_not_the_same_command(image_d
     assert said.startswith(f"{run_dir / 'last.ckpt'} keeps the 1 finished epoch(s) before it")
     assert "another name=..." in said and "launch the same command to resume" not in said
     assert _kept(run_dir).endswith("holds 1 finished epoch(s); launch the same command to resume")
+    # a data error: the same command meets the file again until it is mended
+    assert _kept(run_dir, data=True).endswith(
+        "holds 1 finished epoch(s); repair or replace the file (deleting a training image changes the training "
+        "split, which a resumed run refuses), then launch the same command to resume"
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -499,7 +504,8 @@ def test_a_corrupt_image_met_in_training_says_what_the_run_folder_keeps(
     with pytest.raises(SystemExit):
         exit_on_user_error(pretrain)(cfg)
     assert re.fullmatch(
-        r"error: cannot read image \S+broken\.png: .*\. No checkpoint was written in \S+; a relaunch starts over\.\n",
+        r"error: cannot read image \S+broken\.png: .*\. No checkpoint was written in \S+; repair or replace the "
+        r"file \(.*\), then a relaunch starts over\.\n",
         capsys.readouterr().err.splitlines(keepends=True)[-1],
     )
 

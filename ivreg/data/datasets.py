@@ -299,8 +299,9 @@ def _torchvision_dataset(name: str, root: Path, train: bool, download: bool, lab
         # processes of a torchrun/SLURM launch (WORLD_SIZE set) may be downloading into it too
         if not existed and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             shutil.rmtree(root, ignore_errors=True)
+        where = f"{name} is not under {root} and" if existed else f"{root} does not exist, and {name}"
         raise DataError(
-            f"{name} is not under {root} and could not be downloaded ({exc}). Without network access, "
+            f"{where} could not be downloaded ({exc}). Without network access, "
             f"put {_TORCHVISION_FILES[name]}/ (or an ImageFolder tree) there by hand and set "
             f"data.train_path/data.val_path to it"
         ) from exc

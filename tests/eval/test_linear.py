@@ -310,8 +310,9 @@ def test_a_changed_pretraining_checkpoint_is_not_resumed_and_the_backbone_is_its
     torch.save(state, ckpt)
     with pytest.raises(
         ConfigError, match=r"differs from this config in \['pretrained_backbone_sha256'\]\. The pretrained weights it"
-    ):
+    ) as refused:
         build_linear_run(_linear_cfg(ckpt, tmp_path, epochs=2, name="lin"))
+    assert "in a sweep" not in str(refused.value)  # (the digest is recorded, not a key to interpolate)
     # a linear run from before the digest was recorded resumes as it did then (nothing to compare)
     linear_ckpt = torch.load(tmp_path / "lin" / "last.ckpt", weights_only=True)
     del linear_ckpt["hyper_parameters"]["cfg"]["pretrained_backbone_sha256"]
