@@ -32,7 +32,7 @@
 #             ACCURACY_RUNS="isoloss-noema:9:bf16:1 isoloss-noema:9:bf16:2 isoloss-noema:9:bf16:3"
 #             or the fast path against the worker pipeline, as the speed issue asks:
 #             ACCURACY_RUNS="byol:4:bf16:5:resident:step-reduce-overhead byol:4:bf16:5:workers"
-#   cudatests the tests that need CUDA (CI has none): batched augmentation on CUDA against the
+#   cudatests the tests that need CUDA (CI has none): batched augmentation and LARS on CUDA against the
 #             CPU, eigh on the host and the timed auto choice, and one epoch of each of IsoLoss
 #             and BYOL with every GPU default (resident data, kNN on it, background checkpoints,
 #             bf16) (cudatests.txt; pytest is on the device image)
@@ -123,7 +123,7 @@ for section in $SECTIONS; do
         done
         ;;
     cudatests)
-        python3 -m pytest -q -rs -p no:cacheprovider tests/test_predictors.py tests/data/test_batched_aug.py \
+        python3 -m pytest -q -rs -p no:cacheprovider tests/test_predictors.py tests/data/test_batched_aug.py tests/test_optim.py \
             tests/test_train.py -k cuda 2>&1 | tee "$OUT/cudatests.txt"
         ;;
     linear)

@@ -350,3 +350,24 @@ def test_lars_momentum_buffers_are_views_of_one_flat_buffer_per_group() -> None:
     assert len({b.untyped_storage().data_ptr() for b in bufs}) == 1
     for p, b in zip(params, bufs):
         assert b.shape == p.shape and b.stride() == p.stride()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_lars_on_cuda_gathers_its_ratios_and_updates_as_on_the_cpu() -> None:
+    """The gathered path is the default on CUDA; given the same gradients it updates as the CPU
+    path does (to float rounding)."""
+    torch.manual_seed(6)
+    nets = [_lars_net(), _lars_net().cuda()]
+    nets[1].load_state_dict(nets[0].state_dict())
+    kwargs = {"lr": 0.3, "weight_decay": 1e-4, "eta": 0.02, "clip_lr": True, "exclude_bias_n_norm": True}
+    opts = [LARS(net.parameters(), **kwargs) for net in nets]
+    for _ in range(3):
+        nets[0].zero_grad()
+        nets[0](torch.randn(5, 3, 6, 6).contiguous(memory_format=torch.channels_last)).square().mean().backward()
+        for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+            q.grad = p.grad.to("cuda", memory_format=torch.preserve_format)
+        for opt in opts:
+            opt.step()
+    assert all(flat.segments is not None for flat in opts[1]._flat.values())
+    for p, q in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(q.cpu(), p.detach(), atol=1e-6, rtol=1e-5)
