@@ -14,7 +14,8 @@
 #   eigh      milliseconds per eigendecomposition of a 256x256 correlation matrix (the
 #             spectral predictor's once per step; the issue measured 5 ms for eigh on the H100):
 #             cuSOLVER and MAGMA, float32 and float64, on the host with the copies, and the
-#             products-only Newton-Schulz alternative with its error (eigh.txt; seconds)
+#             products-only Newton-Schulz alternative with its error; then the LARS update with
+#             its trust ratios per tensor and gathered (eigh.txt; seconds)
 #   compile   steps/s of IsoLoss without EMA and BYOL eager (one backbone pass per view, and
 #             one for all views) and with CUDA graphs (compile mode reduce-overhead) of backbone
 #             and projector, and of the whole forward step, with the graphs compiled and any
@@ -74,6 +75,7 @@ for section in $SECTIONS; do
         ;;
     eigh)
         python3 benchmarks/throughput.py --section eigh --device "$DEVICE" 2>&1 | quiet | tee "$OUT/eigh.txt"
+        python3 benchmarks/throughput.py --section lars --device "$DEVICE" 2>&1 | quiet | tee -a "$OUT/eigh.txt"
         ;;
     compile)
         # eager, one backbone pass per view (the reference's way) and one pass for all views

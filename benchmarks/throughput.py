@@ -19,6 +19,10 @@ Sections (``--section all`` runs every registered one):
     python benchmarks/throughput.py --section steps --device cpu --backbone resnet10 --step-batch 32
     python benchmarks/throughput.py --section steps --device cuda --methods byol --steps 20 --profile
 
+* ``census``: the ATen ops a step dispatches, by phase (about one kernel launch each on a GPU).
+* ``eigh``: the decomposition of a 256x256 correlation matrix, by method and device.
+* ``lars``: milliseconds per LARS update with the trust ratios per tensor and gathered.
+
 To add a section, write ``run_<name>(args) -> dict`` and register it in ``SECTIONS``; add
 its options to ``build_parser``.
 """
@@ -827,6 +831,36 @@ def run_eigh(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def run_lars(args: argparse.Namespace) -> dict[str, Any]:
+    """Milliseconds per LARS update of a backbone's parameters (``--backbone``, default
+    ResNet-18, channels_last, random gradients) with the shipped BYOL options, for the trust
+    ratios applied per tensor (``_foreach_mul_``, the CPU path) and gathered onto one flat
+    buffer (the path off the CPU); the median of ``--repeats`` runs of ``--steps`` updates."""
+    from ivreg.backbones import build_backbone
+
+    device = torch.device(args.device)
+    backbone = args.backbone or "resnet18"
+    steps = args.steps or 10
+    params = list(build_backbone(backbone, cifar_stem=True).to(device, memory_format=torch.channels_last).parameters())
+    gen = torch.Generator(device=device).manual_seed(0)
+    for p in params:  # (empty_like keeps each tensor's strides, as autograd's gradients do)
+        p.grad = torch.empty_like(p).normal_(generator=gen)
+    print(f"[lars] {device}: {backbone}, {len(params)} tensors, {sum(p.numel() for p in params):,} parameters")
+    ms = {}
+    for label, gather in (("per-tensor ratios (_foreach_mul_)", False), ("gathered ratios (one flat multiply)", True)):
+        opt = LARS(params, lr=1.0, weight_decay=1e-5, eta=0.02, clip_lr=True, exclude_bias_n_norm=True)
+        opt._gather = gather
+        opt.step()  # builds the flat buffers
+
+        def updates() -> None:
+            for _ in range(steps):
+                opt.step()  # noqa: B023 (called at once)
+
+        ms[label] = 1e3 * statistics.median(time_runs(updates, args.repeats, device)) / steps
+        print(f"  {label:<40} {ms[label]:8.2f} ms per update")
+    return {"device": str(device), "backbone": backbone, "ms": ms}
+
+
 # Register new sections here (name -> runner); "all" runs them in this order.
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "aug": run_aug,
@@ -834,6 +868,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "census": run_census,
     "eigh": run_eigh,
     "hybrid": run_hybrid,
+    "lars": run_lars,
 }
 
 

@@ -130,7 +130,8 @@ class _FlatSteps:
     Why: every tensor is scaled by its own trust ratio. On CUDA ``torch._foreach_mul_`` with a
     list of 0-dim factors cannot take the multi-tensor route (its lists differ in shape) and
     falls back to one kernel per tensor, as would ``_foreach_mul`` by per-tensor weight
-    decays: about 124 launches per ResNet-18 step, and host time per launch is what bounds
+    decays: two launches per adapted tensor (42 more per step with the shipped BYOL options,
+    by ``benchmarks/throughput.py --section census``), and host time per launch is what bounds
     a step on a fast GPU. Off the CPU the factors are therefore gathered to one per element
     (``segments``, the tensor index of each element, kept as int32) and applied by one flat
     multiply; every other op is a flat op or a foreach op over same-shaped lists. On the CPU,

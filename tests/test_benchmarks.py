@@ -79,6 +79,11 @@ def test_census_counts_a_foreach_op_that_cuda_runs_per_tensor_once_per_tensor() 
     assert launches("mul", (a[0], 2.0)) == 1
 
 
+def test_lars_section_times_both_paths_of_the_update() -> None:
+    lars = _load("throughput").main(["--section", "lars", "--device", "cpu", "--backbone", "resnet10", "--steps", "1"])
+    assert len(lars["lars"]["ms"]) == 2 and all(ms > 0 for ms in lars["lars"]["ms"].values())
+
+
 def test_eig_vs_eigh_measures_the_reference_predictors_drift() -> None:
     figures = _load("eig_vs_eigh").main(["--dim", "48"])
     assert set(figures) == {3, 6, 9}
