@@ -12,14 +12,30 @@ eigenvectors and the relative Frobenius distance between the two ``W_p`` for Dir
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-def predictor(eigvals: torch.Tensor, vectors: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
-    """U diag((clamp(s, 0) / max(s) + eps) ** alpha) U^T, the normalised closed-form predictor."""
-    scaled = (eigvals.clamp_min(0) / eigvals.max() + eps) ** alpha
+from ivreg.predictors import SpectralPredictor  # noqa: E402
+
+
+def reference_predictor(c: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
+    """The reference's W_p: ``torch.linalg.eig``'s real parts, then
+    U diag((clamp(s, 0) / max(s) + eps) ** alpha) U^T."""
+    values, vectors = torch.linalg.eig(c)
+    values, vectors = values.real, vectors.real
+    scaled = (values.clamp_min(0) / values.max() + eps) ** alpha
     return (vectors * scaled) @ vectors.T
+
+
+def ivreg_predictor(c: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
+    """``SpectralPredictor``'s W_p (``eigh``) for the correlation matrix ``c``."""
+    predictor = SpectralPredictor(len(c), alpha=alpha, normalize=True, eps_iso=eps, tau=0.0, with_sqrt=False)
+    predictor.corr.C.copy_(c)
+    return predictor.matrix()
 
 
 def main(argv: list[str] | None = None) -> dict[int, tuple[float, float, float]]:
@@ -35,14 +51,11 @@ def main(argv: list[str] | None = None) -> dict[int, tuple[float, float, float]]
     for decades in (3, 6, 9):
         spectrum = torch.logspace(0, -decades, args.dim, dtype=torch.float64)
         c = ((basis * spectrum) @ basis.T).float()
-        values, vectors = torch.linalg.eig(c)
-        values, vectors = values.real, vectors.real
-        sym_values, sym_vectors = torch.linalg.eigh(c)
+        vectors = torch.linalg.eig(c)[1].real
         ortho = (vectors.T @ vectors - torch.eye(args.dim)).abs().max().item()
         distances = []
         for alpha, eps in ((0.5, 0.0), (1.0, 0.25)):
-            w_eig = predictor(values, vectors, alpha, eps)
-            w_eigh = predictor(sym_values, sym_vectors, alpha, eps)
+            w_eig, w_eigh = reference_predictor(c, alpha, eps), ivreg_predictor(c, alpha, eps)
             distances.append(((w_eig - w_eigh).norm() / w_eigh.norm()).item())
         print(f"1 .. 1e-{decades:<6} {ortho:18.2e}   {distances[0]:24.2e}   {distances[1]:24.2e}")
         figures[decades] = (ortho, *distances)
